@@ -1,0 +1,273 @@
+"""Datasets shared by the three stages: ImageNet-style folders and the built-in dead-leaves set.
+
+    python data.py export --out data/deadleaves32 --n 2000 --resolution 32   # CPU: write an ImageFolder
+    python data.py show --resolution 64                                      # CPU: PNG grid of the classes
+    (library module otherwise: the training scripts pick a dataset with --data deadleaves | PATH)
+
+Every dataset returns (image, label) with image float (3, H, W) in [-1, 1].
+
+Training draws samples through `StepSampler`, which makes the data position a pure
+function of (seed, step): step s of a run with global batch G reads positions
+[s G, (s + 1) G) of an endless stream of per-epoch permutations, and rank r of W reads
+its contiguous slice of each global batch. Resuming at step s therefore continues
+exactly, and W ranks with batch G / W see the same samples as one process with G.
+Horizontal flips are part of the sample key: key k < N is image k, key k >= N is
+image k - N mirrored (`FlipView`), which is also how the latent cache stores both flips.
+"""
+import argparse
+import colorsys
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class DataError(RuntimeError):
+    """A problem with the input data, reported as one line."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def to_tensor(img):
+    """PIL RGB image or uint8 HWC array -> float (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x):
+    """Float images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy, as written to PNG / npz."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def center_crop_arr(img, size):
+    """ADM-style centre crop: halve with BOX while big, resize with BICUBIC, crop to size x size."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+class ImageFolder(torch.utils.data.Dataset):
+    """ImageNet layout: ROOT/<class>/<image>; labels are the sorted class-folder names."""
+
+    def __init__(self, root, resolution):
+        self.root, self.resolution = Path(root), resolution
+        if not self.root.is_dir():
+            raise DataError(f"data folder {root} does not exist or is not a folder")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.samples = [(p, i) for i, c in enumerate(self.classes)
+                        for p in sorted((self.root / c).rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS]
+        if not self.samples:
+            raise DataError(f"no images found under {root} (expected {root}/<class>/<image>.png|jpg)")
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # PIL raises many types for broken files
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        return to_tensor(center_crop_arr(img, self.resolution)), label
+
+
+# ----------------------------------------------------------------------------- dead leaves
+
+class DeadLeaves(torch.utils.data.Dataset):
+    """Dead-leaves images: random occluding shapes with power-law sizes (1/f^2-like spectra).
+
+    Each class has its own hue band and shape (disks for even classes, squares for odd
+    ones), so classes are distinct even at 32x32. Image i has label i % num_classes and is
+    a deterministic function of (seed, i) at any resolution. Rendered images are cached
+    in memory as uint8.
+    """
+
+    def __init__(self, n=10000, resolution=32, num_classes=10, seed=0, rmin=0.05, rmax=0.5, cache=True):
+        self.n, self.resolution, self.num_classes, self.seed = n, resolution, num_classes, seed
+        self.rmin, self.rmax = rmin, rmax                  # radii as fractions of the image side
+        self._cache = {} if cache else None
+
+    def __len__(self):
+        return self.n
+
+    def _radius(self, rng):
+        """Sample r with density ~ r^-3 on [rmin, rmax] (inverse CDF): the scale-invariant law."""
+        a, b = self.rmin ** -2, self.rmax ** -2
+        return (a - rng.random() * (a - b)) ** -0.5
+
+    def _colour(self, rng, label):
+        hue = (label / self.num_classes + rng.normal(0, 0.025)) % 1.0
+        sat, val = rng.uniform(0.45, 1.0), rng.uniform(0.25, 1.0)
+        return np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32)
+
+    def render(self, i):
+        """Image i as uint8 (H, W, 3), painted front to back until every pixel is covered."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        label = i % self.num_classes
+        rng = np.random.default_rng([self.seed, i])
+        S = self.resolution
+        img = np.zeros((S, S, 3), dtype=np.float32)
+        free = np.ones((S, S), dtype=bool)                 # not yet covered by a nearer leaf
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
+        square = label % 2 == 1
+        for _ in range(4000):
+            r = self._radius(rng) * S
+            cy, cx = rng.uniform(-r, S + r, size=2)
+            y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 2, S)
+            x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 2, S)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+            inside = (np.maximum(abs(dy), abs(dx)) <= r * 0.886) if square else (dy * dy + dx * dx <= r * r)
+            paint = inside & free[y0:y1, x0:x1]
+            img[y0:y1, x0:x1][paint] = self._colour(rng, label)
+            free[y0:y1, x0:x1] &= ~inside
+            if not free.any():
+                break
+        if free.any():                                     # rare: fill what is left with one more colour
+            img[free] = self._colour(rng, label)
+        return (img * 255 + 0.5).astype(np.uint8)
+
+    def __getitem__(self, i):
+        if self._cache is not None and i in self._cache:
+            arr = self._cache[i]
+        else:
+            arr = self.render(i)
+            if self._cache is not None:
+                self._cache[i] = arr
+        return to_tensor(arr), i % self.num_classes
+
+
+def export_imagefolder(dataset, out_dir):
+    """Write a dataset as ROOT/<class>/<index>.png (ImageFolder layout). Returns the root."""
+    out = Path(out_dir)
+    for i in range(len(dataset)):
+        x, y = dataset[i]
+        d = out / f"class_{y:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_uint8(x[None])[0]).save(d / f"{i:07d}.png")
+    return out
+
+
+def build_dataset(data, resolution, n=None, seed=0):
+    """`--data deadleaves` (built-in, n images) or a path to an ImageNet-style folder."""
+    if data == "deadleaves":
+        return DeadLeaves(n=n or 10000, resolution=resolution, seed=seed)
+    return ImageFolder(data, resolution)
+
+
+def num_classes_of(dataset):
+    return dataset.num_classes
+
+
+# ----------------------------------------------------------------------------- flips and sampling
+
+class FlipView(torch.utils.data.Dataset):
+    """Keys 0..2N-1 over a dataset of N: key k >= N is sample k - N mirrored left-right."""
+
+    def __init__(self, base):
+        self.base, self.n = base, len(base)
+
+    def __len__(self):
+        return 2 * self.n
+
+    def __getitem__(self, k):
+        x, y = self.base[k % self.n]
+        return (x.flip(-1) if k >= self.n else x), y
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Batch sampler over FlipView keys whose position is a function of (seed, step).
+
+    Yields, for each step from `start_step` on, `accum` micro-batches of this rank's share
+    of the global batch (each a list of keys). Each epoch is a fresh permutation of the N
+    base indices seeded by (seed, epoch) with a random flip bit per sample.
+    """
+
+    def __init__(self, n, global_batch, rank=0, world_size=1, accum=1, seed=0, start_step=0, flip=True):
+        if global_batch % (world_size * accum):
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size} x accum {accum}")
+        self.n, self.G, self.rank, self.W, self.accum = n, global_batch, rank, world_size, accum
+        self.seed, self.start_step, self.flip = seed, start_step, flip
+        self._epoch, self._perm = None, None
+
+    def _keys_at(self, pos):
+        """Keys at stream positions pos (LongTensor)."""
+        out = torch.empty_like(pos)
+        for e in pos.div(self.n, rounding_mode="floor").unique().tolist():
+            if e != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                perm = torch.randperm(self.n, generator=g)
+                flips = torch.randint(0, 2, (self.n,), generator=g) if self.flip else torch.zeros(self.n, dtype=torch.long)
+                self._epoch, self._perm = e, perm + self.n * flips
+            sel = pos.div(self.n, rounding_mode="floor") == e
+            out[sel] = self._perm[pos[sel] % self.n]
+        return out
+
+    def step_keys(self, step):
+        """This rank's keys for one step, as `accum` lists."""
+        per_rank = self.G // self.W
+        start = step * self.G + self.rank * per_rank
+        keys = self._keys_at(torch.arange(start, start + per_rank))
+        return [k.tolist() for k in keys.chunk(self.accum)]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield from self.step_keys(step)
+            step += 1
+
+
+def make_loader(dataset, sampler, num_workers=0):
+    """DataLoader over FlipView(dataset) driven by a StepSampler."""
+    return torch.utils.data.DataLoader(FlipView(dataset), batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write the dead-leaves set as an ImageFolder")
+    e.add_argument("--out", required=True)
+    e.add_argument("--n", type=int, default=2000)
+    e.add_argument("--resolution", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("show", help="save a PNG grid with one row per class")
+    s.add_argument("--out", default="deadleaves.png")
+    s.add_argument("--resolution", type=int, default=64)
+    s.add_argument("--per-class", type=int, default=8)
+    a = p.parse_args(argv)
+    if a.cmd == "export":
+        root = export_imagefolder(DeadLeaves(n=a.n, resolution=a.resolution, seed=a.seed), a.out)
+        print(f"wrote {a.n} images to {root}")
+    else:
+        import torchvision
+        ds = DeadLeaves(n=10 * a.per_class, resolution=a.resolution)
+        idx = [c + 10 * j for c in range(10) for j in range(a.per_class)]
+        grid = torch.stack([ds[i][0] for i in idx])
+        torchvision.utils.save_image(grid * 0.5 + 0.5, a.out, nrow=a.per_class)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as err:
+        sys.exit(f"error: {err}")
