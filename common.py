@@ -219,11 +219,14 @@ class StopSignal:
 
     def __init__(self):
         self.flag = False
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.flag = True
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def check_finite(loss_value, step, ckpt_path):
@@ -319,3 +322,31 @@ def resume_path(args):
         p = os.path.join(args.out, "last.pt")
         return p if os.path.isfile(p) else None
     return args.resume
+
+
+class StepLoop:
+    """Per-step bookkeeping shared by the trainers: progress bar with images/s and ETA,
+    JSONL metrics every --log-every steps, and the SIGTERM / SIGINT flag agreed by all ranks."""
+
+    def __init__(self, args, d, step, desc):
+        self.args, self.d = args, d
+        self.bar = progress(args.steps, step, d, desc)
+        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main)
+        self.stop, self.speed = StopSignal(), Throughput()
+
+    def due(self, step, every):
+        return step % every == 0 or step == self.args.steps
+
+    def end_step(self, step, metrics):
+        """Record a finished step; returns True when the run must save and stop."""
+        self.speed.add(self.args.global_batch)
+        self.bar.update(1)
+        if step % self.args.log_every == 0 or step == self.args.steps:
+            rate = self.speed.rate()
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}")
+            self.log.write(step=step, img_per_s=rate, **metrics)
+        return any_rank(self.stop.flag, self.d.device)
+
+    def close(self):
+        self.bar.close()
+        self.stop.restore()

@@ -1,0 +1,255 @@
+"""Stage 1: train the ViT VAE with Multi-Level Spectral Regularization (Denoising-VAE Sec. 3.1).
+
+    python train_vae.py --preset smoke                                   # CPU, seconds
+    python train_vae.py --preset cpu-demo                                # CPU, a few minutes, 32x32 dead leaves
+    python train_vae.py --preset f16d32 --data /data/imagenet/train      # one GPU
+    torchrun --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
+    torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
+             --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
+    python train_vae.py --stats-only --resume runs/vae/last.pt           # recompute latent statistics
+
+Each step samples one level l ~ Unif{0,1,2,3} (Eq. 1) for the whole global batch and trains
+
+    L = d(D(S_l(z)), G_l(x)),   z ~ q(z | x)                                         (Eq. 2)
+    S_l: drop the fraction p_l = (0, .25, .5, .75) of latent bins of largest radius   (Eq. 3)
+    G_l: Gaussian blur with sigma_l = (0, .05, .25, .5) px, reflect padding           (Eq. 4)
+    d  = w_pix MSE + w_perc VGG16 distance + w_gan hinge-GAN + w_kl KL
+
+The GAN weight is fixed (no VQGAN adaptive weight: it needs the decoder's last-layer
+gradient, which DDP and torch.compile make awkward) and starts at --gan-start.
+The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of the
+posterior means over --stats-images training images: Stage 2 normalises with them.
+"""
+import argparse
+import contextlib
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fft_ops
+from common import (StepLoop, UserError, add_common_args, all_reduce_mean, autocast, barrier, batch_split,
+                    check_finite, ema_update, global_rand, global_randn, load_checkpoint, log0, parse_with_presets,
+                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed,
+                    unwrap)
+from data import StepSampler, build_dataset, make_loader
+from vae import SIZES, PatchDiscriminator, VGGPerceptual, build_vae, hinge_d_loss, hinge_g_loss
+
+STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
+
+PRESETS = {
+    "smoke": dict(size="smoke", image_size=16, n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9,
+                  perceptual_weight=0.0, gan_weight=0.1, gan_start=3, disc_channels=16, disc_layers=2,
+                  log_every=1, ckpt_every=3, sample_every=6, stats_images=32, out="runs/vae-smoke"),
+    "cpu-demo": dict(size="tiny", image_size=32, n_images=2000, steps=1200, global_batch=32, lr=1e-3,
+                     ema_decay=0.995, perceptual_weight=0.0, gan_weight=0.0, log_every=50, ckpt_every=400,
+                     sample_every=400, stats_images=2000, out="runs/vae-demo"),
+    **{f"f16d{d}": dict(size=f"f16d{d}", image_size=256, steps=500000, global_batch=512, lr=1e-4,
+                        perceptual_weight=1.0, gan_weight=0.1, gan_start=200000, ema_decay=0.9999,
+                        out=f"runs/vae-f16d{d}", workers=8) for d in (16, 32, 64)},
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 1: ViT VAE with MLSR", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--size", default="f16d32", choices=sorted(SIZES), help="named VAE size")
+    p.add_argument("--latent-dim", type=int, default=None, help="override the size's latent channels d")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--mlsr-fractions", type=float, nargs=4, default=list(fft_ops.MLSR_FRACTIONS),
+                   help="p_l: fraction of latent bins removed at levels 0..3 (Eq. 3)")
+    p.add_argument("--mlsr-sigmas", type=float, nargs=4, default=list(fft_ops.MLSR_SIGMAS),
+                   help="sigma_l in pixels of the image blur at levels 0..3 (Eq. 4)")
+    p.add_argument("--pixel-weight", type=float, default=1.0)
+    p.add_argument("--perceptual-weight", type=float, default=1.0)
+    p.add_argument("--perceptual-weights", default=None, help="local VGG16 weights file (torchvision format)")
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--gan-weight", type=float, default=0.1, help="fixed weight of the generator hinge loss")
+    p.add_argument("--gan-start", type=int, default=200000, help="step at which the GAN losses switch on")
+    p.add_argument("--disc-lr", type=float, default=None, help="discriminator lr (default: --lr)")
+    p.add_argument("--disc-channels", type=int, default=64)
+    p.add_argument("--disc-layers", type=int, default=3)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--stats-images", type=int, default=10000, help="images used for the latent mean / std")
+    p.add_argument("--stats-only", action="store_true", help="only (re)compute latent statistics of --resume")
+    return parse_with_presets(p, PRESETS, argv)
+
+
+# ----------------------------------------------------------------------------- one training step
+
+def sample_level(args, step):
+    """Eq. 1: one level l ~ Unif{0..3} per step, the same on every rank."""
+    u = global_rand((1,), args.seed, step, STREAM_LEVEL, slice(None), torch.device("cpu")).item()
+    return min(int(u * len(args.mlsr_fractions)), len(args.mlsr_fractions) - 1)
+
+
+def generator_loss(model, disc, perceptual, x, noise, level, args, step):
+    """Eq. 2 with d = pixel + perceptual + GAN + KL, for one micro-batch.
+
+    Returns (loss, parts, target, recon); losses are computed in float32.
+    """
+    recon, post = model(x, noise, level, args.mlsr_fractions)                   # (B, 3, H, W)
+    target = fft_ops.gaussian_blur(x, args.mlsr_sigmas[level])                  # G_l(x), Eq. 4
+    recon = recon.float()
+    parts = {"pix": F.mse_loss(recon, target), "kl": post.kl()}
+    loss = args.pixel_weight * parts["pix"] + args.kl_weight * parts["kl"]
+    if args.perceptual_weight > 0:
+        parts["perc"] = perceptual(recon, target)
+        loss = loss + args.perceptual_weight * parts["perc"]
+    if args.gan_weight > 0 and step >= args.gan_start:
+        d = unwrap(disc)                                  # no DDP hooks: D's params are frozen here
+        d.requires_grad_(False)
+        parts["g_gan"] = hinge_g_loss(d(recon).float())
+        d.requires_grad_(True)
+        loss = loss + args.gan_weight * parts["g_gan"]
+    return loss, parts, target, recon
+
+
+# ----------------------------------------------------------------------------- latent statistics, grids
+
+@torch.no_grad()
+def latent_stats(vae, dataset, n_images, d, batch=64):
+    """Per-channel mean / std of the posterior means over the first n_images (sharded over ranks)."""
+    vae.eval()
+    n = min(n_images, len(dataset))
+    C = vae.latent_dim
+    acc = torch.zeros(3, C, dtype=torch.float64, device=d.device)     # count, sum, sum of squares
+    idx = list(range(d.rank, n, d.world_size))
+    for i in range(0, len(idx), batch):
+        x = torch.stack([dataset[j][0] for j in idx[i:i + batch]]).to(d.device)
+        mu = vae.encode(x).mean.double()                                 # (b, C, h, w)
+        acc[0] += mu.shape[0] * mu.shape[2] * mu.shape[3]
+        acc[1] += mu.sum(dim=(0, 2, 3))
+        acc[2] += mu.pow(2).sum(dim=(0, 2, 3))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(acc)
+    mean = acc[1] / acc[0]
+    std = (acc[2] / acc[0] - mean ** 2).clamp(min=1e-12).sqrt()
+    return {"mean": mean.float().cpu(), "std": std.float().cpu(), "n_images": n}
+
+
+@torch.no_grad()
+def save_recon_grid(vae, x, fractions, path):
+    """Rows: input, then D(S_l(z)) for l = 0..3 with z the posterior mean."""
+    vae.eval()
+    z = vae.encode(x).mean
+    rows = [x] + [vae.decode(fft_ops.attenuate(z, l, fractions)) for l in range(len(fractions))]
+    save_grid(torch.cat(rows), path, nrow=x.shape[0])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats=None):
+    return {"kind": "vae", "config": vars(args), "model_config": unwrap(model).config,
+            "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "disc": unwrap(disc).state_dict(),
+            "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "rng": rng_state(d.device),
+            "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats}
+
+
+def load_vae(path, device="cpu", use_ema=True):
+    """A frozen VAE from a Stage-1 checkpoint, with its latent statistics (used by Stages 2 and 3)."""
+    from vae import ViTVAE
+    ck = load_checkpoint(path, "vae")
+    vae = ViTVAE(**ck["model_config"])
+    vae.load_state_dict(ck["ema" if use_ema else "model"])
+    return vae.to(device).eval().requires_grad_(False), ck
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args(argv)
+    d = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    start = resume_path(args)
+    model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
+    perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
+    step = 0
+    if start:
+        ck = load_checkpoint(start, "vae")
+        if ck["model_config"] != model.config:
+            raise UserError(f"{start} holds a VAE {ck['model_config']}, but the settings build {model.config}")
+        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), disc.load_state_dict(ck["disc"])
+        opt.load_state_dict(ck["opt"]), opt_d.load_state_dict(ck["opt_d"])
+        set_rng_state(ck["rng"], d.device)
+        step = ck["step"]
+        log0(f"resumed from {start} at step {step}", d)
+    if args.stats_only:
+        if not start:
+            raise UserError("--stats-only needs --resume CHECKPOINT")
+        ck["latent_stats"] = latent_stats(ema, dataset, args.stats_images, d)
+        if d.main:
+            save_checkpoint(start, ck)
+        log0(f"latent statistics of {start}: mean {ck['latent_stats']['mean'].tolist()}", d)
+        return
+
+    per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
+    log0(f"VAE {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
+         f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {per_rank} images "
+         f"({accum} micro-batch(es) of {micro}); device {d.device}", d)
+    train_model = torch.compile(model) if args.compile else model
+    if d.world_size > 1:
+        train_model, disc = DDP(train_model), DDP(disc)
+    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step)
+    batches = iter(make_loader(dataset, sampler, args.workers))
+    fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(d.device)
+    loop = StepLoop(args, d, step, "vae")
+    lat_shape = (args.global_batch, *model.latent_shape(args.image_size))
+    while step < args.steps:
+        model.train()
+        level = sample_level(args, step)
+        use_gan = args.gan_weight > 0 and step >= args.gan_start
+        totals = {}
+        for j in range(accum):
+            x, _ = next(batches)
+            x = x.to(d.device, non_blocking=True)
+            rows = slice(d.rank * per_rank + j * micro, d.rank * per_rank + (j + 1) * micro)
+            noise = global_randn(lat_shape, args.seed, step, STREAM_Z, rows, d.device)
+            sync = j == accum - 1 or d.world_size == 1
+            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
+                with autocast(d.device, not args.no_bf16):
+                    loss, parts, target, recon = generator_loss(train_model, disc, perceptual, x, noise, level, args, step)
+                (loss / accum).backward()
+            if use_gan:
+                with (disc.no_sync() if not sync else contextlib.nullcontext()):
+                    with autocast(d.device, not args.no_bf16):
+                        parts["d_gan"] = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+                    (parts["d_gan"] / accum).backward()
+            for k, v in {"loss": loss, **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / accum
+        totals = all_reduce_mean(totals, d.device)
+        check_finite(totals["loss"], step, ckpt_path)
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        opt.step(), opt.zero_grad(set_to_none=True)
+        if use_gan:
+            opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        ema_update(ema, model, args.ema_decay)
+        step += 1
+        stopping = loop.end_step(step, dict(level=level, **totals))
+        if step % args.sample_every == 0 and d.main:
+            save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, f"recon_{step:07d}.png"))
+        if loop.due(step, args.ckpt_every) or stopping:
+            stats = latent_stats(ema, dataset, args.stats_images, d) if step == args.steps else None
+            if d.main:
+                save_checkpoint(ckpt_path, checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats))
+            barrier()
+        if stopping:
+            log0(f"stop signal: saved {ckpt_path} at step {step}", d)
+            break
+    loop.close()
+    if d.main and step == args.steps:
+        save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, "recon_final.png"))
+        log0(f"done: {ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png", d)
+
+
+if __name__ == "__main__":
+    run_main(main)
