@@ -1,0 +1,348 @@
+"""Stage 2: SiT on frozen-VAE latents, with denoised latents, FDA and the FreqWarm curriculum.
+
+    python train_diffusion.py --preset smoke --vae runs/vae-smoke/last.pt             # CPU, seconds
+    python train_diffusion.py --preset cpu-demo [--freqwarm]                           # CPU, minutes
+    python train_diffusion.py --preset dvae-f16d32 --vae runs/vae-f16d32/last.pt --data /data/imagenet/train
+    torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae VAE.pt --data /data/imagenet/train
+    torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
+             train_diffusion.py --preset freqwarm-512 --vae VAE.pt --data /data/imagenet/train
+
+Latents: z = posterior mean of the frozen VAE (EMA weights), normalised per channel with
+the statistics stored in the VAE checkpoint: z_n = (z - mean) / std. Then, per step:
+
+  --denoise-level l    train on z^(l) = S_l(z_n) (Denoising-VAE Eq. 5, with the linear
+                       interpolant x_t = (1 - t) z^(l) + t eps and velocity target eps - z^(l))
+  --fda                Frequency-Domain Diffusion Alignment (Eq. 6-8). Our reading: the student
+                       is the model being trained, on noisy z^(l_lo)_t with l_lo = --denoise-level;
+                       the teacher is its EMA, fed the clean z^(l_hi) at t = 0 with l_hi drawn
+                       uniformly from {l_lo + 1, ..., 3} each step. L_align is the squared error
+                       between projector(student block-k hidden state) and the teacher's block-k
+                       hidden state (Eq. 7), weighted by lambda(t) = w * t (larger at high noise,
+                       t = 1 is pure noise) or w (constant); L = L_diff + lambda(t) L_align (Eq. 8).
+  --freqwarm --r0 R    FreqWarm: for the first --warmup-steps (or --warmup-frac of --steps) the
+                       latents are those of lowpass(x, R); afterwards of x. The switch step is
+                       stored in the checkpoint, so a resumed run continues in the right phase.
+  --cache-latents      encode the dataset once (both flips; also the low-passed copy with FreqWarm)
+                       into OUT/latents-*.npy (float16, memory-mapped) instead of every step.
+"""
+import argparse
+import copy
+import hashlib
+import os
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fft_ops
+from common import (StepLoop, UserError, add_common_args, all_reduce_mean, autocast, barrier, batch_split,
+                    check_finite, ema_update, global_rand, global_randn, load_checkpoint, log0, parse_with_presets,
+                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed,
+                    unwrap)
+from data import FlipView, StepSampler, build_dataset, make_loader
+from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
+from train_vae import load_vae
+
+STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
+
+PRESETS = {
+    "smoke": dict(model="smoke/1", n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1,
+                  ckpt_every=3, sample_every=6, sample_steps=4, fda_depth=1, out="runs/sit-smoke",
+                  vae="runs/vae-smoke/last.pt"),
+    "cpu-demo": dict(model="tiny/1", n_images=2000, steps=2000, global_batch=64, lr=5e-4, ema_decay=0.995,
+                     log_every=50, ckpt_every=500, sample_every=1000, sample_steps=25, cfg_scale=2.0, fda_depth=2,
+                     cache_latents=True, out="runs/sit-demo", vae="runs/vae-demo/last.pt"),
+    # Denoising-VAE Sec. 4: SiT-XL on f16 latents (16x16 at 256 px: patch 1 -> 256 tokens), batch 256, lr 1e-4
+    "dvae-f16d32": dict(model="XL/1", steps=4_000_000, global_batch=256, lr=1e-4, denoise_level=2, fda=True,
+                        cache_latents=True, workers=8, out="runs/sit-dvae-f16d32", vae="runs/vae-f16d32/last.pt"),
+    # FreqWarm Sec. 4: r0 = 0.2, batch 4096, 512 px
+    "freqwarm-512": dict(model="XL/2", image_size=512, steps=400_000, global_batch=4096, lr=1e-4, freqwarm=True,
+                         r0=0.2, cache_latents=True, workers=8, out="runs/sit-freqwarm-512"),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 2: SiT with denoised latents, FDA and FreqWarm",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--vae", default=None, help="Stage-1 checkpoint (kind 'vae') with latent statistics")
+    p.add_argument("--model", default="XL/2", help="SiT size/patch: smoke/1, tiny/1, S/2, B/2, L/2, XL/2, XL/1, ...")
+    p.add_argument("--image-size", type=int, default=None, help="image side (default: the VAE's training size)")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (CFG)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--denoise-level", type=int, default=0, choices=range(4), help="train on S_l(z) (Eq. 5)")
+    p.add_argument("--fda", action="store_true", help="Frequency-Domain Diffusion Alignment (Eq. 6-8)")
+    p.add_argument("--fda-weight", type=float, default=0.5, help="w in lambda(t)")
+    p.add_argument("--fda-depth", type=int, default=8, help="align the output of this block (1-based)")
+    p.add_argument("--fda-schedule", default="linear", choices=("linear", "constant"),
+                   help="lambda(t) = w * t (linear) or w (constant)")
+    p.add_argument("--freqwarm", action="store_true", help="FreqWarm low-pass warm-up curriculum")
+    p.add_argument("--r0", type=float, default=0.2, help="FreqWarm RGB low-pass radius, cycles/pixel in (0, 0.71]")
+    p.add_argument("--lowpass-kind", default="ideal", choices=fft_ops.MASK_KINDS, help="FreqWarm filter shape")
+    p.add_argument("--warmup-steps", type=int, default=None, help="FreqWarm warm-up length in steps")
+    p.add_argument("--warmup-frac", type=float, default=0.5, help="warm-up as a fraction of --steps (if no --warmup-steps)")
+    p.add_argument("--cache-latents", action="store_true", help="encode the dataset once into a latent cache")
+    p.add_argument("--sample-steps", type=int, default=50, help="ODE steps of the periodic sample grids")
+    p.add_argument("--sampler", default="heun", choices=("euler", "heun"))
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of the periodic sample grids")
+    args = parse_with_presets(p, PRESETS, argv)
+    if args.freqwarm:
+        fft_ops.check_r0(args.r0)
+    if args.vae is None:
+        raise UserError("--vae PATH is required: a Stage-1 checkpoint written by train_vae.py")
+    return args
+
+
+# ----------------------------------------------------------------------------- latents
+
+class Latents:
+    """Normalised VAE latents of a batch, from images on the fly or from the cache.
+
+    Stage by stage: images (B, 3, H, W) --[lowpass(., r0) while warming up]--> VAE encoder
+    --> posterior mean (B, C, h, w) --> (z - mean) / std.
+    """
+
+    def __init__(self, vae, stats, args, warmup_steps, device):
+        self.vae, self.args, self.device = vae, args, device
+        self.mean = stats["mean"].view(1, -1, 1, 1).to(device)
+        self.std = stats["std"].view(1, -1, 1, 1).to(device)
+        self.warmup_steps = warmup_steps if args.freqwarm else 0
+        self.cache = None                                  # {False: full, True: low-passed} memmaps
+
+    def warming(self, step):
+        return step < self.warmup_steps
+
+    def normalize(self, z):
+        return (z - self.mean) / self.std
+
+    def denormalize(self, z):
+        return z * self.std + self.mean
+
+    @torch.no_grad()
+    def encode(self, images, lowpassed):
+        x = fft_ops.lowpass(images, self.args.r0, self.args.lowpass_kind) if lowpassed else images
+        with autocast(self.device, not self.args.no_bf16):
+            return self.vae.encode(x).mean.float()            # (B, C, h, w) raw
+
+    def get(self, step, images=None, keys=None):
+        """Normalised latents for step `step`: cached rows `keys`, or encoded `images`."""
+        warm = self.warming(step)
+        if self.cache is not None:
+            z = torch.from_numpy(np.stack([self.cache[warm][k] for k in keys]).astype(np.float32)).to(self.device)
+        else:
+            z = self.encode(images.to(self.device), warm)
+        return self.normalize(z)
+
+    def build_cache(self, dataset, out_dir, vae_path, d, batch=64):
+        """Encode every FlipView key once per needed phase into float16 .npy files (rank-sharded writes)."""
+        tag = hashlib.sha1(f"{os.path.abspath(vae_path)}:{os.path.getmtime(vae_path)}:{self.args.image_size}:"
+                           f"{self.args.data}:{len(dataset)}".encode()).hexdigest()[:10]
+        view, self.cache = FlipView(dataset), {}
+        shape = (len(view), self.vae.latent_dim, *self.vae.latent_shape(self.args.image_size)[1:])
+        for warm in ([False, True] if self.args.freqwarm else [False]):
+            name = f"latents-{tag}" + (f"-lp{self.args.lowpass_kind}{self.args.r0:g}" if warm else "") + ".npy"
+            path = os.path.join(out_dir, name)
+            if not os.path.exists(path):
+                if d.main:
+                    os.makedirs(out_dir, exist_ok=True)
+                    np.lib.format.open_memmap(path + ".part", "w+", np.float16, shape)
+                barrier()
+                arr = np.load(path + ".part", mmap_mode="r+")
+                keys = list(range(d.rank, len(view), d.world_size))
+                for i in range(0, len(keys), batch):
+                    ks = keys[i:i + batch]
+                    x = torch.stack([view[k][0] for k in ks]).to(self.device)
+                    arr[ks] = self.encode(x, warm).cpu().numpy().astype(np.float16)
+                arr.flush()
+                del arr
+                barrier()
+                if d.main:
+                    os.replace(path + ".part", path)
+                barrier()
+                log0(f"latent cache written: {path} {shape}", d)
+            self.cache[warm] = np.load(path, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- student (SiT + FDA projector)
+
+class Student(torch.nn.Module):
+    """The trained module: SiT plus, with FDA, the projector of its block-k hidden state (one DDP unit)."""
+
+    def __init__(self, sit, fda_depth=None):
+        super().__init__()
+        self.sit, self.fda_depth = sit, fda_depth
+        self.projector = Projector(sit.config["width"]) if fda_depth else None
+
+    def forward(self, x, t, y):
+        if self.projector is None:
+            return self.sit(x, t, y), None
+        v, h = self.sit(x, t, y, return_hidden=self.fda_depth)           # (B, C, h, w), (B, N, D)
+        return v, self.projector(h)
+
+
+def fda_lambda(t, args):
+    """lambda_align(t): larger at high noise (t -> 1) for the coarse-to-fine schedule."""
+    return args.fda_weight * (t if args.fda_schedule == "linear" else torch.ones_like(t))
+
+
+def teacher_level(args, step):
+    """l_hi ~ Unif{l_lo + 1, ..., 3}, the same on every rank."""
+    lo = args.denoise_level
+    u = global_rand((1,), args.seed, step, STREAM_TEACHER, slice(None), torch.device("cpu")).item()
+    return lo + 1 + min(int(u * (3 - lo)), 2 - lo)
+
+
+def diffusion_loss(student, ema, z, y, t, eps, args, step):
+    """Velocity loss on z^(l_lo) (Eq. 5) plus, with FDA, lambda(t) L_align (Eq. 6-8). Returns (loss, parts)."""
+    z_lo = fft_ops.attenuate(z, args.denoise_level)                            # (B, C, h, w)
+    v, h_student = student(interpolate(z_lo, eps, t), t, y)
+    per_sample = (v.float() - velocity_target(z_lo, eps)).pow(2).mean(dim=(1, 2, 3))   # (B,)
+    parts = {"diff": per_sample.mean()}
+    loss = parts["diff"]
+    if args.fda:
+        z_hi = fft_ops.attenuate(z, teacher_level(args, step))
+        with torch.no_grad():                                                  # stop-gradient teacher
+            h_teacher = ema(z_hi, torch.zeros_like(t), y, return_hidden=args.fda_depth, hidden_only=True)
+        align = (h_student.float() - h_teacher.float()).pow(2).mean(dim=(1, 2))   # (B,) Eq. 7
+        parts["align"] = align.mean()
+        loss = loss + (fda_lambda(t, args) * align).mean()
+    return loss, parts
+
+
+# ----------------------------------------------------------------------------- sampling grid
+
+@torch.no_grad()
+def sample_grid(ema, vae, latents, num_classes, args, device, path, per_class=4):
+    """Decode EMA samples: one column per class (up to 10 classes), `per_class` rows."""
+    ema.eval()
+    classes = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long()
+    y = classes.repeat(per_class).to(device)
+    C, h = ema.in_channels, ema.config["input_size"]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn(len(y), C, h, h, generator=g, device=device)
+    with autocast(device, not args.no_bf16):
+        z = sample_ode(guided_velocity(ema, y, args.cfg_scale), noise, args.sample_steps, args.sampler)
+        images = vae.decode(latents.denormalize(z)).float()
+    save_grid(images, path, nrow=len(classes))
+
+
+# ----------------------------------------------------------------------------- main
+
+def build(args, d):
+    """Frozen VAE, dataset, SiT student / EMA teacher, optimizer (and resume state)."""
+    vae, vck = load_vae(args.vae, d.device)
+    stats = vck.get("latent_stats")
+    if stats is None:
+        raise UserError(f"{args.vae} has no latent statistics: run train_vae.py --stats-only --resume {args.vae}")
+    args.image_size = args.image_size or vae.config["image_size"]
+    dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
+    C, h = vae.latent_dim, args.image_size // vae.patch
+    sit = build_sit(args.model, h, C, dataset.num_classes).to(d.device)
+    if args.fda and not 1 <= args.fda_depth <= len(sit.blocks):
+        raise UserError(f"--fda-depth {args.fda_depth} is outside 1..{len(sit.blocks)} for SiT {args.model}")
+    if args.fda and args.denoise_level == 3:
+        raise UserError("--fda needs a more attenuated teacher level than --denoise-level; use a level below 3")
+    student = Student(sit, args.fda_depth if args.fda else None).to(d.device)
+    ema = copy.deepcopy(sit).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return vae, stats, dataset, student, ema, opt
+
+
+def resume(path, args, student, ema, opt, d):
+    ck = load_checkpoint(path, "sit")
+    cfg = unwrap(student).sit.config
+    if ck["model_config"]["in_channels"] != cfg["in_channels"]:
+        raise UserError(f"{path} was trained on {ck['model_config']['in_channels']}-channel latents, "
+                        f"but {args.vae} gives {cfg['in_channels']} channels")
+    if ck["model_config"] != cfg:
+        raise UserError(f"{path} holds SiT {ck['model_config']}, but the settings build {cfg}")
+    student.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+    set_rng_state(ck["rng"], d.device)
+    log0(f"resumed from {path} at step {ck['step']}", d)
+    return ck["step"], ck["freqwarm"]["warmup_steps"]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    d = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    vae, stats, dataset, student, ema, opt = build(args, d)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    step, warmup = 0, (args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))
+    start = resume_path(args)
+    if start:
+        step, warmup = resume(start, args, student, ema, opt, d)
+    latents = Latents(vae, stats, args, warmup, d.device)
+    per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
+    log0(f"SiT-{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
+         f"{tuple(vae.latent_shape(args.image_size))}; denoise level {args.denoise_level}, FDA {args.fda}, "
+         f"FreqWarm {'r0=%g for %d steps' % (args.r0, latents.warmup_steps) if args.freqwarm else 'off'}; "
+         f"{d.world_size} rank(s) x {per_rank} ({accum} x {micro}); device {d.device}", d)
+    if args.cache_latents:
+        latents.build_cache(dataset, args.out, args.vae, d)
+    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step)
+    batches = iter(make_loader(dataset, sampler, args.workers)) if latents.cache is None else None
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))]) if batches is None else None
+    train_model = torch.compile(student) if args.compile else student
+    if d.world_size > 1:
+        train_model = DDP(train_model)
+    loop = StepLoop(args, d, step, "sit")
+    lat = (args.global_batch, vae.latent_dim, *vae.latent_shape(args.image_size)[1:])
+    while step < args.steps:
+        student.train()
+        if args.freqwarm and step == latents.warmup_steps:
+            log0(f"FreqWarm: step {step}: switching from low-passed (r0={args.r0}) to full-frequency latents", d)
+        totals = {}
+        key_batches = sampler.step_keys(step) if batches is None else None
+        for j in range(accum):
+            if batches is None:
+                keys = key_batches[j]
+                z, y = latents.get(step, keys=keys), labels[[k % len(dataset) for k in keys]].to(d.device)
+            else:
+                x, y = next(batches)
+                z, y = latents.get(step, images=x), y.to(d.device)
+            rows = slice(d.rank * per_rank + j * micro, d.rank * per_rank + (j + 1) * micro)
+            t = global_rand((args.global_batch,), args.seed, step, STREAM_T, rows, d.device)
+            eps = global_randn(lat, args.seed, step, STREAM_EPS, rows, d.device)
+            drop = global_rand((args.global_batch,), args.seed, step, STREAM_DROP, rows, d.device) < args.class_dropout
+            y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
+            ctx = train_model.no_sync() if (d.world_size > 1 and j < accum - 1) else torch.enable_grad()
+            with ctx:
+                with autocast(d.device, not args.no_bf16):
+                    loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step)
+                (loss / accum).backward()
+            for k, v in {"loss": loss, **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / accum
+        totals = all_reduce_mean(totals, d.device)
+        check_finite(totals["loss"], step, ckpt_path)
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip).item()
+        opt.step(), opt.zero_grad(set_to_none=True)
+        ema_update(ema, student.sit, args.ema_decay)
+        phase = "warmup" if latents.warming(step) else "full"
+        step += 1
+        stopping = loop.end_step(step, dict(phase=phase, **totals))
+        if loop.due(step, args.sample_every) and d.main:
+            sample_grid(ema, vae, latents, dataset.num_classes, args, d.device,
+                        os.path.join(args.out, f"samples_{step:07d}.png"))
+        if loop.due(step, args.ckpt_every) or stopping:
+            if d.main:
+                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, warmup, stats, d))
+            barrier()
+        if stopping:
+            log0(f"stop signal: saved {ckpt_path} at step {step}", d)
+            break
+    loop.close()
+    if step == args.steps:
+        log0(f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png", d)
+
+
+def checkpoint_state(args, student, ema, opt, step, warmup, stats, d):
+    return {"kind": "sit", "config": vars(args), "model_config": student.sit.config, "model": student.state_dict(),
+            "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(d.device),
+            "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats,
+            "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind, "warmup_steps": warmup,
+                         "phase": "warmup" if args.freqwarm and step < warmup else "full"}}
+
+
+if __name__ == "__main__":
+    run_main(main)
