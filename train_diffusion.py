@@ -49,7 +49,7 @@ PRESETS = {
     "smoke": dict(model="smoke/1", n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1,
                   ckpt_every=3, sample_every=6, sample_steps=4, fda_depth=1, out="runs/sit-smoke",
                   vae="runs/vae-smoke/last.pt"),
-    "cpu-demo": dict(model="tiny/1", n_images=2000, steps=2000, global_batch=64, lr=5e-4, ema_decay=0.995,
+    "cpu-demo": dict(model="tiny/2", n_images=2000, steps=2000, global_batch=64, lr=5e-4, ema_decay=0.995,
                      log_every=50, ckpt_every=500, sample_every=1000, sample_steps=25, cfg_scale=2.0, fda_depth=2,
                      cache_latents=True, out="runs/sit-demo", vae="runs/vae-demo/last.pt"),
     # Denoising-VAE Sec. 4: SiT-XL on f16 latents (16x16 at 256 px: patch 1 -> 256 tokens), batch 256, lr 1e-4

@@ -1,0 +1,445 @@
+"""Stage 3: sampling, generation metrics, reconstruction metrics and the frequency diagnosis.
+
+    python evaluate.py sample   --ckpt runs/sit-demo/last.pt --n 100 --out runs/eval/samples      # CPU
+    python evaluate.py fid      --samples runs/eval/samples.npz --ref REF_FOLDER_OR_STATS.npz
+    python evaluate.py fid      --make-ref-stats ref.npz --ref /data/imagenet/val_256           # reference stats
+    python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
+    python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
+    torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --n 50000 --sample-steps 250 --cfg-scale 1.8
+    torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
+             evaluate.py sample --ckpt SIT.pt --n 50000
+
+sample   : EMA weights, class-balanced labels (image i has class i mod K), indices sharded over ranks
+           (rank r draws i = r, r + W, ...), noise seeded per image, PNGs written as they finish (a rerun
+           skips existing ones), then an ADM-style .npz (uint8 NHWC `arr_0`).
+fid      : gFID with clean-fid's "clean" resize and its Inception network, Inception Score from the same
+           network, improved precision / recall (k = 3) on the same 2048-d features.
+recon    : PSNR, SSIM (and rFID with Inception) of D(S_l(z)) against x for each MLSR level, plus the latent
+           high-frequency energy ratio (Denoising-VAE Tables 1 and 4).
+diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
+           (F2) cumulative RGB spectral energy vs radius, (F3) latent high-frequency energy vs the RGB
+           low-pass radius r0, and the radially averaged latent spectra per MLSR level; JSON + PNG figures.
+Every printed metric names the network that produced it.
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fft_ops
+from common import UserError, barrier, load_checkpoint, log0, run_main, setup_distributed
+from data import build_dataset, to_uint8
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+CLEANFID_CACHE = "/tmp"             # where clean-fid itself downloads the file on Linux
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def shard(n, rank, world_size):
+    """Indices of the n images that `rank` draws: rank, rank + W, ... (disjoint, covering)."""
+    return list(range(rank, n, world_size))
+
+
+def balanced_labels(indices, num_classes):
+    return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
+
+
+def image_noise(indices, shape, seed):
+    """Per-image initial noise, identical whatever the world size or batch split."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in indices])
+
+
+def load_sit(path, device):
+    """EMA SiT, its frozen VAE and the latent normaliser from a Stage-2 checkpoint."""
+    from dit import SiT
+    from train_diffusion import Latents
+    from train_vae import load_vae
+    ck = load_checkpoint(path, "sit")
+    ema = SiT(**ck["model_config"])
+    ema.load_state_dict(ck["ema"])
+    vae, _ = load_vae(ck["config"]["vae"], device)
+    if vae.latent_dim != ema.in_channels:
+        raise UserError(f"VAE {ck['config']['vae']} has {vae.latent_dim} latent channels, SiT expects {ema.in_channels}")
+    args = argparse.Namespace(**{**ck["config"], "freqwarm": False})
+    return ema.to(device).eval(), vae, Latents(vae, ck["latent_stats"], args, 0, device), args
+
+
+def folder_to_npz(folder, n, path):
+    arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB")) for i in range(n)])
+    np.savez(path, arr_0=arr)
+    return arr.shape
+
+
+@torch.no_grad()
+def cmd_sample(a, d):
+    from dit import guided_velocity, sample_ode
+    from common import autocast
+    ema, vae, latents, cfg = load_sit(a.ckpt, d.device)
+    os.makedirs(a.out, exist_ok=True)
+    todo = [i for i in shard(a.n, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
+    log0(f"sampling {a.n} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
+         f"CFG {a.cfg_scale} on t in {a.cfg_interval}", d)
+    shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
+    for s in range(0, len(todo), a.batch):
+        idx = todo[s:s + a.batch]
+        y = balanced_labels(idx, ema.num_classes).to(d.device)
+        noise = image_noise(idx, shape, a.seed).to(d.device)
+        with autocast(d.device, not a.no_bf16):
+            z = sample_ode(guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval)), noise, a.sample_steps, a.sampler)
+            imgs = to_uint8(vae.decode(latents.denormalize(z)).float())
+        for i, im in zip(idx, imgs):
+            tmp = os.path.join(a.out, f".{i:06d}.png")
+            Image.fromarray(im).save(tmp, format="PNG")
+            os.replace(tmp, os.path.join(a.out, f"{i:06d}.png"))
+    barrier()
+    if d.main:
+        shape = folder_to_npz(a.out, a.n, a.out.rstrip("/") + ".npz")
+        log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8)", d)
+
+
+# ----------------------------------------------------------------------------- metric math
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), via scipy's sqrtm (float64)."""
+    mu1, mu2, s1, s2 = (np.asarray(v, dtype=np.float64) for v in (mu1, mu2, sigma1, sigma2))
+    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():
+        off = np.eye(s1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def feature_stats(feats):
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def inception_score(probs, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for part in np.array_split(probs, splits):
+        py = part.mean(0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def knn_radii(feats, k=3, batch=1024):
+    """Distance of each feature to its k-th nearest other feature."""
+    f = torch.as_tensor(feats, dtype=torch.float64)
+    out = []
+    for i in range(0, len(f), batch):
+        dist = torch.cdist(f[i:i + batch], f)
+        out.append(dist.kthvalue(k + 1, dim=1).values)           # +1 skips the point itself
+    return torch.cat(out)
+
+
+def coverage_fraction(query, ref, ref_radii, batch=1024):
+    """Fraction of query points inside at least one ball B(ref_j, radius_j)."""
+    q, r = torch.as_tensor(query, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
+    inside = [(torch.cdist(q[i:i + batch], r) <= ref_radii[None]).any(1) for i in range(0, len(q), batch)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision / recall (Kynkaanniemi et al. 2019) with k-NN balls."""
+    precision = coverage_fraction(fake, real, knn_radii(real, k))
+    recall = coverage_fraction(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------- Inception (clean-fid)
+
+def find_inception(path=None):
+    """Path of clean-fid's Inception torchscript file, or one clear error saying where to put it."""
+    path = path or os.path.join(CLEANFID_CACHE, INCEPTION_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"FID / IS need clean-fid's Inception weights: download {INCEPTION_URL} to "
+                        f"{os.path.join(CLEANFID_CACHE, INCEPTION_FILE)} or pass --inception-path FILE")
+    return path
+
+
+class InceptionExtractor:
+    """clean-fid 'clean' mode: PIL bicubic resize to 299, then the StyleGAN2-ADA Inception torchscript.
+
+    __call__(uint8 (B, H, W, 3)) -> (pool features (B, 2048), class probabilities (B, 1008)).
+    """
+
+    name = "Inception-v3 (clean-fid, inception-2015-12-05)"
+
+    def __init__(self, path, device):
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+        self.model = InceptionV3W(os.path.dirname(os.path.abspath(path)), download=False).to(device)
+        if os.path.basename(path) != INCEPTION_FILE:
+            self.model.base = torch.jit.load(path).eval().to(device)
+            self.model.layers = self.model.base.layers
+        self.resize, self.device = build_resizer("clean"), device
+
+    @torch.no_grad()
+    def __call__(self, imgs):
+        x = torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
+        feats = self.model(x)
+        probs = self.model.base(x, no_output_bias=True)          # the IS head (StyleGAN2-ADA convention)
+        return feats.double().cpu().numpy(), probs.double().cpu().numpy()
+
+
+def extract(extractor, images, batch=100):
+    """Features and probabilities of uint8 images (N, H, W, 3)."""
+    fs, ps = zip(*(extractor(images[i:i + batch]) for i in range(0, len(images), batch)))
+    return np.concatenate(fs), np.concatenate(ps)
+
+
+def load_images(src):
+    """uint8 (N, H, W, 3) from an .npz (arr_0) or a folder of images."""
+    if src.endswith(".npz"):
+        return np.load(src)["arr_0"]
+    files = sorted(f for f in os.listdir(src) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not files:
+        raise UserError(f"no images in {src}")
+    return np.stack([np.asarray(Image.open(os.path.join(src, f)).convert("RGB")) for f in files])
+
+
+def generation_metrics(extractor, fake, real=None, ref_stats=None, k=3):
+    """gFID, IS and (with real images) precision / recall, all from one feature network."""
+    ff, fp = extract(extractor, fake)
+    out = {"network": extractor.name, "n_fake": len(fake)}
+    if real is not None:
+        rf, _ = extract(extractor, real)
+        ref_stats = feature_stats(rf)
+        out["precision"], out["recall"] = precision_recall(rf, ff, k)
+    out["fid"] = frechet_distance(*feature_stats(ff), *ref_stats)
+    out["is"], out["is_std"] = inception_score(fp)
+    return out
+
+
+def cmd_fid(a, d):
+    ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+    if a.make_ref_stats:
+        mu, sigma = feature_stats(extract(ext, load_images(a.ref))[0])
+        np.savez(a.make_ref_stats, mu=mu, sigma=sigma)
+        log0(f"wrote reference statistics {a.make_ref_stats} ({ext.name})")
+        return
+    fake = load_images(a.samples)
+    if a.ref.endswith(".npz") and "mu" in np.load(a.ref):
+        st = np.load(a.ref)
+        res = generation_metrics(ext, fake, ref_stats=(st["mu"], st["sigma"]))
+    else:
+        res = generation_metrics(ext, fake, real=load_images(a.ref))
+    log0(json.dumps(res, indent=1))
+
+
+# ----------------------------------------------------------------------------- reconstruction metrics
+
+def psnr(x, y):
+    """PSNR in dB of images in [-1, 1] (data range 2), per image (B,)."""
+    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))
+
+
+def ssim(x, y, sigma=1.5, radius=5):
+    """SSIM (Wang et al. 2004) with an 11-tap Gaussian window on [0, 1] images, per image (B,)."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    k = (k / k.sum()).to(x.device)
+    C = x.shape[1]
+
+    def blur(t):                                            # valid separable Gaussian filtering
+        t = F.conv2d(t, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+        return F.conv2d(t, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def recon_table(vae, images, fractions, hf_radius=0.25, extractor=None, batch=64):
+    """Per MLSR level: PSNR / SSIM of D(S_l(z)) vs x, latent HF energy ratio, rFID if an extractor is given."""
+    rows = []
+    for level in range(len(fractions)):
+        p, s, hf, recons = [], [], [], []
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch]
+            z = fft_ops.attenuate(vae.encode(x).mean, level, fractions)
+            r = vae.decode(z).clamp(-1, 1)
+            p.append(psnr(r, x)), s.append(ssim(r, x)), hf.append(fft_ops.high_freq_energy_ratio(z, hf_radius))
+            recons.append(r)
+        row = {"level": level, "psnr": torch.cat(p).mean().item(), "ssim": torch.cat(s).mean().item(),
+               f"latent_hf_ratio@{hf_radius}": torch.cat(hf).mean().item()}
+        if extractor is not None:
+            real_f, _ = extract(extractor, to_uint8(images))
+            fake_f, _ = extract(extractor, to_uint8(torch.cat(recons)))
+            row["rfid"] = frechet_distance(*feature_stats(fake_f), *feature_stats(real_f))
+            row["rfid_network"] = extractor.name
+        rows.append(row)
+    return rows
+
+
+def dataset_images(a, vae, device):
+    ds = build_dataset(a.data, vae.config["image_size"], n=max(a.n, 10), seed=a.seed)
+    return torch.stack([ds[i][0] for i in range(min(a.n, len(ds)))]).to(device)
+
+
+def cmd_recon(a, d):
+    from train_vae import load_vae
+    vae, ck = load_vae(a.vae, d.device)
+    fractions = ck["config"].get("mlsr_fractions", list(fft_ops.MLSR_FRACTIONS))
+    ext = None
+    try:
+        ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+    except UserError as e:
+        log0(f"rFID skipped: {e}")
+    rows = recon_table(vae, dataset_images(a, vae, d.device), fractions, extractor=ext)
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
+    log0(f"reconstruction of {a.vae} on {a.n} images ({a.data}); PSNR/SSIM computed directly:\n" + "\n".join(lines))
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "recon.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- frequency diagnosis (FreqWarm)
+
+RADII = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+R0_SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.71)
+
+
+def cumulative_energy(x, radii):
+    """F2: fraction of spectral energy (per-image mean removed) within each radius, (len(radii),)."""
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    P = torch.fft.fft2(x.float()).abs().pow(2).sum(dim=(0, 1))              # (H, W)
+    rad = fft_ops.radius_grid(*x.shape[-2:], device=x.device)
+    return [(P * (rad <= r)).sum().item() / P.sum().clamp(min=1e-20).item() for r in radii]
+
+
+@torch.no_grad()
+def diagnose(vae, x, latents_norm, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=0.25):
+    """Findings 1-3 and per-level latent spectra as a dict of lists."""
+    z = vae.encode(x).mean                                                  # (B, C, h, w)
+    out = {"radii": list(radii), "f1_psnr_low": [], "f1_psnr_high": []}
+    for r in radii:                                                         # F1
+        low, high = fft_ops.split_frequencies(z, r)
+        out["f1_psnr_low"].append(psnr(vae.decode(low).clamp(-1, 1), x).mean().item())
+        out["f1_psnr_high"].append(psnr(vae.decode(high).clamp(-1, 1), x).mean().item())
+    out["f2_radii"] = [i / 100 for i in range(0, 72)]                       # F2
+    out["f2_cumulative_energy"] = cumulative_energy(x, out["f2_radii"])
+    out["f3_r0"], out["f3_latent_hf_energy"], out["f3_latent_hf_ratio"] = list(r0_sweep), [], []
+    for r0 in r0_sweep:                                                     # F3
+        zr = latents_norm(vae.encode(fft_ops.lowpass(x, r0)).mean)
+        zr = zr - zr.mean(dim=(-2, -1), keepdim=True)
+        _, high = fft_ops.split_frequencies(zr, hf_radius)
+        out["f3_latent_hf_energy"].append(high.pow(2).mean().item())
+        out["f3_latent_hf_ratio"].append(fft_ops.high_freq_energy_ratio(zr, hf_radius).mean().item())
+    out["f3_hf_radius"] = hf_radius
+    out["spectra"] = {}
+    for level in range(4):                                                  # latent spectra per MLSR level
+        rr, p = fft_ops.radial_power_spectrum(fft_ops.attenuate(latents_norm(z), level))
+        out["spectra"][level] = p.tolist()
+    out["spectra_radii"] = rr.tolist()
+    return out
+
+
+def plot_diagnosis(res, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figs = {
+        "f1_band_psnr.png": (res["radii"], [("D(z_low)", res["f1_psnr_low"]), ("D(z_high)", res["f1_psnr_high"])],
+                             "latent mask radius r (cycles/pixel)", "PSNR vs x (dB)", "F1: decoding one latent band"),
+        "f2_cumulative_energy.png": (res["f2_radii"], [("RGB", res["f2_cumulative_energy"])], "radius (cycles/pixel)",
+                                     "cumulative energy fraction", "F2: RGB energy within radius"),
+        "f3_latent_hf_vs_r0.png": (res["f3_r0"], [(f"energy at r > {res['f3_hf_radius']}", res["f3_latent_hf_energy"])],
+                                   "RGB low-pass radius r0 (cycles/pixel)", "latent high-frequency energy",
+                                   "F3: latent HF energy vs input low-pass"),
+    }
+    for name, (xs, series, xl, yl, title) in figs.items():
+        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+        for label, ys in series:
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.set(xlabel=xl, ylabel=yl, title=title)
+        ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        fig.tight_layout(), fig.savefig(os.path.join(out_dir, name)), plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    for level, p in res["spectra"].items():
+        ax.semilogy(res["spectra_radii"], np.maximum(p, 1e-12), label=f"S_{level}(z)")
+    ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power", title="Latent spectra per MLSR level")
+    ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "latent_spectra_levels.png")), plt.close(fig)
+
+
+def cmd_diagnose(a, d):
+    from train_vae import load_vae
+    vae, ck = load_vae(a.vae, d.device)
+    stats = ck.get("latent_stats") or {"mean": torch.zeros(vae.latent_dim), "std": torch.ones(vae.latent_dim)}
+    mean, std = (stats[k].view(1, -1, 1, 1).to(d.device) for k in ("mean", "std"))
+    res = diagnose(vae, dataset_images(a, vae, d.device), lambda z: (z - mean) / std)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "diagnosis.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot_diagnosis(res, a.out)
+    i02 = res["f3_r0"].index(0.2)
+    log0(f"diagnosis of {a.vae} on {a.n} images -> {a.out}/diagnosis.json and 4 PNG figures\n"
+         f"  F1 PSNR at r=0.25: D(z_low) {res['f1_psnr_low'][4]:.2f} dB, D(z_high) {res['f1_psnr_high'][4]:.2f} dB\n"
+         f"  F2 RGB energy within r=0.2: {res['f2_cumulative_energy'][20]:.3f}\n"
+         f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 3: evaluation and frequency diagnosis",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sample", help="DDP sampling to PNGs and an ADM-style .npz")
+    s.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit')")
+    s.add_argument("--n", type=int, default=50000)
+    s.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
+    s.add_argument("--sample-steps", type=int, default=250)
+    s.add_argument("--sampler", default="heun", choices=("euler", "heun"))
+    s.add_argument("--cfg-scale", type=float, default=1.0)
+    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
+    s.add_argument("--out", default="runs/eval/samples")
+    f = sub.add_parser("fid", help="gFID / IS / precision-recall with clean-fid's Inception")
+    f.add_argument("--samples", help="generated images: .npz (arr_0) or folder")
+    f.add_argument("--ref", required=True, help="reference folder / .npz of images, or .npz statistics (mu, sigma)")
+    f.add_argument("--make-ref-stats", default=None, help="write reference statistics of --ref to this .npz")
+    r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
+    g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
+    for q in (r, g):
+        q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae')")
+        q.add_argument("--data", default="deadleaves")
+        q.add_argument("--n", type=int, default=256)
+    r.add_argument("--out", default=None, help="folder for recon.json")
+    g.add_argument("--out", default="runs/eval/diagnosis")
+    for q in (s, f, r, g):
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default=None)
+        q.add_argument("--no-bf16", action="store_true")
+    for q in (f, r):
+        q.add_argument("--inception-path", default=None, help=f"local {INCEPTION_FILE}")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = get_args(argv)
+    d = setup_distributed(a.device)
+    {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose}[a.cmd](a, d)
+
+
+if __name__ == "__main__":
+    run_main(main)
