@@ -111,7 +111,7 @@ def cmd_sample(a, d):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), via scipy's sqrtm (float64)."""
     mu1, mu2, s1, s2 = (np.asarray(v, dtype=np.float64) for v in (mu1, mu2, sigma1, sigma2))
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         off = np.eye(s1.shape[0]) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))

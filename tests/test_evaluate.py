@@ -1,0 +1,174 @@
+"""Stage 3: metric math against closed forms / brute force, sharding, sampling, diagnosis, demo."""
+import os
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+import evaluate as ev
+import train_diffusion as td
+import train_vae
+from helpers import assert_one_line_error, run
+
+
+def test_frechet_distance_closed_forms_and_cleanfid():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((6, 6))
+    S = A @ A.T + np.eye(6)
+    mu = rng.standard_normal(6)
+    assert ev.frechet_distance(mu, S, mu, S) == pytest.approx(0.0, abs=1e-6)
+    delta = np.arange(6.0)
+    assert ev.frechet_distance(mu, S, mu + delta, S) == pytest.approx((delta ** 2).sum(), rel=1e-6)
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])          # diagonal: sum (sqrt s1 - sqrt s2)^2
+    closed = ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    assert ev.frechet_distance(np.zeros(3), np.diag(s1), np.zeros(3), np.diag(s2)) == pytest.approx(closed, rel=1e-6)
+    from cleanfid.fid import frechet_distance as cf
+    B = rng.standard_normal((6, 6))
+    S2 = B @ B.T + 0.5 * np.eye(6)
+    assert ev.frechet_distance(mu, S, 0 * mu, S2) == pytest.approx(cf(mu, S, 0 * mu, S2), rel=1e-5)
+
+
+def test_feature_stats_gaussian_samples():
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((20000, 3)) * [1.0, 2.0, 3.0] + [1.0, 0.0, -1.0]
+    mu, sigma = ev.feature_stats(f)
+    assert np.allclose(mu, [1, 0, -1], atol=0.05) and np.allclose(np.diag(sigma), [1, 4, 9], rtol=0.05)
+
+
+def test_inception_score_closed_forms():
+    K = 8
+    assert ev.inception_score(np.full((100, K), 1.0 / K), splits=1)[0] == pytest.approx(1.0)
+    onehot = np.eye(K)[np.arange(160) % K]                  # confident and evenly spread: IS = K
+    assert ev.inception_score(onehot, splits=2)[0] == pytest.approx(K, rel=1e-6)
+
+
+def brute_force_pr(real, fake, k):
+    def radii(X):
+        return [sorted(np.linalg.norm(X - x, axis=1))[k] for x in X]     # index 0 is the point itself
+    rr, fr = radii(real), radii(fake)
+    prec = np.mean([any(np.linalg.norm(f - r) <= rr[j] for j, r in enumerate(real)) for f in fake])
+    rec = np.mean([any(np.linalg.norm(r - f) <= fr[j] for j, f in enumerate(fake)) for r in real])
+    return prec, rec
+
+
+def test_precision_recall_against_brute_force():
+    rng = np.random.default_rng(2)
+    real = rng.standard_normal((60, 4))
+    fake = rng.standard_normal((50, 4)) * 1.5 + 0.7
+    p, r = ev.precision_recall(real, fake, k=3)
+    bp, br = brute_force_pr(real, fake, 3)
+    assert p == pytest.approx(bp) and r == pytest.approx(br)
+    assert 0 < p < 1                                         # a non-trivial case
+    assert ev.precision_recall(real, real, 3) == (1.0, 1.0)
+    assert ev.precision_recall(real, real + 100.0, 3) == (0.0, 0.0)
+
+
+def test_psnr_and_ssim_references():
+    x = torch.rand(2, 3, 24, 24) * 2 - 1
+    assert ev.psnr(x, x + 0.1).tolist() == pytest.approx([10 * np.log10(4 / 0.01)] * 2, rel=1e-5)
+    assert ev.ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+    # reference: the SSIM formula with scipy's valid-mode 2-D correlation, channel by channel
+    g = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    a, b = (x[0].numpy() + 1) / 2, (y[0].numpy() + 1) / 2
+    f = lambda im: scipy.signal.correlate2d(im, w, mode="valid")
+    vals = []
+    for c in range(3):
+        mx, my = f(a[c]), f(b[c])
+        vx, vy, cxy = f(a[c] ** 2) - mx ** 2, f(b[c] ** 2) - my ** 2, f(a[c] * b[c]) - mx * my
+        vals.append((((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx ** 2 + my ** 2 + 1e-4) * (vx + vy + 9e-4))).mean())
+    assert ev.ssim(x, y)[0].item() == pytest.approx(np.mean(vals), abs=1e-5)
+
+
+def test_sharding_covers_every_index_once_and_balances_classes():
+    n, W = 103, 2
+    shards = [ev.shard(n, r, W) for r in range(W)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+    labels = torch.cat([ev.balanced_labels(s, 10) for s in shards])
+    assert torch.bincount(labels).tolist() == [11, 11, 11] + [10] * 7
+    torch.testing.assert_close(ev.image_noise([7], (2, 3, 3), 0)[0], ev.image_noise([1, 7], (2, 3, 3), 0)[1])
+
+
+class StandIn:
+    """A small random conv net in place of Inception (tests only; its numbers are not FID)."""
+    name = "stand-in random conv net (test only)"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                       torch.nn.Flatten())
+
+    @torch.no_grad()
+    def __call__(self, imgs):
+        f = self.net(torch.from_numpy(np.asarray(imgs)).permute(0, 3, 1, 2).float() / 255)
+        return f.double().numpy(), torch.softmax(f[:, :10] * 5, 1).double().numpy()
+
+
+def test_generation_metrics_with_a_stand_in_extractor():
+    rng = np.random.default_rng(3)
+    real = rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
+    same = ev.generation_metrics(StandIn(), real, real=real)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
+    dark = (real // 4).astype(np.uint8)
+    other = ev.generation_metrics(StandIn(), dark, real=real)
+    assert other["fid"] > 0.01 and other["network"].startswith("stand-in")
+
+
+def test_missing_inception_weights_is_one_clear_line(tmp_path):
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    p = run(["evaluate.py", "fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"),
+             "--inception-path", str(tmp_path / "nope.pt")])
+    assert_one_line_error(p, "inception-2015-12-05.pt", "--inception-path")
+
+
+@pytest.fixture(scope="module")
+def smoke_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    train_vae.main(["--preset", "smoke", "--out", str(root / "vae"), "--gan-weight", "0"])
+    td.main(["--preset", "smoke", "--vae", str(root / "vae" / "last.pt"), "--out", str(root / "sit")])
+    return root
+
+
+def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):
+    out = tmp_path / "samples"
+    args = ["sample", "--ckpt", str(smoke_models / "sit" / "last.pt"), "--n", "6", "--sample-steps", "3",
+            "--batch", "4", "--out", str(out), "--sampler", "euler", "--cfg-scale", "1.5", "--cfg-interval", "0.2", "1"]
+    ev.main(args)
+    arr = np.load(str(out) + ".npz")["arr_0"]
+    assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
+    os.remove(out / "000004.png")
+    before = os.path.getmtime(out / "000001.png")
+    ev.main(args)                                                   # redraws only the missing image
+    assert os.path.getmtime(out / "000001.png") == before
+    assert np.array_equal(np.load(str(out) + ".npz")["arr_0"], arr)   # per-image noise: same picture again
+
+
+def test_recon_and_diagnose_on_a_smoke_vae(smoke_models, tmp_path):
+    vae, _ = train_vae.load_vae(str(smoke_models / "vae" / "last.pt"))
+    from data import DeadLeaves
+    ds = DeadLeaves(n=16, resolution=16)
+    x = torch.stack([ds[i][0] for i in range(16)])
+    rows = ev.recon_table(vae, x, [0, 0.25, 0.5, 0.75])
+    assert [r["level"] for r in rows] == [0, 1, 2, 3]
+    assert all(np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 for r in rows)
+    assert rows[3]["latent_hf_ratio@0.25"] <= rows[0]["latent_hf_ratio@0.25"]
+    res = ev.diagnose(vae, x, lambda z: z)
+    cum = res["f2_cumulative_energy"]
+    assert all(b >= a - 1e-9 for a, b in zip(cum, cum[1:])) and cum[-1] == pytest.approx(1.0)
+    assert all(np.isfinite(v) for k in ("f1_psnr_low", "f1_psnr_high", "f3_latent_hf_energy") for v in res[k])
+    ev.plot_diagnosis(res, str(tmp_path))
+    assert {f for f in os.listdir(tmp_path) if f.endswith(".png")} == {
+        "f1_band_psnr.png", "f2_cumulative_energy.png", "f3_latent_hf_vs_r0.png", "latent_spectra_levels.png"}
+
+
+def test_demo_smoke_runs_end_to_end(tmp_path):
+    p = run(["-c", "import subprocess, sys; sys.exit(subprocess.call(['bash', 'demo.sh', '--smoke', sys.argv[1]]))",
+             str(tmp_path / "demo")], timeout=600, env={"PYTHON": __import__("sys").executable})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for f in ("deadleaves_classes.png", "vae/recon_final.png", "samples-baseline.npz", "samples-freqwarm.npz",
+              "recon/recon.json", "diagnosis/diagnosis.json", "diagnosis/f3_latent_hf_vs_r0.png"):
+        assert (tmp_path / "demo" / f).exists(), f
+    assert "FID skipped" in p.stdout
+    assert "switching from low-passed" in p.stdout
