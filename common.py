@@ -12,7 +12,6 @@
 - checkpoints: atomic writes, `weights_only=True` loads, a `kind` tag that is checked
 - logging: rank-0 printing, JSONL metrics averaged across ranks, PNG grids
 """
-import argparse
 import contextlib
 import json
 import math
@@ -336,6 +335,19 @@ class StepLoop:
 
     def due(self, step, every):
         return step % every == 0 or step == self.args.steps
+
+    @staticmethod
+    def accumulate(totals, parts, accum):
+        """Add one micro-batch's loss parts (tensors) to the step's running averages."""
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v.item() / accum
+
+    def reduce_and_clip(self, totals, params, step, ckpt_path, clip):
+        """Average the step's losses over ranks, stop on NaN, clip gradients; returns the metrics."""
+        totals = all_reduce_mean(totals, self.d.device)
+        check_finite(totals["loss"], step, ckpt_path)
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        return totals
 
     def end_step(self, step, metrics):
         """Record a finished step; returns True when the run must save and stop."""

@@ -16,7 +16,6 @@ image k - N mirrored (`FlipView`), which is also how the latent cache stores bot
 """
 import argparse
 import colorsys
-import os
 import sys
 from pathlib import Path
 

@@ -19,7 +19,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vae import Attention, Mlp, patchify, sincos_2d, unpatchify
 

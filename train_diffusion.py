@@ -35,10 +35,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (StepLoop, UserError, add_common_args, all_reduce_mean, autocast, barrier, batch_split,
-                    check_finite, ema_update, global_rand, global_randn, load_checkpoint, log0, parse_with_presets,
-                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed,
-                    unwrap)
+from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
+                    global_randn, load_checkpoint, log0, parse_with_presets, resume_path, rng_state, run_main,
+                    save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap)
 from data import FlipView, StepSampler, build_dataset, make_loader
 from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
 from train_vae import load_vae
@@ -311,11 +310,8 @@ def main(argv=None):
                 with autocast(d.device, not args.no_bf16):
                     loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step)
                 (loss / accum).backward()
-            for k, v in {"loss": loss, **parts}.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / accum
-        totals = all_reduce_mean(totals, d.device)
-        check_finite(totals["loss"], step, ckpt_path)
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip).item()
+            loop.accumulate(totals, {"loss": loss, **parts}, accum)
+        totals = loop.reduce_and_clip(totals, student.parameters(), step, ckpt_path, args.grad_clip)
         opt.step(), opt.zero_grad(set_to_none=True)
         ema_update(ema, student.sit, args.ema_decay)
         phase = "warmup" if latents.warming(step) else "full"

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (StepLoop, UserError, add_common_args, all_reduce_mean, autocast, barrier, batch_split,
-                    check_finite, ema_update, global_rand, global_randn, load_checkpoint, log0, parse_with_presets,
-                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed,
-                    unwrap)
+from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
+                    global_randn, load_checkpoint, log0, parse_with_presets, resume_path, rng_state, run_main,
+                    save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap)
 from data import StepSampler, build_dataset, make_loader
 from vae import SIZES, PatchDiscriminator, VGGPerceptual, build_vae, hinge_d_loss, hinge_g_loss
 
@@ -223,11 +222,8 @@ def main(argv=None):
                     with autocast(d.device, not args.no_bf16):
                         parts["d_gan"] = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
                     (parts["d_gan"] / accum).backward()
-            for k, v in {"loss": loss, **parts}.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / accum
-        totals = all_reduce_mean(totals, d.device)
-        check_finite(totals["loss"], step, ckpt_path)
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            loop.accumulate(totals, {"loss": loss, **parts}, accum)
+        totals = loop.reduce_and_clip(totals, model.parameters(), step, ckpt_path, args.grad_clip)
         opt.step(), opt.zero_grad(set_to_none=True)
         if use_gan:
             opt_d.step()

@@ -11,7 +11,6 @@ Shapes, for an image of side S and patch f (tokens N = (S/f)^2, width D):
     z (B, d, S/f, S/f) --> (B, N, D) --blocks--> (B, N, f*f*3) --unpatchify--> (B, 3, S, S) --3x3 refine--> x_hat
 """
 import functools
-import math
 import os
 
 import torch

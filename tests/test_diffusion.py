@@ -1,5 +1,4 @@
 """Stage 2: latents, FreqWarm switch, FDA, denoise level, resume, DDP and errors."""
-import copy
 
 import pytest
 import torch
@@ -83,7 +82,7 @@ def test_denoise_level_target_is_attenuated_latent(vae_ckpt, tmp_path):
     args, student, ema, z, y, t, eps = _batch(vae_ckpt, tmp_path, "--denoise-level", "2")
     _, parts = td.diffusion_loss(student, ema, z, y, t, eps, args, 0)
     z2 = fft_ops.attenuate(z, 2)
-    v = student.sit(interp := (1 - t.view(-1, 1, 1, 1)) * z2 + t.view(-1, 1, 1, 1) * eps, t, y)
+    v = student.sit((1 - t.view(-1, 1, 1, 1)) * z2 + t.view(-1, 1, 1, 1) * eps, t, y)
     torch.testing.assert_close(parts["diff"], ((v - (eps - z2)) ** 2).mean())
     assert not torch.allclose(z2, z)
 

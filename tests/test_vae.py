@@ -1,5 +1,4 @@
 """Stage 1: ViT VAE pieces, MLSR objective, checkpoints, resume, DDP and errors."""
-import os
 
 import pytest
 import torch
