@@ -129,6 +129,19 @@ def batch_split(global_batch, world_size, micro_batch=None):
     return per_rank, per_rank // micro, micro
 
 
+def micro_rows(d, per_rank, micro, j):
+    """Rows of micro-batch j of this rank inside the global batch (for the per-step random draws)."""
+    start = d.rank * per_rank + j * micro
+    return slice(start, start + micro)
+
+
+def sync_grads_on(model, j, accum):
+    """DDP all-reduces gradients only on the last micro-batch of a step; no_sync() before it."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and j < accum - 1:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)

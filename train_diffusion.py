@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
 from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
-                    global_randn, load_checkpoint, log0, parse_with_presets, resume_path, rng_state, run_main,
-                    save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap)
+                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
+                    run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
 from data import FlipView, StepSampler, build_dataset, make_loader
 from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
 from train_vae import load_vae
@@ -300,13 +300,12 @@ def main(argv=None):
             else:
                 x, y = next(batches)
                 z, y = latents.get(step, images=x), y.to(d.device)
-            rows = slice(d.rank * per_rank + j * micro, d.rank * per_rank + (j + 1) * micro)
+            rows = micro_rows(d, per_rank, micro, j)
             t = global_rand((args.global_batch,), args.seed, step, STREAM_T, rows, d.device)
             eps = global_randn(lat, args.seed, step, STREAM_EPS, rows, d.device)
             drop = global_rand((args.global_batch,), args.seed, step, STREAM_DROP, rows, d.device) < args.class_dropout
             y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
-            ctx = train_model.no_sync() if (d.world_size > 1 and j < accum - 1) else torch.enable_grad()
-            with ctx:
+            with sync_grads_on(train_model, j, accum):
                 with autocast(d.device, not args.no_bf16):
                     loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step)
                 (loss / accum).backward()

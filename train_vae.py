@@ -21,7 +21,6 @@ The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of
 posterior means over --stats-images training images: Stage 2 normalises with them.
 """
 import argparse
-import contextlib
 import copy
 import os
 
@@ -31,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
 from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
-                    global_randn, load_checkpoint, log0, parse_with_presets, resume_path, rng_state, run_main,
-                    save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap)
+                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
+                    run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
 from data import StepSampler, build_dataset, make_loader
 from vae import SIZES, PatchDiscriminator, VGGPerceptual, build_vae, hinge_d_loss, hinge_g_loss
 
@@ -210,15 +209,13 @@ def main(argv=None):
         for j in range(accum):
             x, _ = next(batches)
             x = x.to(d.device, non_blocking=True)
-            rows = slice(d.rank * per_rank + j * micro, d.rank * per_rank + (j + 1) * micro)
-            noise = global_randn(lat_shape, args.seed, step, STREAM_Z, rows, d.device)
-            sync = j == accum - 1 or d.world_size == 1
-            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
+            noise = global_randn(lat_shape, args.seed, step, STREAM_Z, micro_rows(d, per_rank, micro, j), d.device)
+            with sync_grads_on(train_model, j, accum):
                 with autocast(d.device, not args.no_bf16):
                     loss, parts, target, recon = generator_loss(train_model, disc, perceptual, x, noise, level, args, step)
                 (loss / accum).backward()
             if use_gan:
-                with (disc.no_sync() if not sync else contextlib.nullcontext()):
+                with sync_grads_on(disc, j, accum):
                     with autocast(d.device, not args.no_bf16):
                         parts["d_gan"] = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
                     (parts["d_gan"] / accum).backward()
