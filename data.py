@@ -74,6 +74,10 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def label(self, i):
+        """Class of sample i, without reading the image."""
+        return self.samples[i][1]
+
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
@@ -102,6 +106,10 @@ class DeadLeaves(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.n
+
+    def label(self, i):
+        """Class of image i, without rendering it."""
+        return i % self.num_classes
 
     def _radius(self, rng):
         """Sample r with density ~ r^-3 on [rmin, rmax] (inverse CDF): the scale-invariant law."""
@@ -149,7 +157,7 @@ class DeadLeaves(torch.utils.data.Dataset):
             arr = self.render(i)
             if self._cache is not None:
                 self._cache[i] = arr
-        return to_tensor(arr), i % self.num_classes
+        return to_tensor(arr), self.label(i)
 
 
 def export_imagefolder(dataset, out_dir):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fft_ops
-from common import UserError, barrier, load_checkpoint, log0, run_main, setup_distributed
+from common import UserError, autocast, barrier, load_checkpoint, log0, run_main, setup_distributed
 from data import build_dataset, to_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -82,7 +82,6 @@ def folder_to_npz(folder, n, path):
 @torch.no_grad()
 def cmd_sample(a, d):
     from dit import guided_velocity, sample_ode
-    from common import autocast
     ema, vae, latents, cfg = load_sit(a.ckpt, d.device)
     os.makedirs(a.out, exist_ok=True)
     todo = [i for i in shard(a.n, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
@@ -268,6 +267,7 @@ def ssim(x, y, sigma=1.5, radius=5):
 @torch.no_grad()
 def recon_table(vae, images, fractions, hf_radius=0.25, extractor=None, batch=64):
     """Per MLSR level: PSNR / SSIM of D(S_l(z)) vs x, latent HF energy ratio, rFID if an extractor is given."""
+    real_f = extract(extractor, to_uint8(images))[0] if extractor is not None else None
     rows = []
     for level in range(len(fractions)):
         p, s, hf, recons = [], [], [], []
@@ -280,7 +280,6 @@ def recon_table(vae, images, fractions, hf_radius=0.25, extractor=None, batch=64
         row = {"level": level, "psnr": torch.cat(p).mean().item(), "ssim": torch.cat(s).mean().item(),
                f"latent_hf_ratio@{hf_radius}": torch.cat(hf).mean().item()}
         if extractor is not None:
-            real_f, _ = extract(extractor, to_uint8(images))
             fake_f, _ = extract(extractor, to_uint8(torch.cat(recons)))
             row["rfid"] = frechet_distance(*feature_stats(fake_f), *feature_stats(real_f))
             row["rfid_network"] = extractor.name

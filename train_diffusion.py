@@ -111,6 +111,10 @@ class Latents:
     def warming(self, step):
         return step < self.warmup_steps
 
+    def phase(self, step):
+        """'warmup' while FreqWarm feeds low-passed latents, else 'full' (logged and checkpointed)."""
+        return "warmup" if self.warming(step) else "full"
+
     def normalize(self, z):
         return (z - self.mean) / self.std
 
@@ -127,7 +131,7 @@ class Latents:
         """Normalised latents for step `step`: cached rows `keys`, or encoded `images`."""
         warm = self.warming(step)
         if self.cache is not None:
-            z = torch.from_numpy(np.stack([self.cache[warm][k] for k in keys]).astype(np.float32)).to(self.device)
+            z = torch.from_numpy(self.cache[warm][keys].astype(np.float32)).to(self.device)   # (B, C, h, w)
         else:
             z = self.encode(images.to(self.device), warm)
         return self.normalize(z)
@@ -281,7 +285,7 @@ def main(argv=None):
         latents.build_cache(dataset, args.out, args.vae, d)
     sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step)
     batches = iter(make_loader(dataset, sampler, args.workers)) if latents.cache is None else None
-    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))]) if batches is None else None
+    labels = torch.tensor([dataset.label(i) for i in range(len(dataset))]) if batches is None else None
     train_model = torch.compile(student) if args.compile else student
     if d.world_size > 1:
         train_model = DDP(train_model)
@@ -313,7 +317,7 @@ def main(argv=None):
         totals = loop.reduce_and_clip(totals, student.parameters(), step, ckpt_path, args.grad_clip)
         opt.step(), opt.zero_grad(set_to_none=True)
         ema_update(ema, student.sit, args.ema_decay)
-        phase = "warmup" if latents.warming(step) else "full"
+        phase = latents.phase(step)
         step += 1
         stopping = loop.end_step(step, dict(phase=phase, **totals))
         if loop.due(step, args.sample_every) and d.main:
@@ -321,7 +325,8 @@ def main(argv=None):
                         os.path.join(args.out, f"samples_{step:07d}.png"))
         if loop.due(step, args.ckpt_every) or stopping:
             if d.main:
-                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, warmup, stats, d))
+                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, warmup,
+                                                            latents.phase(step), stats, d))
             barrier()
         if stopping:
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
@@ -331,12 +336,12 @@ def main(argv=None):
         log0(f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png", d)
 
 
-def checkpoint_state(args, student, ema, opt, step, warmup, stats, d):
+def checkpoint_state(args, student, ema, opt, step, warmup, phase, stats, d):
     return {"kind": "sit", "config": vars(args), "model_config": student.sit.config, "model": student.state_dict(),
             "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(d.device),
             "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats,
-            "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind, "warmup_steps": warmup,
-                         "phase": "warmup" if args.freqwarm and step < warmup else "full"}}
+            "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,
+                         "warmup_steps": warmup, "phase": phase}}
 
 
 if __name__ == "__main__":

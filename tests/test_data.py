@@ -17,6 +17,7 @@ def test_deadleaves_deterministic_range_and_labels():
     assert x.min() >= -1 and x.max() <= 1
     assert not torch.equal(x, DeadLeaves(n=30, resolution=32, seed=4)[17][0])
     assert DeadLeaves(n=5, resolution=48)[0][0].shape == (3, 48, 48)
+    assert [a.label(i) for i in range(30)] == [a[i][1] for i in range(30)]
 
 
 @pytest.mark.parametrize("res", [32, 64])
@@ -58,6 +59,7 @@ def test_imagefolder_crop_labels_and_range(tmp_path):
     assert len(ds) == 6 and ds.classes == ["cat", "dog"] and ds.num_classes == 2
     x, y = ds[4]
     assert x.shape == (3, 16, 16) and y == 1 and -1 <= x.min() and x.max() <= 1
+    assert [ds.label(i) for i in range(6)] == [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
 def test_center_crop_arr_reference():

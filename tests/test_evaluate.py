@@ -154,6 +154,9 @@ def test_recon_and_diagnose_on_a_smoke_vae(smoke_models, tmp_path):
     assert [r["level"] for r in rows] == [0, 1, 2, 3]
     assert all(np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 for r in rows)
     assert rows[3]["latent_hf_ratio@0.25"] <= rows[0]["latent_hf_ratio@0.25"]
+    with_fid = ev.recon_table(vae, x, [0, 0.25, 0.5, 0.75], extractor=StandIn())
+    assert all(r["rfid"] > 0 and r["rfid_network"].startswith("stand-in") for r in with_fid)
+    assert [r["psnr"] for r in with_fid] == [r["psnr"] for r in rows]
     res = ev.diagnose(vae, x, lambda z: z)
     cum = res["f2_cumulative_energy"]
     assert all(b >= a - 1e-9 for a, b in zip(cum, cum[1:])) and cum[-1] == pytest.approx(1.0)
