@@ -12,7 +12,9 @@
 - checkpoints: atomic writes, `weights_only=True` loads, a `kind` tag that is checked
 - logging: rank-0 printing, JSONL metrics averaged across ranks, PNG grids
 """
+import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+
+VAE_OUT = "runs/vae"        # Stage 1's default output folder; Stage 2's --vae defaults to VAE_OUT/last.pt
 
 
 class UserError(RuntimeError):
@@ -54,7 +59,22 @@ def parse_with_presets(parser, presets, argv=None):
         unknown = set(presets[first.preset]) - dests
         assert not unknown, f"preset {first.preset} sets unknown options {unknown}"
         parser.set_defaults(**presets[first.preset])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.explicit = sorted(explicit_dests(parser, argv))
+    return args
+
+
+def explicit_dests(parser, argv=None):
+    """The settings given on the command line itself (not by a default or a preset)."""
+    saved = {a: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for a, v in saved.items():
+            a.default = v
+    return set(vars(given)) - {"preset"}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -195,6 +215,25 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def write_json_atomic(path, obj):
+    """Write JSON to PATH.tmp, fsync, rename: readers see the old file or the whole new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_hash(path, chunk=1 << 24):
+    """sha256 of a file's bytes (first 16 hex digits): the identity of a checkpoint, whatever its path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def load_checkpoint(path, kind):
     """Load with weights_only=True and check that it is a `kind` ("vae" / "sit") checkpoint."""
     if not os.path.isfile(path):
@@ -307,7 +346,8 @@ def add_common_args(p):
     """Settings every training script shares."""
     p.add_argument("--data", default="deadleaves", help="'deadleaves' (built-in) or an ImageNet-style folder")
     p.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
-    p.add_argument("--out", default="runs/run", help="output folder: checkpoints, logs, grids")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips (part of the sample key; the latent cache stores both flips)")
     p.add_argument("--steps", type=int, default=400000, help="optimizer steps in total")
     p.add_argument("--global-batch", type=int, default=256, help="images per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=None, help="per-rank forward batch (gradient accumulation)")

@@ -16,6 +16,8 @@ image k - N mirrored (`FlipView`), which is also how the latent cache stores bot
 """
 import argparse
 import colorsys
+import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +59,21 @@ def center_crop_arr(img, size):
 
 # ----------------------------------------------------------------------------- ImageFolder
 
+def list_images(root):
+    """Image files below root (recursive), sorted, hidden names skipped."""
+    return [p for p in sorted(Path(root).rglob("*"))
+            if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+
+
+def load_rgb(path):
+    """An image file as a PIL RGB image; an unreadable file is one DataError naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """ImageNet layout: ROOT/<class>/<image>; labels are the sorted class-folder names."""
 
@@ -64,9 +81,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root, self.resolution = Path(root), resolution
         if not self.root.is_dir():
             raise DataError(f"data folder {root} does not exist or is not a folder")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        self.samples = [(p, i) for i, c in enumerate(self.classes)
-                        for p in sorted((self.root / c).rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS]
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in list_images(self.root / c)]
         if not self.samples:
             raise DataError(f"no images found under {root} (expected {root}/<class>/<image>.png|jpg)")
         self.num_classes = len(self.classes)
@@ -80,12 +96,29 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # PIL raises many types for broken files
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-        return to_tensor(center_crop_arr(img, self.resolution)), label
+        return to_tensor(center_crop_arr(load_rgb(path), self.resolution)), label
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image file below ROOT (flat or nested, e.g. an ImageNet val export), sorted by path.
+
+    Returns uint8 (S, S, 3) with the ADM centre crop at `resolution`: the layout of FID reference sets.
+    Hidden files (names starting with '.', e.g. temporaries of an interrupted run) are skipped.
+    """
+
+    def __init__(self, root, resolution):
+        self.root, self.resolution = Path(root), resolution
+        if not self.root.is_dir():
+            raise DataError(f"image folder {root} does not exist or is not a folder")
+        self.files = list_images(self.root)
+        if not self.files:
+            raise DataError(f"no images found under {root}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return center_crop_arr(load_rgb(self.files[i]), self.resolution)
 
 
 # ----------------------------------------------------------------------------- dead leaves
@@ -176,6 +209,53 @@ def build_dataset(data, resolution, n=None, seed=0):
     if data == "deadleaves":
         return DeadLeaves(n=n or 10000, resolution=resolution, seed=seed)
     return ImageFolder(data, resolution)
+
+
+def fingerprint(dataset):
+    """A content key of a dataset: what it is, its resolution, and every image file's name, size and mtime.
+
+    Replacing images (even with the same names and count) changes the key, so caches keyed by it go stale
+    exactly when the data does. The dead-leaves set is a function of (n, seed, resolution).
+    """
+    h = hashlib.sha256(f"{type(dataset).__name__}:{dataset.resolution}".encode())
+    if isinstance(dataset, DeadLeaves):
+        h.update(f":{dataset.n}:{dataset.seed}:{dataset.num_classes}".encode())
+    else:
+        for path, label in dataset.samples:
+            st = os.stat(path)
+            h.update(f"\n{path.relative_to(dataset.root)}:{label}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def random_subset(n_total, n, seed):
+    """A seeded random subset of n of range(n_total) (all of it when n is None or >= n_total), sorted.
+
+    Used wherever a statistic is taken over part of a dataset: an ImageFolder is sorted by class,
+    so the first n images would cover only the first few classes.
+    """
+    if n is None or n >= n_total:
+        return list(range(n_total))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_total, generator=g)[:n].tolist())
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images (no labels) of `dataset` at `indices`, for DataLoader workers."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]][0]
+
+
+def image_batches(dataset, indices, batch, workers=0):
+    """Stream float image batches (b, 3, H, W) of dataset[indices] in order, decoded by `workers` processes."""
+    return torch.utils.data.DataLoader(_Images(dataset, indices), batch_size=batch, shuffle=False,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 def num_classes_of(dataset):

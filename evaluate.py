@@ -25,6 +25,8 @@ import argparse
 import json
 import math
 import os
+import sys
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -33,8 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fft_ops
-from common import UserError, autocast, barrier, load_checkpoint, log0, run_main, setup_distributed
-from data import build_dataset, to_uint8
+from common import (UserError, autocast, barrier, file_hash, load_checkpoint, log0, run_main, setup_distributed,
+                    write_json_atomic)
+from data import ImageFiles, build_dataset, image_batches, random_subset, to_uint8
+from vae import LatentSpace, load_autoencoder
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -58,35 +62,83 @@ def image_noise(indices, shape, seed):
                         for i in indices])
 
 
-def load_sit(path, device):
-    """EMA SiT, its frozen VAE and the latent normaliser from a Stage-2 checkpoint."""
+def load_sit(path, device, vae=None):
+    """EMA SiT, its frozen autoencoder and latent space from a Stage-2 checkpoint.
+
+    The autoencoder is found at --vae (when given), else at the path recorded at training time
+    (absolute, then relative to the working directory, then to the checkpoint's folder); whichever is used
+    must hash to the content recorded in the checkpoint, so a retrained or swapped VAE is refused.
+    """
     from dit import SiT
-    from train_diffusion import Latents
-    from train_vae import load_vae
     ck = load_checkpoint(path, "sit")
     ema = SiT(**ck["model_config"])
     ema.load_state_dict(ck["ema"])
-    vae, _ = load_vae(ck["config"]["vae"], device)
-    if vae.latent_dim != ema.in_channels:
-        raise UserError(f"VAE {ck['config']['vae']} has {vae.latent_dim} latent channels, SiT expects {ema.in_channels}")
-    args = argparse.Namespace(**{**ck["config"], "freqwarm": False})
-    return ema.to(device).eval(), vae, Latents(vae, ck["latent_stats"], args, 0, device), args
+    rec = ck.get("autoencoder", {"spec": ck["config"]["vae"]})
+    spec = vae or next((p for p in (rec.get("abs_spec"), rec["spec"],
+                                    os.path.join(os.path.dirname(os.path.abspath(path)), rec["spec"]))
+                        if p and os.path.exists(p)), rec["spec"])
+    ae = load_autoencoder(spec, device)
+    if rec.get("content_hash") and ae.content_hash != rec["content_hash"]:
+        raise UserError(f"{spec} is not the autoencoder {path} was trained with (content {ae.content_hash}, "
+                        f"expected {rec['content_hash']}): pass the original with --vae")
+    if ae.latent_dim != ema.in_channels:
+        raise UserError(f"autoencoder {spec} has {ae.latent_dim} latent channels, SiT expects {ema.in_channels}")
+    cfg = ck["config"]
+    space = LatentSpace(ck["latent_stats"], ae.mlsr_fractions, cfg.get("denoise_level", 0),
+                        cfg.get("renorm_level", False), device)
+    return ema.to(device).eval(), ae, space, ck
 
 
-def folder_to_npz(folder, n, path):
-    arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB")) for i in range(n)])
-    np.savez(path, arr_0=arr)
-    return arr.shape
+def sample_manifest(a, ck_path):
+    """What decides the pictures in a sample folder: a rerun may only add to a folder made the same way."""
+    return {"checkpoint": file_hash(ck_path), "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
+            "sampler": a.sampler, "sample_steps": a.sample_steps, "seed": a.seed}
+
+
+def check_manifest(out, manifest):
+    """Refuse a folder whose samples were drawn with other settings; else record them (atomically)."""
+    path = os.path.join(out, "manifest.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [f"{k}: {old.get(k)} there, {v} now" for k, v in manifest.items() if old.get(k) != v]
+        if diff:
+            raise UserError(f"{out} holds samples drawn with other settings ({'; '.join(diff)}): "
+                            f"use another --out or remove it")
+    else:
+        write_json_atomic(path, manifest)
+
+
+def folder_to_npz(folder, n, path, chunk=1000):
+    """Stream PNGs 000000..n-1 into an ADM-style .npz (arr_0 uint8 NHWC) without holding them all."""
+    first = np.asarray(Image.open(os.path.join(folder, f"{0:06d}.png")).convert("RGB"))
+    shape = (n, *first.shape)
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for i in range(0, n, chunk):
+                block = np.stack([np.asarray(Image.open(os.path.join(folder, f"{j:06d}.png")).convert("RGB"))
+                                  for j in range(i, min(i + chunk, n))])
+                f.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
+    return shape
 
 
 @torch.no_grad()
 def cmd_sample(a, d):
     from dit import guided_velocity, sample_ode
-    ema, vae, latents, cfg = load_sit(a.ckpt, d.device)
-    os.makedirs(a.out, exist_ok=True)
+    ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
+    if d.main:
+        os.makedirs(a.out, exist_ok=True)
+        check_manifest(a.out, sample_manifest(a, a.ckpt))
+        for f in os.listdir(a.out):                                 # temporaries of an interrupted run
+            if f.startswith(".") and f.endswith(".png"):
+                os.remove(os.path.join(a.out, f))
+    barrier()
     todo = [i for i in shard(a.n, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
     log0(f"sampling {a.n} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
-         f"CFG {a.cfg_scale} on t in {a.cfg_interval}", d)
+         f"CFG {a.cfg_scale} on t in {a.cfg_interval}; decoder {ae.name}", d)
     shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
     for s in range(0, len(todo), a.batch):
         idx = todo[s:s + a.batch]
@@ -94,7 +146,7 @@ def cmd_sample(a, d):
         noise = image_noise(idx, shape, a.seed).to(d.device)
         with autocast(d.device, not a.no_bf16):
             z = sample_ode(guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval)), noise, a.sample_steps, a.sampler)
-            imgs = to_uint8(vae.decode(latents.denormalize(z)).float())
+        imgs = to_uint8(ae.decode(space.to_autoencoder(z)))          # float32 decode, outside autocast
         for i, im in zip(idx, imgs):
             tmp = os.path.join(a.out, f".{i:06d}.png")
             Image.fromarray(im).save(tmp, format="PNG")
@@ -173,69 +225,154 @@ class InceptionExtractor:
     """clean-fid 'clean' mode: PIL bicubic resize to 299, then the StyleGAN2-ADA Inception torchscript.
 
     __call__(uint8 (B, H, W, 3)) -> (pool features (B, 2048), class probabilities (B, 1008)).
+    The file is loaded from `path` itself, whatever its name (clean-fid's own wrapper insists on its
+    default file name in the folder).
     """
 
     name = "Inception-v3 (clean-fid, inception-2015-12-05)"
 
     def __init__(self, path, device):
-        from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
-        self.model = InceptionV3W(os.path.dirname(os.path.abspath(path)), download=False).to(device)
-        if os.path.basename(path) != INCEPTION_FILE:
-            self.model.base = torch.jit.load(path).eval().to(device)
-            self.model.layers = self.model.base.layers
+        self.base = torch.jit.load(path, map_location=device).eval()
         self.resize, self.device = build_resizer("clean"), device
 
     @torch.no_grad()
     def __call__(self, imgs):
         x = torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
-        feats = self.model(x)
-        probs = self.model.base(x, no_output_bias=True)          # the IS head (StyleGAN2-ADA convention)
+        feats = self.base.layers.forward((x - 128) / 128).view(len(x), -1)   # pool3, as clean-fid's InceptionV3W
+        probs = self.base(x, no_output_bias=True)                 # the IS head (StyleGAN2-ADA convention)
         return feats.double().cpu().numpy(), probs.double().cpu().numpy()
 
 
-def extract(extractor, images, batch=100):
-    """Features and probabilities of uint8 images (N, H, W, 3)."""
-    fs, ps = zip(*(extractor(images[i:i + batch]) for i in range(0, len(images), batch)))
-    return np.concatenate(fs), np.concatenate(ps)
+class FeatureMoments:
+    """Running mean and covariance of features (float64 sums): FID statistics without keeping features."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, None, None
+
+    def add(self, f):
+        f = np.asarray(f, dtype=np.float64)
+        if self.s is None:
+            self.s, self.ss = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        self.n, self.s, self.ss = self.n + len(f), self.s + f.sum(0), self.ss + f.T @ f
+
+    def stats(self):
+        """(mu, sigma) with the unbiased covariance, as np.cov."""
+        mu = self.s / self.n
+        return mu, (self.ss - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 
-def load_images(src):
-    """uint8 (N, H, W, 3) from an .npz (arr_0) or a folder of images."""
+def extract(extractor, batches, keep=True):
+    """Features of a stream of uint8 batches (b, H, W, 3): (moments, features or None, probabilities)."""
+    moments, fs, ps = FeatureMoments(), [], []
+    for imgs in batches:
+        f, p = extractor(np.asarray(imgs))
+        moments.add(f), ps.append(p.astype(np.float32))
+        if keep:
+            fs.append(f.astype(np.float32))
+    return moments, (np.concatenate(fs) if keep else None), np.concatenate(ps)
+
+
+def npz_batches(path, batch=500):
+    """Stream arr_0 of an .npz in batches without loading the whole array (stored or deflated entries)."""
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        shape, dtype = _npy_header(f)
+        check_images(shape, dtype, path)
+        per = int(np.prod(shape[1:]))
+        for i in range(0, shape[0], batch):
+            b = min(batch, shape[0] - i)
+            yield np.frombuffer(f.read(b * per), dtype=np.uint8).reshape(b, *shape[1:])
+
+
+def _npy_header(f):
+    """(shape, dtype) from the header of an open .npy stream, leaving it at the data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran:
+        raise UserError("Fortran-ordered arrays are not supported; save C-ordered uint8 (N, H, W, 3)")
+    return shape, dtype
+
+
+def npz_shape(path):
+    """(shape, dtype) of arr_0 in an .npz, read from its header alone."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            return _npy_header(f)
+    except (zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise UserError(f"{path} is not an .npz with an arr_0 array ({type(e).__name__}: {e})") from None
+
+
+def check_images(shape, dtype, src):
+    """Generated / reference arrays are uint8 NHWC with 3 channels (ADM's .npz layout)."""
+    if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise UserError(f"{src}: arr_0 is {np.dtype(dtype)} {tuple(shape)}; expected uint8 (N, H, W, 3)")
+
+
+def image_source(src, resolution=None, batch=100, workers=0):
+    """(uint8 batch stream, count, side) of an .npz (arr_0) or of every image below a folder (nested, any
+    sizes: ADM centre crop to `resolution`, default the first image's side)."""
+    if not os.path.exists(src):
+        raise UserError(f"{src} does not exist")
     if src.endswith(".npz"):
-        return np.load(src)["arr_0"]
-    files = sorted(f for f in os.listdir(src) if f.lower().endswith((".png", ".jpg", ".jpeg")))
-    if not files:
-        raise UserError(f"no images in {src}")
-    return np.stack([np.asarray(Image.open(os.path.join(src, f)).convert("RGB")) for f in files])
+        shape, _ = npz_shape(src)
+        return npz_batches(src, batch), shape[0], shape[1]
+    files = ImageFiles(src, resolution or 1)
+    if resolution is None:
+        files.resolution = min(Image.open(files.files[0]).size)
+    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers,
+                                         collate_fn=np.stack)
+    return loader, len(files), files.resolution
 
 
 def generation_metrics(extractor, fake, real=None, ref_stats=None, k=3):
-    """gFID, IS and (with real images) precision / recall, all from one feature network."""
-    ff, fp = extract(extractor, fake)
-    out = {"network": extractor.name, "n_fake": len(fake)}
+    """gFID, IS and (with real images) precision / recall, all from one feature network.
+
+    fake, real: streams of uint8 batches (or arrays (N, H, W, 3)); ref_stats: (mu, sigma) instead of real.
+    """
+    fm, ff, fp = extract(extractor, _batched(fake), keep=real is not None)
+    out = {"network": extractor.name, "n_fake": fm.n}
     if real is not None:
-        rf, _ = extract(extractor, real)
-        ref_stats = feature_stats(rf)
+        rm, rf, _ = extract(extractor, _batched(real))
+        ref_stats = rm.stats()
+        out["n_real"] = rm.n
         out["precision"], out["recall"] = precision_recall(rf, ff, k)
-    out["fid"] = frechet_distance(*feature_stats(ff), *ref_stats)
+    out["fid"] = frechet_distance(*fm.stats(), *ref_stats)
     out["is"], out["is_std"] = inception_score(fp)
     return out
 
 
+def _batched(images, batch=100):
+    """An array (N, H, W, 3) as batches; a stream passes through."""
+    if isinstance(images, np.ndarray):
+        return (images[i:i + batch] for i in range(0, len(images), batch))
+    return images
+
+
 def cmd_fid(a, d):
     ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+    side = None
+    if a.samples:
+        shape, _ = npz_shape(a.samples) if a.samples.endswith(".npz") else ((None, None), None)
+        side = shape[1]
     if a.make_ref_stats:
-        mu, sigma = feature_stats(extract(ext, load_images(a.ref))[0])
-        np.savez(a.make_ref_stats, mu=mu, sigma=sigma)
-        log0(f"wrote reference statistics {a.make_ref_stats} ({ext.name})")
+        ref, n, side = image_source(a.ref, a.resolution or side, workers=a.workers)
+        moments = extract(ext, ref, keep=False)[0]
+        mu, sigma = moments.stats()
+        tmp = a.make_ref_stats + ".tmp.npz"
+        np.savez(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, a.make_ref_stats)
+        log0(f"wrote reference statistics {a.make_ref_stats} of {n} images at {side} px ({ext.name})")
         return
-    fake = load_images(a.samples)
-    if a.ref.endswith(".npz") and "mu" in np.load(a.ref):
+    if not a.samples:
+        raise UserError("fid needs --samples (or --make-ref-stats FILE)")
+    fake, n_fake, side = image_source(a.samples, a.resolution, workers=a.workers)
+    if a.ref.endswith(".npz") and "mu" in np.load(a.ref).files:
         st = np.load(a.ref)
         res = generation_metrics(ext, fake, ref_stats=(st["mu"], st["sigma"]))
     else:
-        res = generation_metrics(ext, fake, real=load_images(a.ref))
+        ref, _, _ = image_source(a.ref, side, workers=a.workers)
+        res = generation_metrics(ext, fake, real=ref)
     log0(json.dumps(res, indent=1))
 
 
@@ -264,52 +401,77 @@ def ssim(x, y, sigma=1.5, radius=5):
     return s.mean(dim=(1, 2, 3))
 
 
+HF_RADIUS = 0.25
+HF_NAME = f"latent_hf_ratio@{HF_RADIUS}"
+HF_DEFINITION = (f"{HF_NAME}: share of the latent's spectral energy at radius > {HF_RADIUS} cycles/latent pixel, "
+                 f"per-channel mean (DC) removed first")
+
+
 @torch.no_grad()
-def recon_table(vae, images, fractions, hf_radius=0.25, extractor=None, batch=64):
-    """Per MLSR level: PSNR / SSIM of D(S_l(z)) vs x, latent HF energy ratio, rFID if an extractor is given."""
-    real_f = extract(extractor, to_uint8(images))[0] if extractor is not None else None
-    rows = []
-    for level in range(len(fractions)):
-        p, s, hf, recons = [], [], [], []
-        for i in range(0, len(images), batch):
-            x = images[i:i + batch]
-            z = fft_ops.attenuate(vae.encode(x).mean, level, fractions)
-            r = vae.decode(z).clamp(-1, 1)
-            p.append(psnr(r, x)), s.append(ssim(r, x)), hf.append(fft_ops.high_freq_energy_ratio(z, hf_radius))
-            recons.append(r)
-        row = {"level": level, "psnr": torch.cat(p).mean().item(), "ssim": torch.cat(s).mean().item(),
-               f"latent_hf_ratio@{hf_radius}": torch.cat(hf).mean().item()}
+def recon_table(ae, batches, extractor=None, hf_radius=HF_RADIUS):
+    """Per MLSR level l: PSNR / SSIM of D(S_l(z)) vs x, latent HF ratio of S_l(z), rFID if an extractor is given.
+
+    One pass over `batches` (float images (b, 3, H, W) in [-1, 1]): each batch is encoded once and decoded
+    at every level; only per-image scores and running feature moments are kept (Denoising-VAE Tables 1, 2).
+    """
+    L = len(ae.mlsr_fractions)
+    p, s, hf = ([[] for _ in range(L)] for _ in range(3))
+    real_m, fake_m = FeatureMoments(), [FeatureMoments() for _ in range(L)]
+    for x in batches:
+        x = x.to(ae.device).float()
+        z = ae.encode(x)                                                     # (b, C, h, w)
         if extractor is not None:
-            fake_f, _ = extract(extractor, to_uint8(torch.cat(recons)))
-            row["rfid"] = frechet_distance(*feature_stats(fake_f), *feature_stats(real_f))
+            real_m.add(extractor(to_uint8(x))[0])
+        for level in range(L):
+            zl = fft_ops.attenuate(z, level, ae.mlsr_fractions)
+            r = ae.decode(zl).clamp(-1, 1)
+            p[level].append(psnr(r, x)), s[level].append(ssim(r, x))
+            hf[level].append(fft_ops.latent_hf_ratio(zl, hf_radius))
+            if extractor is not None:
+                fake_m[level].add(extractor(to_uint8(r))[0])
+    rows = []
+    for level in range(L):
+        row = {"level": level, "psnr": torch.cat(p[level]).mean().item(), "ssim": torch.cat(s[level]).mean().item(),
+               f"latent_hf_ratio@{hf_radius}": torch.cat(hf[level]).mean().item(), "n_images": sum(map(len, p[level]))}
+        if extractor is not None:
+            row["rfid"] = frechet_distance(*fake_m[level].stats(), *real_m.stats())
             row["rfid_network"] = extractor.name
         rows.append(row)
     return rows
 
 
-def dataset_images(a, vae, device):
-    ds = build_dataset(a.data, vae.config["image_size"], n=max(a.n, 10), seed=a.seed)
-    return torch.stack([ds[i][0] for i in range(min(a.n, len(ds)))]).to(device)
+def eval_batches(a, ae, image_size, n_default, d, batch=64):
+    """Float image batches of a seeded random subset of --n images of --data (all of it with --n all)."""
+    ds = build_dataset(a.data, image_size, n=a.n_images, seed=0)
+    n = None if (a.n or n_default) == "all" else int(a.n or n_default)
+    if n is not None and n < 1:
+        raise UserError(f"--n must be at least 1 (or 'all'), got {n}")
+    idx = random_subset(len(ds), n, a.seed)
+    return image_batches(ds, idx, batch, a.workers), len(idx)
 
 
 def cmd_recon(a, d):
-    from train_vae import load_vae
-    vae, ck = load_vae(a.vae, d.device)
-    fractions = ck["config"].get("mlsr_fractions", list(fft_ops.MLSR_FRACTIONS))
+    ae = load_autoencoder(a.vae, d.device)
     ext = None
     try:
         ext = InceptionExtractor(find_inception(a.inception_path), d.device)
     except UserError as e:
         log0(f"rFID skipped: {e}")
-    rows = recon_table(vae, dataset_images(a, vae, d.device), fractions, extractor=ext)
+    batches, n = eval_batches(a, ae, ae.image_size, "all" if ext is not None else 1000, d)
+    if ext is not None and n < 2048:
+        log0(f"WARNING: rFID from {n} images (fewer than the 2048 feature dimensions) is heavily biased; "
+             f"the papers' protocol uses all 50 000 ImageNet validation images (--n all)")
+    rows = recon_table(ae, batches, extractor=ext)
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    log0(f"reconstruction of {a.vae} on {a.n} images ({a.data}); PSNR/SSIM computed directly:\n" + "\n".join(lines))
+    log0(f"reconstruction of {ae.name} on {n} random images of {a.data} (seed {a.seed}); PSNR/SSIM computed "
+         f"directly on [-1, 1] images; {HF_DEFINITION}:\n" + "\n".join(lines))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "recon.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json_atomic(os.path.join(a.out, "recon.json"), {"autoencoder": ae.name, "data": a.data, "n_images": n,
+                                                              "seed": a.seed, "hf_definition": HF_DEFINITION,
+                                                              "rows": rows})
 
 
 # ----------------------------------------------------------------------------- frequency diagnosis (FreqWarm)
@@ -327,27 +489,31 @@ def cumulative_energy(x, radii):
 
 
 @torch.no_grad()
-def diagnose(vae, x, latents_norm, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=0.25):
-    """Findings 1-3 and per-level latent spectra as a dict of lists."""
-    z = vae.encode(x).mean                                                  # (B, C, h, w)
+def diagnose(ae, x, normalize, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=HF_RADIUS):
+    """Findings 1-3 and per-level latent spectra of autoencoder `ae` on images x (B, 3, H, W), as lists.
+
+    F1: PSNR of D(z_low), D(z_high) with (z_low, z_high) = split(z, r) for each radius r.
+    F2: cumulative RGB energy within radius r.  F3: latent HF energy (and ratio) of E(lowpass(x, r0)).
+    """
+    z = ae.encode(x)                                                        # (B, C, h, w)
     out = {"radii": list(radii), "f1_psnr_low": [], "f1_psnr_high": []}
     for r in radii:                                                         # F1
         low, high = fft_ops.split_frequencies(z, r)
-        out["f1_psnr_low"].append(psnr(vae.decode(low).clamp(-1, 1), x).mean().item())
-        out["f1_psnr_high"].append(psnr(vae.decode(high).clamp(-1, 1), x).mean().item())
+        out["f1_psnr_low"].append(psnr(ae.decode(low).clamp(-1, 1), x).mean().item())
+        out["f1_psnr_high"].append(psnr(ae.decode(high).clamp(-1, 1), x).mean().item())
     out["f2_radii"] = [i / 100 for i in range(0, 72)]                       # F2
     out["f2_cumulative_energy"] = cumulative_energy(x, out["f2_radii"])
     out["f3_r0"], out["f3_latent_hf_energy"], out["f3_latent_hf_ratio"] = list(r0_sweep), [], []
     for r0 in r0_sweep:                                                     # F3
-        zr = latents_norm(vae.encode(fft_ops.lowpass(x, r0)).mean)
+        zr = normalize(ae.encode(fft_ops.lowpass(x, r0)))
         zr = zr - zr.mean(dim=(-2, -1), keepdim=True)
         _, high = fft_ops.split_frequencies(zr, hf_radius)
         out["f3_latent_hf_energy"].append(high.pow(2).mean().item())
-        out["f3_latent_hf_ratio"].append(fft_ops.high_freq_energy_ratio(zr, hf_radius).mean().item())
-    out["f3_hf_radius"] = hf_radius
+        out["f3_latent_hf_ratio"].append(fft_ops.latent_hf_ratio(zr, hf_radius).mean().item())
+    out["f3_hf_radius"], out["hf_definition"] = hf_radius, HF_DEFINITION
     out["spectra"] = {}
-    for level in range(4):                                                  # latent spectra per MLSR level
-        rr, p = fft_ops.radial_power_spectrum(fft_ops.attenuate(latents_norm(z), level))
+    for level in range(len(ae.mlsr_fractions)):                             # latent spectra per MLSR level
+        rr, p = fft_ops.radial_power_spectrum(fft_ops.attenuate(normalize(z), level, ae.mlsr_fractions))
         out["spectra"][level] = p.tolist()
     out["spectra_radii"] = rr.tolist()
     return out
@@ -382,17 +548,18 @@ def plot_diagnosis(res, out_dir):
 
 
 def cmd_diagnose(a, d):
-    from train_vae import load_vae
-    vae, ck = load_vae(a.vae, d.device)
-    stats = ck.get("latent_stats") or {"mean": torch.zeros(vae.latent_dim), "std": torch.ones(vae.latent_dim)}
-    mean, std = (stats[k].view(1, -1, 1, 1).to(d.device) for k in ("mean", "std"))
-    res = diagnose(vae, dataset_images(a, vae, d.device), lambda z: (z - mean) / std)
+    ae = load_autoencoder(a.vae, d.device)
+    stats = ae.stats or {"mean": torch.zeros(ae.latent_dim), "std": torch.ones(ae.latent_dim)}
+    space = LatentSpace(stats, ae.mlsr_fractions, device=d.device)
+    batches, n = eval_batches(a, ae, ae.image_size, 256, d)
+    res = diagnose(ae, torch.cat(list(batches)).to(d.device), space.normalize)
+    res.update(autoencoder=ae.name, data=a.data, n_images=n, seed=a.seed)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "diagnosis.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_atomic(os.path.join(a.out, "diagnosis.json"), res)
     plot_diagnosis(res, a.out)
     i02 = res["f3_r0"].index(0.2)
-    log0(f"diagnosis of {a.vae} on {a.n} images -> {a.out}/diagnosis.json and 4 PNG figures\n"
+    log0(f"diagnosis of {ae.name} on {n} random images of {a.data} (seed {a.seed}) -> {a.out}/diagnosis.json "
+         f"and 4 PNG figures\n"
          f"  F1 PSNR at r=0.25: D(z_low) {res['f1_psnr_low'][4]:.2f} dB, D(z_high) {res['f1_psnr_high'][4]:.2f} dB\n"
          f"  F2 RGB energy within r=0.2: {res['f2_cumulative_energy'][20]:.3f}\n"
          f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}")
@@ -406,6 +573,7 @@ def get_args(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="DDP sampling to PNGs and an ADM-style .npz")
     s.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit')")
+    s.add_argument("--vae", default=None, help="the run's autoencoder, if it has moved (checked by content hash)")
     s.add_argument("--n", type=int, default=50000)
     s.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
     s.add_argument("--sample-steps", type=int, default=250)
@@ -414,23 +582,28 @@ def get_args(argv=None):
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     s.add_argument("--out", default="runs/eval/samples")
     f = sub.add_parser("fid", help="gFID / IS / precision-recall with clean-fid's Inception")
-    f.add_argument("--samples", help="generated images: .npz (arr_0) or folder")
-    f.add_argument("--ref", required=True, help="reference folder / .npz of images, or .npz statistics (mu, sigma)")
+    f.add_argument("--samples", help="generated images: .npz (arr_0 uint8 NHWC) or folder")
+    f.add_argument("--ref", required=True, help="reference images (.npz, or a folder, nested, any sizes: ADM "
+                                                "centre crop at the samples' size), or .npz statistics (mu, sigma)")
+    f.add_argument("--resolution", type=int, default=None,
+                   help="side of the reference crop (default: the samples' side)")
     f.add_argument("--make-ref-stats", default=None, help="write reference statistics of --ref to this .npz")
     r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
-    for q in (r, g):
+    for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
         q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae')")
         q.add_argument("--data", default="deadleaves")
-        q.add_argument("--n", type=int, default=256)
+        q.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
+        q.add_argument("--n", default=None, help=f"random images of --data, or 'all' (default: {n_help})")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
     for q in (s, f, r, g):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default=None)
         q.add_argument("--no-bf16", action="store_true")
+        q.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
     for q in (f, r):
-        q.add_argument("--inception-path", default=None, help=f"local {INCEPTION_FILE}")
+        q.add_argument("--inception-path", default=None, help=f"local Inception torchscript file (any name)")
     return p.parse_args(argv)
 
 

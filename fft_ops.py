@@ -19,7 +19,8 @@ Contents, in the order the papers use them:
   lowpass                                       -- FreqWarm Sec. 4 (RGB low-pass at r0)
   attenuation_mask, attenuate                   -- Denoising-VAE Eq. 3 (latent S_l)
   gaussian_blur                                 -- Denoising-VAE Eq. 4 (image G_l)
-  radial_power_spectrum, high_freq_energy_ratio -- diagnostics (FreqWarm Findings 1-3)
+  radial_power_spectrum, high_freq_energy_ratio,
+  latent_hf_ratio                               -- diagnostics (FreqWarm Findings 1-3)
 """
 import functools
 import math
@@ -208,11 +209,12 @@ def gaussian_blur(x, sigma, truncate=4.0):
     if pad == 0:
         return x
     B, C, H, W = x.shape
-    xf = x.float()
-    xf = xf.index_select(2, _reflect_index(H, pad, x.device))     # (B, C, H + 2p, W)
-    xf = F.conv2d(xf, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-    xf = xf.index_select(3, _reflect_index(W, pad, x.device))     # (B, C, H, W + 2p)
-    xf = F.conv2d(xf, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    with torch.autocast(x.device.type, enabled=False):          # a target: float32 even inside bf16 autocast
+        xf = x.float()
+        xf = xf.index_select(2, _reflect_index(H, pad, x.device))     # (B, C, H + 2p, W)
+        xf = F.conv2d(xf, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+        xf = xf.index_select(3, _reflect_index(W, pad, x.device))     # (B, C, H, W + 2p)
+        xf = F.conv2d(xf, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
     return xf.to(x.dtype)
 
 
@@ -242,6 +244,12 @@ def high_freq_energy_ratio(x, r):
     P = torch.fft.fft2(x.float()).abs().pow(2)                 # (B, C, H, W)
     high = (radius_grid(H, W, device=x.device) > r).float()
     return (P * high).sum(dim=(1, 2, 3)) / P.sum(dim=(1, 2, 3)).clamp(min=1e-20)
+
+
+def latent_hf_ratio(z, r):
+    """The latent high-frequency ratio used everywhere: high_freq_energy_ratio of z with each channel's
+    mean (DC) removed first, per sample of z (B, C, h, w) -> (B,)."""
+    return high_freq_energy_ratio(z - z.float().mean(dim=(-2, -1), keepdim=True), r)
 
 
 if __name__ == "__main__":

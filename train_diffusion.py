@@ -1,6 +1,7 @@
 """Stage 2: SiT on frozen-VAE latents, with denoised latents, FDA and the FreqWarm curriculum.
 
-    python train_diffusion.py --preset smoke --vae runs/vae-smoke/last.pt             # CPU, seconds
+    python train_diffusion.py --preset smoke                                           # CPU, seconds (after
+                                                                                       # train_vae.py --preset smoke)
     python train_diffusion.py --preset cpu-demo [--freqwarm]                           # CPU, minutes
     python train_diffusion.py --preset dvae-f16d32 --vae runs/vae-f16d32/last.pt --data /data/imagenet/train
     torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae VAE.pt --data /data/imagenet/train
@@ -28,6 +29,7 @@ the statistics stored in the VAE checkpoint: z_n = (z - mean) / std. Then, per s
 import argparse
 import copy
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -35,24 +37,27 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
-                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
-                    run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
-from data import FlipView, StepSampler, build_dataset, make_loader
+from tqdm import tqdm
+
+from common import (VAE_OUT, StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update,
+                    global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path,
+                    rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on,
+                    unwrap, write_json_atomic)
+from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader
 from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
-from train_vae import load_vae
+from vae import LatentSpace, dataset_latent_stats, load_autoencoder
 
 STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
 
 PRESETS = {
     "smoke": dict(model="smoke/1", n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1,
-                  ckpt_every=3, sample_every=6, sample_steps=4, fda_depth=1, out="runs/sit-smoke",
-                  vae="runs/vae-smoke/last.pt"),
+                  ckpt_every=3, sample_every=6, sample_steps=4, fda_depth=1),
     "cpu-demo": dict(model="tiny/2", n_images=2000, steps=2000, global_batch=64, lr=5e-4, ema_decay=0.995,
                      log_every=50, ckpt_every=500, sample_every=1000, sample_steps=25, cfg_scale=2.0, fda_depth=2,
                      cache_latents=True, out="runs/sit-demo", vae="runs/vae-demo/last.pt"),
     # Denoising-VAE Sec. 4: SiT-XL on f16 latents (16x16 at 256 px: patch 1 -> 256 tokens), batch 256, lr 1e-4
-    "dvae-f16d32": dict(model="XL/1", steps=4_000_000, global_batch=256, lr=1e-4, denoise_level=2, fda=True,
+    # ... trained "without data augmentation": no flips
+    "dvae-f16d32": dict(model="XL/1", steps=4_000_000, global_batch=256, lr=1e-4, denoise_level=2, fda=True, hflip=False,
                         cache_latents=True, workers=8, out="runs/sit-dvae-f16d32", vae="runs/vae-f16d32/last.pt"),
     # FreqWarm Sec. 4: r0 = 0.2, batch 4096, 512 px
     "freqwarm-512": dict(model="XL/2", image_size=512, steps=400_000, global_batch=4096, lr=1e-4, freqwarm=True,
@@ -64,12 +69,18 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 2: SiT with denoised latents, FDA and FreqWarm",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
-    p.add_argument("--vae", default=None, help="Stage-1 checkpoint (kind 'vae') with latent statistics")
+    p.add_argument("--out", default="runs/sit", help="output folder: checkpoints, logs, grids, latent cache")
+    p.add_argument("--vae", default=os.path.join(VAE_OUT, "last.pt"),
+                   help="frozen autoencoder: a Stage-1 checkpoint (train_vae.py writes runs/vae/last.pt)")
     p.add_argument("--model", default="XL/2", help="SiT size/patch: smoke/1, tiny/1, S/2, B/2, L/2, XL/2, XL/1, ...")
     p.add_argument("--image-size", type=int, default=None, help="image side (default: the VAE's training size)")
+    p.add_argument("--stats-images", type=int, default=10000,
+                   help="random training images for the latent statistics when the VAE's own do not fit the data")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (CFG)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--denoise-level", type=int, default=0, choices=range(4), help="train on S_l(z) (Eq. 5)")
+    p.add_argument("--renorm-level", action="store_true",
+                   help="divide S_l(z_n) by its per-channel std (S_l removes variance: std ~1.0/.94/.87/.78)")
     p.add_argument("--fda", action="store_true", help="Frequency-Domain Diffusion Alignment (Eq. 6-8)")
     p.add_argument("--fda-weight", type=float, default=0.5, help="w in lambda(t)")
     p.add_argument("--fda-depth", type=int, default=8, help="align the output of this block (1-based)")
@@ -78,6 +89,8 @@ def get_args(argv=None):
     p.add_argument("--freqwarm", action="store_true", help="FreqWarm low-pass warm-up curriculum")
     p.add_argument("--r0", type=float, default=0.2, help="FreqWarm RGB low-pass radius, cycles/pixel in (0, 0.71]")
     p.add_argument("--lowpass-kind", default="ideal", choices=fft_ops.MASK_KINDS, help="FreqWarm filter shape")
+    p.add_argument("--lowpass-clamp", action="store_true",
+                   help="clamp low-passed images to [-1, 1] (the ideal filter rings past it: Gibbs)")
     p.add_argument("--warmup-steps", type=int, default=None, help="FreqWarm warm-up length in steps")
     p.add_argument("--warmup-frac", type=float, default=0.5, help="warm-up as a fraction of --steps (if no --warmup-steps)")
     p.add_argument("--cache-latents", action="store_true", help="encode the dataset once into a latent cache")
@@ -87,26 +100,25 @@ def get_args(argv=None):
     args = parse_with_presets(p, PRESETS, argv)
     if args.freqwarm:
         fft_ops.check_r0(args.r0)
-    if args.vae is None:
-        raise UserError("--vae PATH is required: a Stage-1 checkpoint written by train_vae.py")
     return args
 
 
 # ----------------------------------------------------------------------------- latents
 
-class Latents:
-    """Normalised VAE latents of a batch, from images on the fly or from the cache.
+class Latents(LatentSpace):
+    """Normalised autoencoder latents of a batch, from images on the fly or from the cache.
 
-    Stage by stage: images (B, 3, H, W) --[lowpass(., r0) while warming up]--> VAE encoder
-    --> posterior mean (B, C, h, w) --> (z - mean) / std.
+    Stage by stage: images (B, 3, H, W) --[lowpass(., r0) while warming up]--> frozen encoder
+    --> latent (B, C, h, w) --> z_n = (z - mean) / std. The denoise level is applied in the loss:
+    z^(l) = S_l(z_n) (divided by its per-channel std with --renorm-level), see LatentSpace.
     """
 
-    def __init__(self, vae, stats, args, warmup_steps, device):
-        self.vae, self.args, self.device = vae, args, device
-        self.mean = stats["mean"].view(1, -1, 1, 1).to(device)
-        self.std = stats["std"].view(1, -1, 1, 1).to(device)
+    def __init__(self, ae, stats, args, warmup_steps, device):
+        super().__init__(stats, ae.mlsr_fractions, args.denoise_level, args.renorm_level, device)
+        self.ae, self.stats, self.args, self.device = ae, stats, args, device
+        self.planned_warmup = warmup_steps                 # stored in checkpoints: a resumed run keeps it
         self.warmup_steps = warmup_steps if args.freqwarm else 0
-        self.cache = None                                  # {False: full, True: low-passed} memmaps
+        self.cache = None                                  # {False: full, True: low-passed} CachedRows
 
     def warming(self, step):
         return step < self.warmup_steps
@@ -115,55 +127,94 @@ class Latents:
         """'warmup' while FreqWarm feeds low-passed latents, else 'full' (logged and checkpointed)."""
         return "warmup" if self.warming(step) else "full"
 
-    def normalize(self, z):
-        return (z - self.mean) / self.std
-
-    def denormalize(self, z):
-        return z * self.std + self.mean
+    def images_for(self, images, lowpassed):
+        """The encoder's input: images, or with FreqWarm lowpass(images, r0) (clamped with --lowpass-clamp)."""
+        if not lowpassed:
+            return images
+        x = fft_ops.lowpass(images, self.args.r0, self.args.lowpass_kind)
+        return x.clamp(-1, 1) if self.args.lowpass_clamp else x
 
     @torch.no_grad()
     def encode(self, images, lowpassed):
-        x = fft_ops.lowpass(images, self.args.r0, self.args.lowpass_kind) if lowpassed else images
-        with autocast(self.device, not self.args.no_bf16):
-            return self.vae.encode(x).mean.float()            # (B, C, h, w) raw
+        return self.ae.encode(self.images_for(images, lowpassed))            # (B, C, h, w) raw, float32
 
     def get(self, step, images=None, keys=None):
         """Normalised latents for step `step`: cached rows `keys`, or encoded `images`."""
         warm = self.warming(step)
         if self.cache is not None:
-            z = torch.from_numpy(self.cache[warm][keys].astype(np.float32)).to(self.device)   # (B, C, h, w)
+            z = torch.from_numpy(self.cache[warm][keys]).to(self.device)     # (B, C, h, w)
         else:
             z = self.encode(images.to(self.device), warm)
         return self.normalize(z)
 
-    def build_cache(self, dataset, out_dir, vae_path, d, batch=64):
-        """Encode every FlipView key once per needed phase into float16 .npy files (rank-sharded writes)."""
-        tag = hashlib.sha1(f"{os.path.abspath(vae_path)}:{os.path.getmtime(vae_path)}:{self.args.image_size}:"
-                           f"{self.args.data}:{len(dataset)}".encode()).hexdigest()[:10]
-        view, self.cache = FlipView(dataset), {}
-        shape = (len(view), self.vae.latent_dim, *self.vae.latent_shape(self.args.image_size)[1:])
+    def cache_key(self, dataset, warm):
+        """Content key of one cache: autoencoder bytes, data files, size, flips, low-pass settings."""
+        a = self.args
+        parts = [self.ae.content_hash, fingerprint(dataset), a.image_size, a.hflip]
+        if warm:
+            parts += [a.lowpass_kind, a.r0, a.lowpass_clamp]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+    def build_cache(self, dataset, out_dir, d, batch=64):
+        """Encode every sample key once per needed phase into float16 shards, one contiguous block per rank.
+
+        Keys are those of FlipView (k >= N is image k - N mirrored) when --hflip, else 0..N-1. Rank r writes
+        only its own file OUT/latents-KEY/shard-r-of-W.npy, then rank 0 writes index.json: a cache is
+        complete exactly when its index exists. Any number of ranks can read a cache built by any other.
+        """
+        view = FlipView(dataset)
+        n_keys = len(view) if self.args.hflip else len(dataset)
+        shape = self.ae.latent_shape(self.args.image_size)
+        self.cache = {}
         for warm in ([False, True] if self.args.freqwarm else [False]):
-            name = f"latents-{tag}" + (f"-lp{self.args.lowpass_kind}{self.args.r0:g}" if warm else "") + ".npy"
-            path = os.path.join(out_dir, name)
-            if not os.path.exists(path):
-                if d.main:
-                    os.makedirs(out_dir, exist_ok=True)
-                    np.lib.format.open_memmap(path + ".part", "w+", np.float16, shape)
-                barrier()
-                arr = np.load(path + ".part", mmap_mode="r+")
-                keys = list(range(d.rank, len(view), d.world_size))
-                for i in range(0, len(keys), batch):
-                    ks = keys[i:i + batch]
-                    x = torch.stack([view[k][0] for k in ks]).to(self.device)
-                    arr[ks] = self.encode(x, warm).cpu().numpy().astype(np.float16)
+            folder = os.path.join(out_dir, f"latents-{self.cache_key(dataset, warm)}")
+            if not os.path.isfile(os.path.join(folder, "index.json")):
+                bounds = [n_keys * r // d.world_size for r in range(d.world_size + 1)]
+                lo, hi = bounds[d.rank], bounds[d.rank + 1]
+                os.makedirs(folder, exist_ok=True)
+                shard = os.path.join(folder, f"shard-{d.rank}-of-{d.world_size}.npy")
+                tmp = shard + ".part"
+                arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (hi - lo, *shape))
+                row = 0
+                desc = f"latent cache ({'low-passed' if warm else 'full'})"
+                for x in tqdm(image_batches(view, range(lo, hi), batch, self.args.workers), desc=desc,
+                              disable=not d.main, unit="batch", mininterval=2.0):
+                    arr[row:row + len(x)] = self.encode(x.to(self.device), warm).cpu().numpy().astype(np.float16)
+                    row += len(x)
                 arr.flush()
                 del arr
+                os.replace(tmp, shard)
                 barrier()
                 if d.main:
-                    os.replace(path + ".part", path)
+                    index = {"shards": [f"shard-{r}-of-{d.world_size}.npy" for r in range(d.world_size)],
+                             "bounds": bounds, "shape": list(shape), "autoencoder": self.ae.name,
+                             "low_passed": warm, "r0": self.args.r0 if warm else None}
+                    write_json_atomic(os.path.join(folder, "index.json"), index)
                 barrier()
-                log0(f"latent cache written: {path} {shape}", d)
-            self.cache[warm] = np.load(path, mmap_mode="r")
+                log0(f"latent cache written: {folder} ({n_keys} x {tuple(shape)})", d)
+            self.cache[warm] = CachedRows(folder)
+
+
+class CachedRows:
+    """Rows of a sharded latent cache, memory-mapped: rows[keys] -> float32 (len(keys), C, h, w)."""
+
+    def __init__(self, folder):
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        self.bounds = np.array(index["bounds"])
+        self.shards = [np.load(os.path.join(folder, s), mmap_mode="r") for s in index["shards"]]
+
+    def __len__(self):
+        return int(self.bounds[-1])
+
+    def __getitem__(self, keys):
+        keys = np.asarray(keys)
+        which = np.searchsorted(self.bounds, keys, side="right") - 1             # shard of each key
+        out = np.empty((len(keys), *self.shards[0].shape[1:]), dtype=np.float32)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.shards[s][keys[sel] - self.bounds[s]]
+        return out
 
 
 # ----------------------------------------------------------------------------- student (SiT + FDA projector)
@@ -195,15 +246,18 @@ def teacher_level(args, step):
     return lo + 1 + min(int(u * (3 - lo)), 2 - lo)
 
 
-def diffusion_loss(student, ema, z, y, t, eps, args, step):
-    """Velocity loss on z^(l_lo) (Eq. 5) plus, with FDA, lambda(t) L_align (Eq. 6-8). Returns (loss, parts)."""
-    z_lo = fft_ops.attenuate(z, args.denoise_level)                            # (B, C, h, w)
+def diffusion_loss(student, ema, z, y, t, eps, args, step, to_level=fft_ops.attenuate):
+    """Velocity loss on z^(l_lo) (Eq. 5) plus, with FDA, lambda(t) L_align (Eq. 6-8). Returns (loss, parts).
+
+    to_level(z, l) gives z^(l): S_l with the autoencoder's own fractions (Latents.at_level) in training.
+    """
+    z_lo = to_level(z, args.denoise_level)                                     # (B, C, h, w)
     v, h_student = student(interpolate(z_lo, eps, t), t, y)
     per_sample = (v.float() - velocity_target(z_lo, eps)).pow(2).mean(dim=(1, 2, 3))   # (B,)
     parts = {"diff": per_sample.mean()}
     loss = parts["diff"]
     if args.fda:
-        z_hi = fft_ops.attenuate(z, teacher_level(args, step))
+        z_hi = to_level(z, teacher_level(args, step))
         with torch.no_grad():                                                  # stop-gradient teacher
             h_teacher = ema(z_hi, torch.zeros_like(t), y, return_hidden=args.fda_depth, hidden_only=True)
         align = (h_student.float() - h_teacher.float()).pow(2).mean(dim=(1, 2))   # (B,) Eq. 7
@@ -215,8 +269,8 @@ def diffusion_loss(student, ema, z, y, t, eps, args, step):
 # ----------------------------------------------------------------------------- sampling grid
 
 @torch.no_grad()
-def sample_grid(ema, vae, latents, num_classes, args, device, path, per_class=4):
-    """Decode EMA samples: one column per class (up to 10 classes), `per_class` rows."""
+def sample_grid(ema, latents, num_classes, args, device, path, per_class=4):
+    """Decode EMA samples (float32 decode): one column per class (up to 10 classes), `per_class` rows."""
     ema.eval()
     classes = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long()
     y = classes.repeat(per_class).to(device)
@@ -225,21 +279,32 @@ def sample_grid(ema, vae, latents, num_classes, args, device, path, per_class=4)
     noise = torch.randn(len(y), C, h, h, generator=g, device=device)
     with autocast(device, not args.no_bf16):
         z = sample_ode(guided_velocity(ema, y, args.cfg_scale), noise, args.sample_steps, args.sampler)
-        images = vae.decode(latents.denormalize(z)).float()
+    images = latents.ae.decode(latents.to_autoencoder(z))
     save_grid(images, path, nrow=len(classes))
 
 
 # ----------------------------------------------------------------------------- main
 
+def training_stats(ae, dataset, args, d):
+    """Latent statistics for this run: the autoencoder's own when they were taken on this very data at this
+    resolution, else computed here over a seeded random subset of --stats-images images."""
+    s = ae.stats
+    if s is not None and "level_std" in s and s.get("image_size") == args.image_size \
+            and s.get("data") == fingerprint(dataset):
+        return {**s, "source": f"{ae.name} ({s.get('source', 'its checkpoint')})"}
+    why = "it has none" if s is None else "they were taken on other data, at another size or without per-level std"
+    log0(f"latent statistics: not using those of {ae.name} ({why}); computing them over "
+         f"{min(args.stats_images, len(dataset))} random training images", d)
+    return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers)
+
+
 def build(args, d):
-    """Frozen VAE, dataset, SiT student / EMA teacher, optimizer (and resume state)."""
-    vae, vck = load_vae(args.vae, d.device)
-    stats = vck.get("latent_stats")
-    if stats is None:
-        raise UserError(f"{args.vae} has no latent statistics: run train_vae.py --stats-only --resume {args.vae}")
-    args.image_size = args.image_size or vae.config["image_size"]
+    """Frozen autoencoder, dataset, SiT student / EMA teacher, optimizer."""
+    ae = load_autoencoder(args.vae, d.device)
+    args.image_size = args.image_size or ae.image_size
+    ae.check_image_size(args.image_size)
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
-    C, h = vae.latent_dim, args.image_size // vae.patch
+    C, h = ae.latent_dim, args.image_size // ae.downsample
     sit = build_sit(args.model, h, C, dataset.num_classes).to(d.device)
     if args.fda and not 1 <= args.fda_depth <= len(sit.blocks):
         raise UserError(f"--fda-depth {args.fda_depth} is outside 1..{len(sit.blocks)} for SiT {args.model}")
@@ -248,7 +313,7 @@ def build(args, d):
     student = Student(sit, args.fda_depth if args.fda else None).to(d.device)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return vae, stats, dataset, student, ema, opt
+    return ae, dataset, student, ema, opt
 
 
 def resume(path, args, student, ema, opt, d):
@@ -262,35 +327,39 @@ def resume(path, args, student, ema, opt, d):
     student.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
     set_rng_state(ck["rng"], d.device)
     log0(f"resumed from {path} at step {ck['step']}", d)
-    return ck["step"], ck["freqwarm"]["warmup_steps"]
+    return ck["step"], ck["freqwarm"]["warmup_steps"], ck["latent_stats"]
 
 
 def main(argv=None):
     args = get_args(argv)
     d = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    vae, stats, dataset, student, ema, opt = build(args, d)
+    ae, dataset, student, ema, opt = build(args, d)
     ckpt_path = os.path.join(args.out, "last.pt")
     step, warmup = 0, (args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))
     start = resume_path(args)
     if start:
-        step, warmup = resume(start, args, student, ema, opt, d)
-    latents = Latents(vae, stats, args, warmup, d.device)
+        step, warmup, stats = resume(start, args, student, ema, opt, d)
+    else:
+        stats = training_stats(ae, dataset, args, d)
+    log0(f"latent statistics: {stats['source']}", d)
+    latents = Latents(ae, stats, args, warmup, d.device)
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
     log0(f"SiT-{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
-         f"{tuple(vae.latent_shape(args.image_size))}; denoise level {args.denoise_level}, FDA {args.fda}, "
+         f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
          f"FreqWarm {'r0=%g for %d steps' % (args.r0, latents.warmup_steps) if args.freqwarm else 'off'}; "
          f"{d.world_size} rank(s) x {per_rank} ({accum} x {micro}); device {d.device}", d)
     if args.cache_latents:
-        latents.build_cache(dataset, args.out, args.vae, d)
-    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step)
+        latents.build_cache(dataset, args.out, d)
+    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step,
+                          flip=args.hflip)
     batches = iter(make_loader(dataset, sampler, args.workers)) if latents.cache is None else None
     labels = torch.tensor([dataset.label(i) for i in range(len(dataset))]) if batches is None else None
     train_model = torch.compile(student) if args.compile else student
     if d.world_size > 1:
         train_model = DDP(train_model)
     loop = StepLoop(args, d, step, "sit")
-    lat = (args.global_batch, vae.latent_dim, *vae.latent_shape(args.image_size)[1:])
+    lat = (args.global_batch, *ae.latent_shape(args.image_size))
     while step < args.steps:
         student.train()
         if args.freqwarm and step == latents.warmup_steps:
@@ -311,7 +380,7 @@ def main(argv=None):
             y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
             with sync_grads_on(train_model, j, accum):
                 with autocast(d.device, not args.no_bf16):
-                    loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step)
+                    loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step, latents.at_level)
                 (loss / accum).backward()
             loop.accumulate(totals, {"loss": loss, **parts}, accum)
         totals = loop.reduce_and_clip(totals, student.parameters(), step, ckpt_path, args.grad_clip)
@@ -321,12 +390,11 @@ def main(argv=None):
         step += 1
         stopping = loop.end_step(step, dict(phase=phase, **totals))
         if loop.due(step, args.sample_every) and d.main:
-            sample_grid(ema, vae, latents, dataset.num_classes, args, d.device,
+            sample_grid(ema, latents, dataset.num_classes, args, d.device,
                         os.path.join(args.out, f"samples_{step:07d}.png"))
         if loop.due(step, args.ckpt_every) or stopping:
             if d.main:
-                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, warmup,
-                                                            latents.phase(step), stats, d))
+                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, latents, d))
             barrier()
         if stopping:
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
@@ -336,12 +404,16 @@ def main(argv=None):
         log0(f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png", d)
 
 
-def checkpoint_state(args, student, ema, opt, step, warmup, phase, stats, d):
+def checkpoint_state(args, student, ema, opt, step, latents, d):
     return {"kind": "sit", "config": vars(args), "model_config": student.sit.config, "model": student.state_dict(),
             "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(d.device),
-            "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats,
+            "data_position": {"step": step, "seed": args.seed}, "latent_stats": latents.stats,
+            "autoencoder": {"spec": args.vae, "abs_spec": os.path.abspath(args.vae), "name": latents.ae.name,
+                            "content_hash": latents.ae.content_hash,
+                            "mlsr_fractions": list(latents.ae.mlsr_fractions)},
             "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,
-                         "warmup_steps": warmup, "phase": phase}}
+                         "warmup_steps": latents.planned_warmup,
+                         "phase": latents.phase(step)}}
 
 
 if __name__ == "__main__":

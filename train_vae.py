@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
              --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
-    python train_vae.py --stats-only --resume runs/vae/last.pt           # recompute latent statistics
+    python train_vae.py --stats-only --resume runs/vae/last.pt           # latent statistics again (no GPU needed)
 
 Each step samples one level l ~ Unif{0,1,2,3} (Eq. 1) for the whole global batch and trains
 
@@ -18,7 +18,8 @@ Each step samples one level l ~ Unif{0,1,2,3} (Eq. 1) for the whole global batch
 The GAN weight is fixed (no VQGAN adaptive weight: it needs the decoder's last-layer
 gradient, which DDP and torch.compile make awkward) and starts at --gan-start.
 The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of the
-posterior means over --stats-images training images: Stage 2 normalises with them.
+posterior means over a seeded random subset of --stats-images training images (every class
+of a class-sorted folder is represented): Stage 2 normalises with them.
 """
 import argparse
 import copy
@@ -29,18 +30,19 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
+from common import (VAE_OUT, StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
 from data import StepSampler, build_dataset, make_loader
-from vae import SIZES, PatchDiscriminator, VGGPerceptual, build_vae, hinge_d_loss, hinge_g_loss
+from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
+                 hinge_d_loss, hinge_g_loss, load_vae)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 
 PRESETS = {
     "smoke": dict(size="smoke", image_size=16, n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9,
                   perceptual_weight=0.0, gan_weight=0.1, gan_start=3, disc_channels=16, disc_layers=2,
-                  log_every=1, ckpt_every=3, sample_every=6, stats_images=32, out="runs/vae-smoke"),
+                  log_every=1, ckpt_every=3, sample_every=6, stats_images=32),
     "cpu-demo": dict(size="tiny", image_size=32, n_images=2000, steps=1200, global_batch=32, lr=1e-3,
                      ema_decay=0.995, perceptual_weight=0.0, gan_weight=0.0, log_every=50, ckpt_every=400,
                      sample_every=400, stats_images=2000, out="runs/vae-demo"),
@@ -53,6 +55,7 @@ PRESETS = {
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 1: ViT VAE with MLSR", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
+    p.add_argument("--out", default=VAE_OUT, help="output folder: checkpoints, logs, grids")
     p.add_argument("--size", default="f16d32", choices=sorted(SIZES), help="named VAE size")
     p.add_argument("--latent-dim", type=int, default=None, help="override the size's latent channels d")
     p.add_argument("--image-size", type=int, default=256)
@@ -107,25 +110,10 @@ def generator_loss(model, disc, perceptual, x, noise, level, args, step):
 
 # ----------------------------------------------------------------------------- latent statistics, grids
 
-@torch.no_grad()
-def latent_stats(vae, dataset, n_images, d, batch=64):
-    """Per-channel mean / std of the posterior means over the first n_images (sharded over ranks)."""
-    vae.eval()
-    n = min(n_images, len(dataset))
-    C = vae.latent_dim
-    acc = torch.zeros(3, C, dtype=torch.float64, device=d.device)     # count, sum, sum of squares
-    idx = list(range(d.rank, n, d.world_size))
-    for i in range(0, len(idx), batch):
-        x = torch.stack([dataset[j][0] for j in idx[i:i + batch]]).to(d.device)
-        mu = vae.encode(x).mean.double()                                 # (b, C, h, w)
-        acc[0] += mu.shape[0] * mu.shape[2] * mu.shape[3]
-        acc[1] += mu.sum(dim=(0, 2, 3))
-        acc[2] += mu.pow(2).sum(dim=(0, 2, 3))
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(acc)
-    mean = acc[1] / acc[0]
-    std = (acc[2] / acc[0] - mean ** 2).clamp(min=1e-12).sqrt()
-    return {"mean": mean.float().cpu(), "std": std.float().cpu(), "n_images": n}
+def vae_latent_stats(vae, dataset, args, d):
+    """Per-channel latent statistics of `vae` over a seeded random subset of --stats-images training images."""
+    ae = ViTVAEAutoencoder(vae, args.mlsr_fractions)
+    return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers)
 
 
 @torch.no_grad()
@@ -146,20 +134,37 @@ def checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats=None):
             "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats}
 
 
-def load_vae(path, device="cpu", use_ema=True):
-    """A frozen VAE from a Stage-1 checkpoint, with its latent statistics (used by Stages 2 and 3)."""
-    from vae import ViTVAE
-    ck = load_checkpoint(path, "vae")
-    vae = ViTVAE(**ck["model_config"])
-    vae.load_state_dict(ck["ema" if use_ema else "model"])
-    return vae.to(device).eval().requires_grad_(False), ck
-
-
 # ----------------------------------------------------------------------------- main
+
+def stats_only(args, d):
+    """--stats-only: (re)compute the latent statistics of a finished checkpoint, in place, atomically.
+
+    Data, dataset size, seed and image size come from the checkpoint's own config (an explicit --data,
+    --n-images, --stats-images or --seed overrides them); the model from its model config; no VGG needed.
+    """
+    start = resume_path(args)
+    if not start:
+        raise UserError(f"--stats-only needs a checkpoint: --resume PATH (none at {os.path.join(args.out, 'last.pt')})")
+    ae = ViTVAEAutoencoder.from_checkpoint(start, d.device)
+    ck, cfg = ae.checkpoint, ae.checkpoint["config"]
+    pick = {k: getattr(args, k) if k in args.explicit else cfg.get(k, getattr(args, k))
+            for k in ("data", "n_images", "stats_images", "seed", "workers")}
+    dataset = build_dataset(pick["data"], ae.image_size, n=pick["n_images"], seed=pick["seed"])
+    ck["latent_stats"] = dataset_latent_stats(ae, dataset, pick["stats_images"], pick["seed"], d,
+                                              workers=pick["workers"])
+    if d.main:
+        save_checkpoint(start, ck)
+    barrier()
+    log0(f"latent statistics of {start} ({ck['latent_stats']['source']}, data {pick['data']}): "
+         f"mean {[round(v, 4) for v in ck['latent_stats']['mean'].tolist()]}, "
+         f"std {[round(v, 4) for v in ck['latent_stats']['std'].tolist()]}", d)
+
 
 def main(argv=None):
     args = get_args(argv)
     d = setup_distributed(args.device)
+    if args.stats_only:
+        return stats_only(args, d)
     torch.manual_seed(args.seed)
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     ckpt_path = os.path.join(args.out, "last.pt")
@@ -180,14 +185,6 @@ def main(argv=None):
         set_rng_state(ck["rng"], d.device)
         step = ck["step"]
         log0(f"resumed from {start} at step {step}", d)
-    if args.stats_only:
-        if not start:
-            raise UserError("--stats-only needs --resume CHECKPOINT")
-        ck["latent_stats"] = latent_stats(ema, dataset, args.stats_images, d)
-        if d.main:
-            save_checkpoint(start, ck)
-        log0(f"latent statistics of {start}: mean {ck['latent_stats']['mean'].tolist()}", d)
-        return
 
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
     log0(f"VAE {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
@@ -196,7 +193,8 @@ def main(argv=None):
     train_model = torch.compile(model) if args.compile else model
     if d.world_size > 1:
         train_model, disc = DDP(train_model), DDP(disc)
-    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step)
+    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step,
+                          flip=args.hflip)
     batches = iter(make_loader(dataset, sampler, args.workers))
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(d.device)
     loop = StepLoop(args, d, step, "vae")
@@ -231,7 +229,7 @@ def main(argv=None):
         if step % args.sample_every == 0 and d.main:
             save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, f"recon_{step:07d}.png"))
         if loop.due(step, args.ckpt_every) or stopping:
-            stats = latent_stats(ema, dataset, args.stats_images, d) if step == args.steps else None
+            stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None
             if d.main:
                 save_checkpoint(ckpt_path, checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats))
             barrier()

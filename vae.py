@@ -274,6 +274,164 @@ class VGGPerceptual(nn.Module):
         return loss
 
 
+
+# ----------------------------------------------------------------------------- frozen autoencoders (Stages 2 and 3)
+
+class FrozenAutoencoder(nn.Module):
+    """What Stages 2 and 3 need of an autoencoder, whoever trained it.
+
+        encode(x (B, 3, H, W) in [-1, 1]) -> deterministic latent (B, C, H/f, W/f), float32
+        decode(z (B, C, h, w))            -> image (B, 3, h f, w f) in about [-1, 1], float32
+    plus `name`, `latent_dim` C, `downsample` f, `content_hash` (provenance), `mlsr_fractions` (the p_l
+    its S_l uses) and `stats`: per-channel latent statistics the source carries, or None.
+    Both directions run in float32 with autocast off: latents for training and images for metrics.
+    """
+
+    name, content_hash, stats, mlsr_fractions = "autoencoder", "", None, tuple(fft_ops.MLSR_FRACTIONS)
+
+    def check_image_size(self, size):
+        """One clear error unless images of side `size` can go through this autoencoder."""
+        if size % self.downsample:
+            raise UserError(f"image size {size} is not divisible by the downsampling factor {self.downsample} "
+                            f"of {self.name}")
+
+    def latent_shape(self, size):
+        return (self.latent_dim, size // self.downsample, size // self.downsample)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+
+class ViTVAEAutoencoder(FrozenAutoencoder):
+    """Our ViT VAE (Stage 1): posterior mean as the latent, its MLSR fractions, the statistics it carries."""
+
+    def __init__(self, vae, fractions=fft_ops.MLSR_FRACTIONS, name="ViT-VAE", stats=None, content_hash="", path=None):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.name, self.stats, self.content_hash, self.path = name, stats, content_hash, path
+        self.latent_dim, self.downsample = vae.latent_dim, vae.patch
+        self.image_size = vae.config["image_size"]
+        self.mlsr_fractions = tuple(fractions)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", use_ema=True):
+        """A Stage-1 checkpoint (kind 'vae'): EMA weights, its MLSR fractions, its latent statistics."""
+        from common import file_hash, load_checkpoint
+        ck = load_checkpoint(path, "vae")
+        vae = ViTVAE(**ck["model_config"])
+        vae.load_state_dict(ck["ema" if use_ema else "model"])
+        name = f"ViT-VAE {os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
+        ae = cls(vae.to(device), ck["config"].get("mlsr_fractions", fft_ops.MLSR_FRACTIONS), name,
+                 ck.get("latent_stats"), file_hash(path), path)
+        ae.checkpoint = ck
+        return ae
+
+    def check_image_size(self, size):
+        if size != self.image_size:            # fixed sin-cos positions were only ever trained at this size
+            raise UserError(f"{self.path or self.name} was trained on {self.image_size}-px images and cannot serve {size}-px "
+                            f"ones: train a VAE with --image-size {size}, or use a convolutional autoencoder")
+
+    def encode(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.vae.encode(x.float()).mean                         # posterior mean (B, d, h, w)
+
+    def decode(self, z):
+        with torch.autocast(z.device.type, enabled=False):
+            return self.vae.decode(z.float())
+
+
+def load_autoencoder(spec, device="cpu"):
+    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path."""
+    if not os.path.exists(spec):
+        raise UserError(f"no VAE at {spec}: train one with `python train_vae.py` (it writes runs/vae/last.pt) "
+                        f"or pass --vae PATH")
+    return ViTVAEAutoencoder.from_checkpoint(spec, device)
+
+
+def load_vae(path, device="cpu", use_ema=True):
+    """A frozen ViTVAE module from a Stage-1 checkpoint, and the checkpoint dict."""
+    ae = ViTVAEAutoencoder.from_checkpoint(path, device, use_ema)
+    return ae.vae, ae.checkpoint
+
+
+class LatentSpace:
+    """The diffusion model's view of an autoencoder's latents, from the run's statistics.
+
+    normalize:       z_n = (z - mean) / std, per channel
+    at_level:        z^(l) = S_l(z_n) with the autoencoder's p_l (Denoising-VAE Eq. 3, 5), divided by its
+                     per-channel std when `renorm` (S_l lowers the variance: ~1.0 / .94 / .87 / .78 for l = 0..3)
+    to_autoencoder:  a generated z^(l) at the run's level back to z, for decoding
+    """
+
+    def __init__(self, stats, fractions, level=0, renorm=False, device="cpu"):
+        self.mean = stats["mean"].view(1, -1, 1, 1).to(device)
+        self.std = stats["std"].view(1, -1, 1, 1).to(device)
+        self.fractions, self.level, self.renorm = tuple(fractions), level, renorm
+        if renorm and stats.get("level_std") is None:
+            raise UserError("per-level re-normalisation needs per-level statistics, which these statistics lack")
+        self.level_std = stats["level_std"].to(device) if renorm else None
+
+    def normalize(self, z):
+        return (z - self.mean) / self.std
+
+    def denormalize(self, z):
+        return z * self.std + self.mean
+
+    def level_scale(self, level):
+        """Per-channel divisor of S_l(z_n): its std with renorm, else 1. (1, C, 1, 1)."""
+        return self.level_std[level].view(1, -1, 1, 1) if self.renorm else torch.ones_like(self.std)
+
+    def at_level(self, z, level):
+        return fft_ops.attenuate(z, level, self.fractions) / self.level_scale(level)
+
+    def to_autoencoder(self, z):
+        return self.denormalize(z * self.level_scale(self.level))
+
+
+# ----------------------------------------------------------------------------- latent statistics
+
+@torch.no_grad()
+def latent_stats(encode, latent_dim, batches, device, fractions=fft_ops.MLSR_FRACTIONS):
+    """Per-channel mean / std of latents over image `batches` (this rank's share; summed over ranks).
+
+    Also, per MLSR level l, the per-channel std of S_l(z_n) with z_n = (z - mean) / std: the variance
+    that --denoise-level removes (S_l keeps DC, so S_l(z_n) keeps mean 0). Sums are float64.
+    """
+    L = len(fractions)
+    acc = torch.zeros(2 + L, latent_dim, dtype=torch.float64, device=device)   # sum, sum sq, sum sq of S_l(z)
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for x in batches:
+        z = encode(x.to(device, non_blocking=True)).float()                    # (b, C, h, w)
+        count += z.shape[0] * z.shape[2] * z.shape[3]
+        acc[0] += z.double().sum(dim=(0, 2, 3))
+        acc[1] += z.double().pow(2).sum(dim=(0, 2, 3))
+        for level in range(L):
+            acc[2 + level] += fft_ops.attenuate(z, level, fractions).double().pow(2).sum(dim=(0, 2, 3))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(acc), torch.distributed.all_reduce(count)
+    if count.item() == 0:
+        raise UserError("no images to compute latent statistics from")
+    mean = acc[0] / count
+    std = (acc[1] / count - mean ** 2).clamp(min=1e-12).sqrt()
+    level_std = (acc[2:] / count - mean ** 2).clamp(min=1e-12).sqrt() / std    # (L, C)
+    return {"mean": mean.float().cpu(), "std": std.float().cpu(), "level_std": level_std.float().cpu()}
+
+
+def dataset_latent_stats(ae, dataset, n_images, seed, d, batch=64, workers=0):
+    """latent_stats over a seeded random subset of n_images of `dataset` (all classes), sharded over ranks.
+
+    The result records what it was computed from (subset size and seed, resolution, data fingerprint),
+    so a consumer can tell whether the statistics belong to its data.
+    """
+    from data import fingerprint, image_batches, random_subset
+    idx = random_subset(len(dataset), n_images, seed)
+    batches = image_batches(dataset, idx[d.rank::d.world_size], batch, workers)
+    stats = latent_stats(ae.encode, ae.latent_dim, batches, d.device, ae.mlsr_fractions)
+    stats.update(n_images=len(idx), seed=seed, image_size=dataset.resolution, data=fingerprint(dataset),
+                 source=f"computed over {len(idx)} random images (seed {seed}) of the training data")
+    return stats
+
 if __name__ == "__main__":
     for name in SIZES:
         n = sum(p.numel() for p in build_vae(name, 256 if name.startswith("f16") else 32).parameters())

@@ -8,6 +8,7 @@ import train_diffusion as td
 import train_vae
 from common import UserError, load_checkpoint, save_checkpoint
 from data import DeadLeaves
+from vae import load_autoencoder
 from helpers import assert_one_line_error, read_metrics, run, sigterm_after_first_log
 
 
@@ -26,7 +27,7 @@ def test_latents_before_and_after_the_freqwarm_switch(vae_ckpt, tmp_path):
     args = td.get_args(smoke(vae_ckpt, tmp_path, "--freqwarm", "--r0", "0.2", "--warmup-steps", "5"))
     args.image_size = 16
     vae, ck = train_vae.load_vae(vae_ckpt)
-    lat = td.Latents(vae, ck["latent_stats"], args, 5, torch.device("cpu"))
+    lat = td.Latents(load_autoencoder(vae_ckpt), ck["latent_stats"], args, 5, torch.device("cpu"))
     ds = DeadLeaves(n=64, resolution=16)
     x = torch.stack([ds[i][0] for i in range(6)])
     mean, std = ck["latent_stats"]["mean"].view(1, -1, 1, 1), ck["latent_stats"]["std"].view(1, -1, 1, 1)
@@ -36,7 +37,7 @@ def test_latents_before_and_after_the_freqwarm_switch(vae_ckpt, tmp_path):
     torch.testing.assert_close(lat.get(4, images=x), low)
     torch.testing.assert_close(lat.get(5, images=x), full)
     # the cache gives the same latents (float16 storage), keys < N unflipped
-    lat.build_cache(ds, str(tmp_path / "cache"), vae_ckpt, type("D", (), dict(rank=0, world_size=1, main=True))())
+    lat.build_cache(ds, str(tmp_path / "cache"), type("D", (), dict(rank=0, world_size=1, main=True))())
     torch.testing.assert_close(lat.get(4, keys=list(range(6))), low, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lat.get(5, keys=list(range(6))), full, atol=2e-3, rtol=2e-3)
     flipped = (vae.encode(x.flip(-1)).mean - mean) / std
@@ -68,7 +69,7 @@ def _batch(vae_ckpt, tmp_path, *flags):
     args = td.get_args(smoke(vae_ckpt, tmp_path, *flags))
     d = type("D", (), dict(device=torch.device("cpu")))()
     torch.manual_seed(0)
-    vae, stats, ds, student, ema, opt = td.build(args, d)
+    ae, ds, student, ema, opt = td.build(args, d)
     with torch.no_grad():                          # move off the zero init so every path carries signal
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -166,7 +167,9 @@ def test_errors_are_one_clear_line(vae_ckpt, tmp_path):
     nostats = tmp_path / "nostats.pt"
     ck = load_checkpoint(vae_ckpt, "vae")
     save_checkpoint(str(nostats), {**ck, "latent_stats": None})
-    assert_one_line_error(run(["train_diffusion.py", *smoke(str(nostats), tmp_path / "x")]), "--stats-only")
+    p = run(["train_diffusion.py", *smoke(str(nostats), tmp_path / "x")])      # Stage 2 computes its own
+    assert p.returncode == 0 and "computing them over 64 random training images" in p.stdout, p.stderr[-2000:]
+    assert load_checkpoint(str(tmp_path / "x" / "last.pt"), "sit")["latent_stats"]["n_images"] == 64
 
 
 def test_ddp_two_ranks_equal_one_process(vae_ckpt, tmp_path):

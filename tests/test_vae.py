@@ -132,11 +132,19 @@ def test_checkpoint_contents_and_latent_stats(tmp_path):
     vae, _ = train_vae.load_vae(str(out / "last.pt"))
     from data import DeadLeaves
     ds = DeadLeaves(n=64, resolution=16)
-    x = torch.stack([ds[i][0] for i in range(32)])
+    subset = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:32]   # seeded, over the whole set
+    x = torch.stack([ds[i][0] for i in subset.tolist()])
     mu = vae.encode(x).mean                                       # (32, 4, 4, 4)
-    torch.testing.assert_close(ck["latent_stats"]["mean"], mu.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ck["latent_stats"]["std"], mu.transpose(0, 1).flatten(1).std(1, unbiased=False),
-                               atol=1e-5, rtol=1e-4)
+    st = ck["latent_stats"]
+    assert (st["n_images"], st["seed"], st["image_size"]) == (32, 0, 16)
+    torch.testing.assert_close(st["mean"], mu.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    std = mu.transpose(0, 1).flatten(1).std(1, unbiased=False)
+    torch.testing.assert_close(st["std"], std, atol=1e-5, rtol=1e-4)
+    for level in range(4):                                        # std of S_l(z_n), per channel
+        zl = fft_ops.attenuate((mu - st["mean"].view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), level)
+        torch.testing.assert_close(st["level_std"][level], zl.transpose(0, 1).flatten(1).std(1, unbiased=False),
+                                   atol=1e-4, rtol=1e-4)
+    assert st["level_std"][0].tolist() == pytest.approx([1.0] * 4, abs=1e-4)
     # --stats-only recomputes them in place over a different sample size
     train_vae.main(SMOKE + ["--out", str(out), "--stats-only", "--resume", str(out / "last.pt"), "--stats-images", "8"])
     assert load_checkpoint(str(out / "last.pt"), "vae")["latent_stats"]["n_images"] == 8
