@@ -297,12 +297,19 @@ def log0(msg, d=None):
 
 
 class MetricsLog:
-    """Append-only JSONL metrics file written by rank 0."""
+    """JSONL metrics file written by rank 0: lines after `step` (those of a killed run that were never
+    checkpointed) are dropped when a run starts or resumes at `step`, so no step is logged twice."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, step=0):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(path + ".tmp", path)
 
     def write(self, **record):
         if self.enabled:
@@ -364,16 +371,66 @@ def add_common_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", default="auto",
                    help="'auto' (OUT/last.pt if present), 'none', or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: start afresh in a folder that holds another run")
     return p
 
 
 def resume_path(args):
+    """The checkpoint a run continues from: OUT/last.pt with --resume auto (if present), a path, or None.
+
+    A run folder belongs to one run: starting fresh (--resume none) in a folder that holds a checkpoint is
+    refused unless --overwrite is given.
+    """
+    own = os.path.join(args.out, "last.pt")
     if args.resume == "none":
+        if os.path.isfile(own) and not getattr(args, "overwrite", False):
+            raise UserError(f"{args.out} already holds a run ({own}); pass --overwrite to start afresh there, "
+                            f"or use another --out")
         return None
     if args.resume == "auto":
-        p = os.path.join(args.out, "last.pt")
-        return p if os.path.isfile(p) else None
+        return own if os.path.isfile(own) else None
     return args.resume
+
+
+def check_resume_settings(stored, args, fixed, path, d=None):
+    """Resume policy: settings in `fixed` may not change (one line naming the first that did); the others may
+    (learning rate, steps, logging, workers, devices ...): each change is logged and takes effect."""
+    for k in fixed:
+        if k in stored and stored[k] != getattr(args, k):
+            raise UserError(f"{path} was trained with --{k.replace('_', '-')} {stored[k]}, not {getattr(args, k)}: "
+                            f"it may not change on resume; start a fresh run with another --out")
+    skip = set(fixed) | {"explicit", "resume", "overwrite", "preset"}
+    for k, v in sorted(vars(args).items()):
+        if k not in skip and k in stored and stored[k] != v:
+            log0(f"resume: --{k.replace('_', '-')} changes from {stored[k]} to {v}", d)
+
+
+def set_lr(opt, lr):
+    """A resumed optimizer takes the learning rate given now (its state dict carries the old one)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class RunLock:
+    """An exclusive lock on a run folder (OUT/.lock, held by rank 0 for the run): two runs never share one."""
+
+    def __init__(self, out, d):
+        self.f = None
+        if d.main:
+            import fcntl
+            os.makedirs(out, exist_ok=True)
+            self.f = open(os.path.join(out, ".lock"), "w")
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.f.close()
+                raise UserError(f"another run is using {out} (it holds {out}/.lock); wait for it or use another --out")
+
+    def release(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
 class StepLoop:
@@ -383,7 +440,7 @@ class StepLoop:
     def __init__(self, args, d, step, desc):
         self.args, self.d = args, d
         self.bar = progress(args.steps, step, d, desc)
-        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main)
+        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step)
         self.stop, self.speed = StopSignal(), Throughput()
 
     def due(self, step, every):

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fft_ops
 from tqdm import tqdm
 
-from common import (VAE_OUT, StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update,
+from common import (VAE_OUT, RunLock, StepLoop, check_resume_settings, set_lr, UserError, add_common_args, autocast, barrier, batch_split, ema_update,
                     global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path,
                     rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on,
                     unwrap, write_json_atomic)
@@ -186,7 +186,8 @@ class Latents(LatentSpace):
                 os.replace(tmp, shard)
                 barrier()
                 if d.main:
-                    index = {"shards": [f"shard-{r}-of-{d.world_size}.npy" for r in range(d.world_size)],
+                    index = {"key": self.cache_key(dataset, warm),
+                             "shards": [f"shard-{r}-of-{d.world_size}.npy" for r in range(d.world_size)],
                              "bounds": bounds, "shape": list(shape), "autoencoder": self.ae.name,
                              "low_passed": warm, "r0": self.args.r0 if warm else None}
                     write_json_atomic(os.path.join(folder, "index.json"), index)
@@ -316,30 +317,50 @@ def build(args, d):
     return ae, dataset, student, ema, opt
 
 
-def resume(path, args, student, ema, opt, d):
+# Settings that define what is trained: a resume may not change them (the others may, and are logged).
+FIXED_ON_RESUME = ("model", "image_size", "data", "n_images", "hflip", "global_batch", "seed", "class_dropout",
+                   "denoise_level", "renorm_level", "fda", "fda_depth", "fda_weight", "fda_schedule",
+                   "freqwarm", "r0", "lowpass_kind", "lowpass_clamp")
+
+
+def resume(path, args, student, ema, opt, ae, d):
+    """Load a SiT checkpoint after checking that it is this run: same latents, same settings, same switch."""
     ck = load_checkpoint(path, "sit")
     cfg = unwrap(student).sit.config
     if ck["model_config"]["in_channels"] != cfg["in_channels"]:
         raise UserError(f"{path} was trained on {ck['model_config']['in_channels']}-channel latents, "
                         f"but {args.vae} gives {cfg['in_channels']} channels")
+    stored_ae = ck.get("autoencoder", {}).get("content_hash")
+    if stored_ae and stored_ae != ae.content_hash:
+        raise UserError(f"{path} was trained on the latents of another autoencoder (content {stored_ae}), "
+                        f"not {args.vae} ({ae.content_hash}): it may not change on resume")
+    check_resume_settings(ck["config"], args, FIXED_ON_RESUME, path, d)
+    warmup = ck["freqwarm"]["warmup_steps"]            # the stored switch wins over --steps / --warmup-frac
+    if args.freqwarm and args.warmup_steps is not None and args.warmup_steps != warmup:
+        raise UserError(f"{path} switches FreqWarm off at step {warmup}, not --warmup-steps {args.warmup_steps}: "
+                        f"it may not change on resume")
+    if ck["step"] > args.steps:
+        raise UserError(f"{path} is already at step {ck['step']}, past --steps {args.steps}")
     if ck["model_config"] != cfg:
         raise UserError(f"{path} holds SiT {ck['model_config']}, but the settings build {cfg}")
     student.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+    set_lr(opt, args.lr)
     set_rng_state(ck["rng"], d.device)
-    log0(f"resumed from {path} at step {ck['step']}", d)
-    return ck["step"], ck["freqwarm"]["warmup_steps"], ck["latent_stats"]
+    log0(f"resumed from {path} at step {ck['step']} (FreqWarm switch at step {warmup})", d)
+    return ck["step"], warmup, ck["latent_stats"]
 
 
 def main(argv=None):
     args = get_args(argv)
     d = setup_distributed(args.device)
     torch.manual_seed(args.seed)
+    lock = RunLock(args.out, d)                                    # noqa: F841 (held for the whole run)
     ae, dataset, student, ema, opt = build(args, d)
     ckpt_path = os.path.join(args.out, "last.pt")
     step, warmup = 0, (args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))
     start = resume_path(args)
     if start:
-        step, warmup, stats = resume(start, args, student, ema, opt, d)
+        step, warmup, stats = resume(start, args, student, ema, opt, ae, d)
     else:
         stats = training_stats(ae, dataset, args, d)
     log0(f"latent statistics: {stats['source']}", d)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (VAE_OUT, StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
+from common import (VAE_OUT, RunLock, StepLoop, check_resume_settings, set_lr, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
 from data import StepSampler, build_dataset, make_loader
@@ -38,6 +38,11 @@ from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, bu
                  hinge_d_loss, hinge_g_loss, load_vae)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
+
+# Settings that define what is trained: a resume may not change them (the others may, and are logged).
+FIXED_ON_RESUME = ("size", "latent_dim", "image_size", "data", "n_images", "hflip", "global_batch", "seed",
+                   "mlsr_fractions", "mlsr_sigmas", "pixel_weight", "perceptual_weight", "kl_weight", "gan_weight",
+                   "gan_start", "disc_channels", "disc_layers")
 
 PRESETS = {
     "smoke": dict(size="smoke", image_size=16, n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9,
@@ -165,6 +170,7 @@ def main(argv=None):
     d = setup_distributed(args.device)
     if args.stats_only:
         return stats_only(args, d)
+    lock = RunLock(args.out, d)                                    # noqa: F841 (held for the whole run)
     torch.manual_seed(args.seed)
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     ckpt_path = os.path.join(args.out, "last.pt")
@@ -178,10 +184,14 @@ def main(argv=None):
     step = 0
     if start:
         ck = load_checkpoint(start, "vae")
+        check_resume_settings(ck["config"], args, FIXED_ON_RESUME, start, d)
         if ck["model_config"] != model.config:
             raise UserError(f"{start} holds a VAE {ck['model_config']}, but the settings build {model.config}")
+        if ck["step"] > args.steps:
+            raise UserError(f"{start} is already at step {ck['step']}, past --steps {args.steps}")
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), disc.load_state_dict(ck["disc"])
         opt.load_state_dict(ck["opt"]), opt_d.load_state_dict(ck["opt_d"])
+        set_lr(opt, args.lr), set_lr(opt_d, args.disc_lr or args.lr)
         set_rng_state(ck["rng"], d.device)
         step = ck["step"]
         log0(f"resumed from {start} at step {step}", d)
