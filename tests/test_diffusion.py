@@ -1,4 +1,5 @@
 """Stage 2: latents, FreqWarm switch, FDA, denoise level, resume, DDP and errors."""
+import shutil
 
 import pytest
 import torch
@@ -65,7 +66,8 @@ def test_resume_across_the_switch_is_exact(vae_ckpt, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def _batch(vae_ckpt, tmp_path, *flags):
+def _batch(vae_ckpt, tmp_path, *flags, ema_noise=0.0):
+    """A perturbed student, its EMA (equal to it, or moved away by ema_noise) and a batch with high frequencies."""
     args = td.get_args(smoke(vae_ckpt, tmp_path, *flags))
     d = type("D", (), dict(device=torch.device("cpu")))()
     torch.manual_seed(0)
@@ -74,6 +76,9 @@ def _batch(vae_ckpt, tmp_path, *flags):
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ema.load_state_dict(student.sit.state_dict())
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(ema_noise * torch.randn_like(p))
     z = torch.randn(4, 4, 4, 4)
     y, t, eps = torch.tensor([0, 1, 2, 3]), torch.tensor([0.1, 0.4, 0.7, 0.95]), torch.randn(4, 4, 4, 4)
     return args, student, ema, z, y, t, eps
@@ -89,7 +94,8 @@ def test_denoise_level_target_is_attenuated_latent(vae_ckpt, tmp_path):
 
 
 def test_fda_teacher_gets_no_gradient_and_changes_student_gradients(vae_ckpt, tmp_path):
-    args, student, ema, z, y, t, eps = _batch(vae_ckpt, tmp_path, "--fda", "--fda-depth", "1")
+    args, student, ema, z, y, t, eps = _batch(vae_ckpt, tmp_path, "--fda", "--fda-depth", "1", ema_noise=0.05)
+    ema.requires_grad_(True)                       # so that a missing stop-gradient would show up as .grad
     loss, parts = td.diffusion_loss(student, ema, z, y, t, eps, args, 0)
     loss.backward()
     assert parts["align"] > 0
@@ -101,6 +107,39 @@ def test_fda_teacher_gets_no_gradient_and_changes_student_gradients(vae_ckpt, tm
     td.diffusion_loss(student, ema, z, y, t, eps, args, 0)[0].backward()
     without = [p.grad for p in student.sit.parameters()]
     assert any(not torch.allclose(a, b) for a, b in zip(with_fda, without))
+
+
+def test_fda_loss_and_student_gradients_by_hand(vae_ckpt, tmp_path):
+    """Eq. 6-8 recomputed here: student on noisy S_lo(z) at t, EMA teacher on clean S_hi(z) at t = 0 without
+    gradient, per-sample lambda(t) = w t; the loss parts and every student gradient must match."""
+    args, student, ema, z, y, t, eps = _batch(vae_ckpt, tmp_path, "--fda", "--fda-depth", "1", "--denoise-level", "1",
+                                              "--fda-weight", "0.7", ema_noise=0.05)
+    ema.requires_grad_(True)
+    assert any(not torch.equal(p, q) for p, q in zip(ema.parameters(), student.sit.parameters()))
+    steps = {td.teacher_level(args, s): s for s in range(20)}
+    assert set(steps) == {2, 3}
+    tt = t.view(-1, 1, 1, 1)
+    for level, step in sorted(steps.items()):
+        z_lo, z_hi = fft_ops.attenuate(z, 1), fft_ops.attenuate(z, level)
+        assert not torch.allclose(z_lo, z, atol=1e-2) and not torch.allclose(z_hi, z_lo, atol=1e-2)
+        v, h = student.sit((1 - tt) * z_lo + tt * eps, t, y, return_hidden=1)
+        with torch.no_grad():
+            _, h_teacher = ema(z_hi, torch.zeros(4), y, return_hidden=1)
+        diff = ((v - (eps - z_lo)) ** 2).mean()
+        align = ((student.projector(h) - h_teacher) ** 2).mean(dim=(1, 2))             # (B,)
+        ref = diff + (0.7 * t * align).mean()
+        params = [p for p in student.parameters()]
+        ref_grads = torch.autograd.grad(ref, params)
+        student.zero_grad()
+        loss, parts = td.diffusion_loss(student, ema, z, y, t, eps, args, step)
+        loss.backward()
+        torch.testing.assert_close(parts["diff"], diff)
+        torch.testing.assert_close(parts["align"], align.mean())
+        torch.testing.assert_close(loss, ref)
+        for p, g in zip(params, ref_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+        assert all(p.grad is None for p in ema.parameters())
+        assert not torch.allclose(align, align.mean().expand(4))          # lambda(t) weights samples unequally
 
 
 def test_fda_alignment_is_zero_when_features_coincide(vae_ckpt, tmp_path):
@@ -123,11 +162,114 @@ def test_fda_lambda_and_teacher_levels(vae_ckpt, tmp_path):
     assert levels == {2, 3}
 
 
-def test_smoke_writes_samples_and_sit_checkpoint(vae_ckpt, tmp_path):
+def spy_sampling(monkeypatch, module, load_module):
+    """Record the model and guidance scale given to guided_velocity, the sampler's output and the decoder's input."""
+    seen = {}
+    real_gv, real_ode, real_load = module.guided_velocity, module.sample_ode, load_module.load_vae
+
+    def gv(model, y, scale=1.0, *rest):
+        seen["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["scale"] = scale
+        return real_gv(model, y, scale, *rest)
+
+    def ode(*a, **k):
+        seen["z"] = real_ode(*a, **k)
+        return seen["z"]
+
+    def load(*a, **k):
+        vae, ck = real_load(*a, **k)
+        real_decode = vae.decode
+
+        def decode(z):
+            seen["decoder_input"] = z.clone()
+            seen["decoded"] = real_decode(z)
+            return seen["decoded"]
+        vae.decode = decode
+        return vae, ck
+
+    monkeypatch.setattr(module, "guided_velocity", gv)
+    monkeypatch.setattr(module, "sample_ode", ode)
+    monkeypatch.setattr(load_module, "load_vae", load)
+    return seen
+
+
+def assert_ema_weights_and_statistics(seen, ck, vae_ckpt):
+    """The sampler ran the EMA (not the trained model) and the decoder got z * std + mean of the VAE checkpoint."""
+    sit_model = {k[len("sit."):]: v for k, v in ck["model"].items() if k.startswith("sit.")}
+    assert seen["model"].keys() == ck["ema"].keys() == sit_model.keys()
+    assert all(torch.equal(seen["model"][k], ck["ema"][k]) for k in ck["ema"])
+    assert any(not torch.equal(ck["ema"][k], sit_model[k]) for k in sit_model)
+    stats = load_checkpoint(vae_ckpt, "vae")["latent_stats"]
+    mean, std = stats["mean"].view(1, -1, 1, 1), stats["std"].view(1, -1, 1, 1)
+    assert not torch.allclose(std, torch.ones_like(std), atol=0.05) and not torch.allclose(mean, 0 * mean, atol=0.05)
+    torch.testing.assert_close(seen["decoder_input"], seen["z"] * std + mean)
+
+
+def test_smoke_writes_samples_and_sit_checkpoint(vae_ckpt, tmp_path, monkeypatch):
+    seen = spy_sampling(monkeypatch, td, td)
     td.main(smoke(vae_ckpt, tmp_path, "--cfg-scale", "2.0", "--sampler", "euler"))
     ck = load_checkpoint(str(tmp_path / "last.pt"), "sit")
     assert ck["step"] == 6 and ck["config"]["vae"] == vae_ckpt and ck["latent_stats"] is not None
     assert (tmp_path / "samples_0000006.png").exists()
+    # the grid of step 6 (drawn just before that checkpoint) used the EMA, the guidance scale and the statistics
+    assert seen["scale"] == 2.0
+    assert_ema_weights_and_statistics(seen, ck, vae_ckpt)
+
+
+def test_label_dropout_rate_follows_class_dropout(vae_ckpt, tmp_path, monkeypatch):
+    labels, real = [], td.diffusion_loss
+
+    def spy(student, ema, z, y, *rest):
+        labels.append(y.clone())
+        return real(student, ema, z, y, *rest)
+
+    monkeypatch.setattr(td, "diffusion_loss", spy)
+    td.main(smoke(vae_ckpt, tmp_path, "--class-dropout", "0.3", "--steps", "8", "--global-batch", "64",
+                  "--cache-latents", "--sample-every", "100", "--ckpt-every", "100"))
+    y = torch.cat(labels)
+    assert len(y) == 8 * 64
+    null = DeadLeaves(n=64, resolution=16).num_classes
+    frac = (y == null).float().mean().item()
+    print(f"null-label fraction with --class-dropout 0.3: {frac:.3f} over {len(y)} labels")
+    assert abs(frac - 0.3) < 4 * (0.3 * 0.7 / len(y)) ** 0.5                # 4 binomial standard deviations
+    assert y.max() == null and (y[y != null] < null).all()
+
+
+def test_gradient_accumulation_equals_full_batch(vae_ckpt, tmp_path):
+    """--micro-batch 2 (4 micro-batches of the batch of 8) == the full batch in one forward, with FDA."""
+    common = ["--steps", "2", "--fda", "--ckpt-every", "100", "--sample-every", "100"]
+    td.main(smoke(vae_ckpt, tmp_path / "full", *common))
+    td.main(smoke(vae_ckpt, tmp_path / "acc", *common, "--micro-batch", "2"))
+    m1, m2 = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(tmp_path / "acc" / "metrics.jsonl")
+    for r1, r2 in zip(m1, m2):
+        for k in ("loss", "diff", "align", "grad_norm"):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4), k
+    a, b = (load_checkpoint(str(tmp_path / r / "last.pt"), "sit") for r in ("full", "acc"))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_keeps_the_stored_switch_and_restores_the_ema_teacher(vae_ckpt, tmp_path):
+    """The switch step stored in the checkpoint wins over a changed --steps / --warmup-frac; with FDA the
+    restored EMA is the teacher, so losses, weights and EMA must equal an uninterrupted run's."""
+    common = ["--fda", "--freqwarm", "--ckpt-every", "100", "--sample-every", "100"]
+    td.main(smoke(vae_ckpt, tmp_path / "a", *common, "--steps", "4", "--warmup-steps", "2"))
+    td.main(smoke(vae_ckpt, tmp_path / "b", *common, "--steps", "2", "--warmup-frac", "1.0"))    # switch at step 2
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    td.main(smoke(vae_ckpt, tmp_path / "b", *common, "--steps", "4", "--warmup-frac", "1.0"))    # would be 4
+    td.main(smoke(vae_ckpt, tmp_path / "c", *common, "--steps", "4", "--warmup-frac", "0.25"))   # would be 1
+    a = load_checkpoint(str(tmp_path / "a" / "last.pt"), "sit")
+    ma = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["phase"] for r in ma] == ["warmup", "warmup", "full", "full"]
+    for run_dir in ("b", "c"):
+        m = read_metrics(tmp_path / run_dir / "metrics.jsonl")
+        assert [r["phase"] for r in m] == [r["phase"] for r in ma], run_dir
+        assert [r["loss"] for r in m] == [r["loss"] for r in ma], run_dir
+        ck = load_checkpoint(str(tmp_path / run_dir / "last.pt"), "sit")
+        assert ck["freqwarm"]["warmup_steps"] == 2
+        for part in ("model", "ema"):
+            for k in a[part]:
+                assert torch.equal(a[part][k], ck[part][k]), (run_dir, part, k)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(vae_ckpt, tmp_path, monkeypatch):
@@ -173,11 +315,12 @@ def test_errors_are_one_clear_line(vae_ckpt, tmp_path):
 
 
 def test_ddp_two_ranks_equal_one_process(vae_ckpt, tmp_path):
-    """torchrun --nproc_per_node=2 on CPU (gloo) with FreqWarm + FDA + cache == one process."""
+    """torchrun --nproc_per_node=2 on CPU (gloo), 2 micro-batches per rank, with FreqWarm + FDA + cache == one
+    process with the whole batch in one forward."""
     flags = ["--freqwarm", "--r0", "0.2", "--warmup-steps", "2", "--fda", "--cache-latents", "--steps", "3"]
     one = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "one", *flags)])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "two", *flags)], torchrun=2)
+    two = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "two", *flags, "--micro-batch", "2")], torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "switching from low-passed" in two.stdout
     m1, m2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")

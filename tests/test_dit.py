@@ -1,4 +1,5 @@
 """SiT, flow matching and samplers against closed forms and direct computation."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -114,3 +115,30 @@ def test_guidance_scale_one_is_conditional_and_batched_cfg_equals_two_forwards()
     # guidance interval: outside it the conditional velocity is used
     torch.testing.assert_close(guided_velocity(m, y, 2.5, interval=(0.0, 0.5))(x, t), cond)
     assert not torch.allclose(cond, uncond)
+
+
+def test_modulate_zero_is_identity_and_closed_form():
+    from dit import modulate
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    shift, scale = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    assert torch.equal(modulate(xt, torch.zeros(3, 8), torch.zeros(3, 8)), xt)
+    ref = x * (1 + scale[:, None, :]) + shift[:, None, :]            # per sample, broadcast over the tokens
+    np.testing.assert_allclose(modulate(xt, torch.from_numpy(shift), torch.from_numpy(scale)).numpy(), ref,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_timestep_features_are_the_dit_closed_form():
+    """cos / sin of 1000 t times exp(-ln(10000) i / half), i = 0..half-1 (DiT / SiT TimestepEmbedder)."""
+    from dit import TimestepEmbedder
+    emb = TimestepEmbedder(32, freq_dim=256)
+    emb.mlp = nn.Identity()                                          # expose the sinusoidal features
+    t = np.array([0.0, 1e-3, 0.25, 0.5, 0.999, 1.0], dtype=np.float32)
+    half = 128
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
+    args = 1000.0 * t.astype(np.float64)[:, None] * freqs[None]
+    ref = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    got = emb(torch.from_numpy(t)).double().numpy()
+    assert got.shape == (6, 256)
+    np.testing.assert_allclose(got, ref, atol=3e-4, rtol=0)          # float32 phases up to 1000 rad

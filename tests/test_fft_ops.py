@@ -20,8 +20,9 @@ def numpy_lowpass(x, r0):
 
 
 @pytest.mark.parametrize("hw", SIZES)
-@pytest.mark.parametrize("r0", [0.05, 0.2, 0.4])
+@pytest.mark.parametrize("r0", [0.05, 0.2, 0.4, 0.55, 0.65])
 def test_lowpass_matches_numpy(hw, r0):
+    """0.55 and 0.65 lie in the corner band between axis Nyquist (0.5) and the corner (0.707)."""
     x = np.random.default_rng(1).standard_normal((3, 3, *hw))
     got = fft_ops.lowpass(torch.from_numpy(x).float(), r0).numpy()
     np.testing.assert_allclose(got, numpy_lowpass(x, r0), atol=1e-5)
@@ -50,6 +51,13 @@ def test_split_sums_to_input_and_keeps_dc(kind, hw):
     x = torch.randn(2, 3, *hw) + 5.0
     low, high = fft_ops.split_frequencies(x, 0.15, kind)
     torch.testing.assert_close(low + high, x, atol=1e-5, rtol=0)
+    # the low band itself against a numpy filter with the closed-form transfer function
+    H, W = hw
+    rad = np.sqrt(np.fft.fftfreq(H)[:, None] ** 2 + np.fft.fftfreq(W)[None, :] ** 2)   # radius 0.15 is on the 32x20 grid
+    m = {"ideal": rad <= 0.15 + 1e-9, "butterworth": 1 / (1 + (rad / 0.15) ** 4),
+         "gaussian": np.exp(-rad ** 2 / (2 * 0.15 ** 2))}[kind]
+    ref = np.fft.ifft2(np.fft.fft2(x.double().numpy()) * m).real
+    np.testing.assert_allclose(low.numpy(), ref, atol=1e-4)
     # DC (the mean) is entirely in the low band
     torch.testing.assert_close(high.mean(dim=(-2, -1)), torch.zeros(2, 3), atol=1e-4, rtol=0)
 
@@ -59,9 +67,10 @@ def test_parseval_energy_split_ideal():
     low, high = fft_ops.split_frequencies(x, 0.2)
     e = lambda t: t.pow(2).sum().item()
     assert e(low) + e(high) == pytest.approx(e(x), rel=1e-5)
-    # and spatial energy equals spectral energy / (H W)
-    X = torch.fft.fft2(x)
-    assert e(x) == pytest.approx(X.abs().pow(2).sum().item() / (24 * 31), rel=1e-5)
+    # the low band holds exactly the spectral energy inside the circle (numpy, Parseval)
+    X = np.fft.fft2(x.double().numpy())
+    inside = np.sqrt(np.fft.fftfreq(24)[:, None] ** 2 + np.fft.fftfreq(31)[None, :] ** 2) <= 0.2
+    assert e(low) == pytest.approx((np.abs(X) ** 2 * inside).sum() / (24 * 31), rel=1e-5)
 
 
 @pytest.mark.parametrize("r0", [0.71, 1.0])
@@ -95,6 +104,8 @@ def test_masks_shapes_values():
     assert torch.allclose(bw[at_r], torch.tensor(0.5))        # Butterworth is 1/2 at the cut-off
     assert torch.allclose(ga[at_r], torch.tensor(np.exp(-0.5), dtype=torch.float32))
     assert ideal[0, 0] == bw[0, 0] == ga[0, 0] == 1.0
+    # ideal is a hard circle, inclusive at the radius
+    torch.testing.assert_close(ideal, (rad <= 0.25).float())
     with pytest.raises(ValueError):
         fft_ops.lowpass_mask(8, 8, 0.2, "box")
 
@@ -103,8 +114,9 @@ def test_bfloat16_input_is_computed_in_float32():
     x = torch.randn(2, 3, 16, 16)
     out = fft_ops.lowpass(x.bfloat16(), 0.2)
     assert out.dtype == torch.bfloat16
-    ref = fft_ops.lowpass(x.bfloat16().float(), 0.2)
-    assert (out.float() - ref).abs().max() < 0.05
+    ref = torch.from_numpy(numpy_lowpass(x.bfloat16().double().numpy(), 0.2))
+    # the float32 result rounded once to bfloat16: within half a bfloat16 ulp (2^-8 relative)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=2 ** -8)
 
 
 # ----------------------------------------------------------------------------- MLSR S_l
@@ -145,7 +157,32 @@ def test_attenuation_deterministic_and_nested():
     m = [fft_ops.attenuation_mask(16, 16, l) for l in range(4)]
     for a, b in zip(m, m[1:]):
         assert torch.all(b <= a)                         # higher level removes a superset
+    fft_ops._attenuation_mask_np.cache_clear()          # recompute rather than read the cache
     assert torch.equal(m[2], fft_ops.attenuation_mask(16, 16, 2))
+
+
+@pytest.mark.parametrize("fraction", [0.999, 1.0])
+def test_attenuation_that_would_reach_dc_keeps_dc(fraction):
+    """A fraction that would remove every bin stops at DC: only the per-channel mean is left."""
+    fractions = (0.0, fraction, 0.0, 0.0)
+    keep = fft_ops.attenuation_mask(6, 8, 1, fractions)
+    assert keep[0, 0] == 1 and keep.sum() == 1
+    z = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    out = fft_ops.attenuate(z.float(), 1, fractions)
+    torch.testing.assert_close(out.double(), z.mean(dim=(-2, -1), keepdim=True).expand_as(z), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_butterworth_shape_away_from_the_cutoff(order):
+    """1 / (1 + (rho / r)^(2n)): at twice the radius 1 / (1 + 4^n), at half the radius 1 / (1 + 4^-n)."""
+    rad = fft_ops.radius_grid(32, 32)
+    m = fft_ops.lowpass_mask(32, 32, 0.125, "butterworth", order=order)
+    for ratio in (2.0, 0.5):
+        at = (rad - ratio * 0.125).abs() < 1e-6
+        assert at.any()
+        torch.testing.assert_close(m[at], torch.full_like(m[at], 1 / (1 + ratio ** (2 * order))))
+    if order == 2:                                       # the default order is 2
+        torch.testing.assert_close(fft_ops.lowpass_mask(32, 32, 0.125, "butterworth"), m)
 
 
 # ----------------------------------------------------------------------------- MLSR G_l

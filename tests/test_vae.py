@@ -59,6 +59,53 @@ def test_posterior_kl_and_clamp():
     assert DiagonalGaussian(m.bfloat16()).mean.dtype == torch.float32
 
 
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 5, 5, generator=g), 3 * torch.randn(3, 4, 5, 5, generator=g)
+    got = DiagonalGaussian(torch.cat([mean, logvar], dim=1).double()).kl()
+    q = torch.distributions.Normal(mean.double(), (0.5 * logvar.double()).exp())
+    p = torch.distributions.Normal(torch.zeros(()).double(), torch.ones(()).double())
+    ref = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3)).mean()    # summed per sample, batch mean
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_generator_hinge_loss_sign_and_value():
+    """The generator minimises -D(G(z)): a loss of -mean(logits), added with weight --gan-weight."""
+    from vae import hinge_g_loss
+    logits = torch.tensor([1.5, -0.5, 2.0, 0.0])
+    assert hinge_g_loss(logits).item() == pytest.approx(-0.75)
+    args = train_vae.get_args(SMOKE + ["--gan-weight", "0.3", "--gan-start", "0", "--kl-weight", "0.01"])
+    torch.manual_seed(0)
+    vae, disc = ViTVAE(image_size=16, patch=4, width=32, depth=1, heads=2, latent_dim=4), PatchDiscriminator(16, 2)
+    x, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 4, 4)
+    loss, parts, target, recon = train_vae.generator_loss(vae, disc, None, x, noise, 1, args, 0)
+    fake = disc(recon)
+    torch.testing.assert_close(parts["g_gan"], -fake.mean())
+    post = vae.encode(x)
+    torch.testing.assert_close(loss, ((recon - target) ** 2).mean() + 0.01 * post.kl() - 0.3 * fake.mean())
+    # the discriminator's own parameters get no gradient from the generator loss
+    loss.backward()
+    assert all(p.grad is None for p in disc.parameters())
+
+
+def test_perceptual_input_normalisation():
+    """[-1, 1] -> [0, 1] -> ImageNet mean / std (torchvision's VGG16 preset), then unit-normalised taps."""
+    import torchvision
+    net = VGGPerceptual(weights=None)
+    preset = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    norm = lambda im: torchvision.transforms.functional.normalize((im + 1) / 2, preset.mean, preset.std)
+    ref, hx, hy = 0.0, norm(x), norm(y)
+    for i, layer in enumerate(net.features):
+        hx, hy = layer(hx), layer(hy)
+        if i in (3, 8, 15, 22, 29):                           # relu1_2 ... relu5_3
+            fx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            fy = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            ref = ref + (fx - fy).pow(2).sum(1).mean()
+    torch.testing.assert_close(net(x, y), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_discriminator_and_hinge():
     d = PatchDiscriminator(16, 2)
     assert d(torch.randn(2, 3, 32, 32)).shape[:2] == (2, 1)
@@ -160,6 +207,9 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["disc"]:
         assert torch.equal(a["disc"][k], b["disc"][k]), k
+    for k in a["ema"]:                                      # the EMA is restored too, not rebuilt from the model
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])
     la, lb = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     assert any("d_gan" in r for r in la)                    # the GAN branch ran
