@@ -165,7 +165,7 @@ def test_fda_lambda_and_teacher_levels(vae_ckpt, tmp_path):
 def spy_sampling(monkeypatch, module, load_module):
     """Record the model and guidance scale given to guided_velocity, the sampler's output and the decoder's input."""
     seen = {}
-    real_gv, real_ode, real_load = module.guided_velocity, module.sample_ode, load_module.load_vae
+    real_gv, real_ode, real_load = module.guided_velocity, module.sample_ode, load_module.load_autoencoder
 
     def gv(model, y, scale=1.0, *rest):
         seen["model"] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -177,19 +177,19 @@ def spy_sampling(monkeypatch, module, load_module):
         return seen["z"]
 
     def load(*a, **k):
-        vae, ck = real_load(*a, **k)
-        real_decode = vae.decode
+        ae = real_load(*a, **k)
+        real_decode = ae.decode
 
         def decode(z):
             seen["decoder_input"] = z.clone()
             seen["decoded"] = real_decode(z)
             return seen["decoded"]
-        vae.decode = decode
-        return vae, ck
+        ae.decode = decode
+        return ae
 
     monkeypatch.setattr(module, "guided_velocity", gv)
     monkeypatch.setattr(module, "sample_ode", ode)
-    monkeypatch.setattr(load_module, "load_vae", load)
+    monkeypatch.setattr(load_module, "load_autoencoder", load)
     return seen
 
 
