@@ -10,7 +10,8 @@ import train_vae
 from common import UserError, load_checkpoint, save_checkpoint
 from data import DeadLeaves
 from vae import load_autoencoder
-from helpers import assert_one_line_error, read_metrics, run, sigterm_after_first_log
+from helpers import (assert_ema_weights_and_statistics, assert_one_line_error, read_metrics, run,
+                     sigterm_after_first_log, spy_sampling)
 
 
 @pytest.fixture(scope="module")
@@ -160,49 +161,6 @@ def test_fda_lambda_and_teacher_levels(vae_ckpt, tmp_path):
     assert td.fda_lambda(t, args).tolist() == [0.5, 0.5, 0.5]
     levels = {td.teacher_level(args, s) for s in range(200)}
     assert levels == {2, 3}
-
-
-def spy_sampling(monkeypatch, module, load_module):
-    """Record the model and guidance scale given to guided_velocity, the sampler's output and the decoder's input."""
-    seen = {}
-    real_gv, real_ode, real_load = module.guided_velocity, module.sample_ode, load_module.load_autoencoder
-
-    def gv(model, y, scale=1.0, *rest):
-        seen["model"] = {k: v.clone() for k, v in model.state_dict().items()}
-        seen["scale"] = scale
-        return real_gv(model, y, scale, *rest)
-
-    def ode(*a, **k):
-        seen["z"] = real_ode(*a, **k)
-        return seen["z"]
-
-    def load(*a, **k):
-        ae = real_load(*a, **k)
-        real_decode = ae.decode
-
-        def decode(z):
-            seen["decoder_input"] = z.clone()
-            seen["decoded"] = real_decode(z)
-            return seen["decoded"]
-        ae.decode = decode
-        return ae
-
-    monkeypatch.setattr(module, "guided_velocity", gv)
-    monkeypatch.setattr(module, "sample_ode", ode)
-    monkeypatch.setattr(load_module, "load_autoencoder", load)
-    return seen
-
-
-def assert_ema_weights_and_statistics(seen, ck, vae_ckpt):
-    """The sampler ran the EMA (not the trained model) and the decoder got z * std + mean of the VAE checkpoint."""
-    sit_model = {k[len("sit."):]: v for k, v in ck["model"].items() if k.startswith("sit.")}
-    assert seen["model"].keys() == ck["ema"].keys() == sit_model.keys()
-    assert all(torch.equal(seen["model"][k], ck["ema"][k]) for k in ck["ema"])
-    assert any(not torch.equal(ck["ema"][k], sit_model[k]) for k in sit_model)
-    stats = load_checkpoint(vae_ckpt, "vae")["latent_stats"]
-    mean, std = stats["mean"].view(1, -1, 1, 1), stats["std"].view(1, -1, 1, 1)
-    assert not torch.allclose(std, torch.ones_like(std), atol=0.05) and not torch.allclose(mean, 0 * mean, atol=0.05)
-    torch.testing.assert_close(seen["decoder_input"], seen["z"] * std + mean)
 
 
 def test_smoke_writes_samples_and_sit_checkpoint(vae_ckpt, tmp_path, monkeypatch):

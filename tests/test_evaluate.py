@@ -1,16 +1,20 @@
 """Stage 3: metric math against closed forms / brute force, sharding, sampling, diagnosis, demo."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.signal
 import torch
 
+import dit
 import evaluate as ev
+import fft_ops
 import train_diffusion as td
 import train_vae
 from vae import load_autoencoder
-from helpers import assert_one_line_error, run
+from common import load_checkpoint
+from helpers import assert_ema_weights_and_statistics, assert_one_line_error, run, spy_sampling
 
 
 def test_frechet_distance_closed_forms_and_cleanfid():
@@ -144,6 +148,80 @@ def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):
     ev.main(args)                                                   # redraws only the missing image
     assert os.path.getmtime(out / "000001.png") == before
     assert np.array_equal(np.load(str(out) + ".npz")["arr_0"], arr)   # per-image noise: same picture again
+
+
+def test_sample_uses_ema_guidance_and_latent_statistics(smoke_models, tmp_path, monkeypatch):
+    seen = spy_sampling(monkeypatch, dit, ev)
+    ckpt, out = str(smoke_models / "sit" / "last.pt"), tmp_path / "s"
+    ev.main(["sample", "--ckpt", ckpt, "--n", "2", "--batch", "2", "--sample-steps", "2", "--sampler", "euler",
+             "--cfg-scale", "3.5", "--cfg-interval", "0.1", "0.9", "--out", str(out)])
+    assert seen["scale"] == 3.5 and tuple(seen["guidance_rest"][0]) == (0.1, 0.9)
+    assert_ema_weights_and_statistics(seen, load_checkpoint(ckpt, "sit"), str(smoke_models / "vae" / "last.pt"))
+    from data import to_uint8
+    assert np.array_equal(np.load(str(out) + ".npz")["arr_0"], to_uint8(seen["decoded"]))
+
+
+class IdentityAE:
+    """Autoencoder stand-in whose latent is the image itself (encode -> x, decode -> z)."""
+
+    mlsr_fractions, device = (0, 0.25, 0.5, 0.75), torch.device("cpu")
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+def np_filter(x, keep):
+    return np.fft.ifft2(np.fft.fft2(x) * keep).real
+
+
+def np_psnr(r, x):
+    """Mean over images of PSNR (data range 2) of the clipped reconstruction r against x."""
+    mse = ((np.clip(r, -1, 1) - x) ** 2).mean(axis=(1, 2, 3))
+    return (10 * np.log10(4 / np.maximum(mse, 1e-12))).mean()
+
+
+def test_recon_table_with_an_identity_autoencoder():
+    """Row l is PSNR(S_l(x), x) and the HF energy ratio of S_l(x); the ratio falls with the level."""
+    x = np.random.default_rng(4).uniform(-0.8, 0.8, (6, 3, 16, 16))
+    fractions = [0, 0.25, 0.5, 0.75]
+    xt = torch.from_numpy(x).float()
+    rows = ev.recon_table(IdentityAE(), [xt[:4], xt[4:]], hf_radius=0.25)
+    rad = np.sqrt(np.fft.fftfreq(16)[:, None] ** 2 + np.fft.fftfreq(16)[None, :] ** 2)
+    for level, row in enumerate(rows):
+        s = np_filter(x, fft_ops.attenuation_mask(16, 16, level, fractions).numpy())
+        P = np.abs(np.fft.fft2(s - s.mean(axis=(2, 3), keepdims=True))) ** 2          # DC removed (HF_DEFINITION)
+        hf = ((P * (rad > 0.25)).sum(axis=(1, 2, 3)) / P.sum(axis=(1, 2, 3))).mean()
+        assert row["level"] == level
+        assert row["psnr"] == pytest.approx(np_psnr(s, x), rel=1e-4), level
+        assert row["latent_hf_ratio@0.25"] == pytest.approx(hf, rel=1e-4, abs=1e-7), level
+    hfs = [r["latent_hf_ratio@0.25"] for r in rows]
+    psnrs = [r["psnr"] for r in rows]
+    assert all(a > b for a, b in zip(hfs, hfs[1:])) and all(a > b for a, b in zip(psnrs, psnrs[1:]))
+
+
+def test_diagnose_bands_with_an_identity_autoencoder():
+    """F1 decodes the ideal low / high band of the latent; F3 low-passes the image at r0 before encoding, so
+    for the identity the latent energy above 0.25 is that of the band 0.25 < radius <= r0 (zero for r0 <= 0.25)."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-0.6, 0.6, (4, 3, 16, 16)) + rng.uniform(-0.2, 0.2, (4, 3, 1, 1))
+    radii, r0s = (0.1, 0.25, 0.4), (0.1, 0.2, 0.3, 0.45, 0.71)
+    res = ev.diagnose(IdentityAE(), torch.from_numpy(x).float(), lambda z: z, radii=radii, r0_sweep=r0s,
+                      hf_radius=0.25)
+    rad = np.sqrt(np.fft.fftfreq(16)[:, None] ** 2 + np.fft.fftfreq(16)[None, :] ** 2)
+    for i, r in enumerate(radii):
+        low = np_filter(x, rad <= r)
+        assert res["f1_psnr_low"][i] == pytest.approx(np_psnr(low, x), rel=1e-4)
+        assert res["f1_psnr_high"][i] == pytest.approx(np_psnr(x - low, x), rel=1e-4)
+    for i, r0 in enumerate(r0s):
+        band = np_filter(x, (rad > 0.25) & (rad <= r0))
+        kept = np_filter(x, (rad > 0) & (rad <= r0))                     # low-passed, per-image mean removed
+        assert res["f3_latent_hf_energy"][i] == pytest.approx((band ** 2).mean(), rel=1e-4, abs=1e-9), r0
+        ratio = ((band ** 2).sum(axis=(1, 2, 3)) / (kept ** 2).sum(axis=(1, 2, 3))).mean()
+        assert res["f3_latent_hf_ratio"][i] == pytest.approx(ratio, rel=1e-4, abs=1e-9), r0
+    assert res["f3_latent_hf_energy"][0] < 1e-9 < res["f3_latent_hf_energy"][2] < res["f3_latent_hf_energy"][-1]
 
 
 def test_recon_and_diagnose_on_a_smoke_vae(smoke_models, tmp_path):
