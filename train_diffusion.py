@@ -35,9 +35,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (StepLoop, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
-                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
-                    run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
+from common import (SignalStop, StepLoop, UserError, add_common_args, autocast, barrier, batch_split, check_range,
+                    ema_update, finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows,
+                    parse_with_presets, resume_path, rng_state, run_main, save_checkpoint, save_grid, set_rng_state,
+                    setup_distributed, sync_grads_on, unwrap, validate_common)
 from data import FlipView, StepSampler, build_dataset, make_loader
 from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
 from train_vae import load_vae
@@ -85,8 +86,15 @@ def get_args(argv=None):
     p.add_argument("--sampler", default="heun", choices=("euler", "heun"))
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of the periodic sample grids")
     args = parse_with_presets(p, PRESETS, argv)
-    if args.freqwarm:
-        fft_ops.check_r0(args.r0)
+    validate_common(args)
+    fft_ops.check_r0(args.r0)                   # checked even without --freqwarm: a given value must be valid
+    check_range(args, "warmup_steps", 0, optional=True)
+    check_range(args, "warmup_frac", 0.0, 1.0)
+    check_range(args, "class_dropout", 0.0, 1.0)
+    check_range(args, "sample_steps", 1)
+    check_range(args, "fda_depth", 1)
+    check_range(args, "image_size", 1, optional=True)
+    check_range(args, "grad_clip", 0.0, float("inf"))
     if args.vae is None:
         raise UserError("--vae PATH is required: a Stage-1 checkpoint written by train_vae.py")
     return args
@@ -238,6 +246,9 @@ def build(args, d):
     if stats is None:
         raise UserError(f"{args.vae} has no latent statistics: run train_vae.py --stats-only --resume {args.vae}")
     args.image_size = args.image_size or vae.config["image_size"]
+    if args.image_size % vae.patch:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of the VAE's patch size {vae.patch} "
+                        f"({args.vae} was trained at {vae.config['image_size']} px)")
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     C, h = vae.latent_dim, args.image_size // vae.patch
     sit = build_sit(args.model, h, C, dataset.num_classes).to(d.device)
@@ -289,7 +300,7 @@ def main(argv=None):
     train_model = torch.compile(student) if args.compile else student
     if d.world_size > 1:
         train_model = DDP(train_model)
-    loop = StepLoop(args, d, step, "sit")
+    loop, first_step, stopping = StepLoop(args, d, step, "sit"), step, 0
     lat = (args.global_batch, vae.latent_dim, *vae.latent_shape(args.image_size)[1:])
     while step < args.steps:
         student.train()
@@ -332,8 +343,10 @@ def main(argv=None):
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
             break
     loop.close()
-    if step == args.steps:
-        log0(f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png", d)
+    if stopping:
+        raise SignalStop(stopping, ckpt_path, step)
+    log0(finish_message(step, first_step, args, ckpt_path,
+                        f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png"), d)
 
 
 def checkpoint_state(args, student, ema, opt, step, warmup, phase, stats, d):
