@@ -1,13 +1,13 @@
 """Stage 3: sampling, generation metrics, reconstruction metrics and the frequency diagnosis.
 
-    python evaluate.py sample   --ckpt runs/sit-demo/last.pt --n 100 --out runs/eval/samples      # CPU
+    python evaluate.py sample   --ckpt runs/sit-demo/last.pt --num-samples 100 --out runs/eval/samples   # CPU
     python evaluate.py fid      --samples runs/eval/samples.npz --ref REF_FOLDER_OR_STATS.npz
     python evaluate.py fid      --make-ref-stats ref.npz --ref /data/imagenet/val_256           # reference stats
     python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
-    torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --n 50000 --sample-steps 250 --cfg-scale 1.8
+    torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
-             evaluate.py sample --ckpt SIT.pt --n 50000
+             evaluate.py sample --ckpt SIT.pt --num-samples 50000
 
 sample   : EMA weights, class-balanced labels (image i has class i mod K), indices sharded over ranks
            (rank r draws i = r, r + W, ...), noise seeded per image, PNGs written as they finish (a rerun
@@ -33,12 +33,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fft_ops
-from common import UserError, autocast, barrier, load_checkpoint, log0, run_main, setup_distributed
-from data import build_dataset, to_uint8
+from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, load_checkpoint, log0,
+                    run_main, setup_distributed, write_json)
+from data import build_dataset, load_rgb, to_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 CLEANFID_CACHE = "/tmp"             # where clean-fid itself downloads the file on Linux
+INCEPTION_DIMS = (2048, 1008)       # pool features, class logits of the 2015-12-05 graph
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -74,8 +76,9 @@ def load_sit(path, device):
 
 
 def folder_to_npz(folder, n, path):
-    arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB")) for i in range(n)])
-    np.savez(path, arr_0=arr)
+    arr = np.stack([np.asarray(load_rgb(os.path.join(folder, f"{i:06d}.png"))) for i in range(n)])
+    with atomic_write(path) as f:
+        np.savez(f, arr_0=arr)
     return arr.shape
 
 
@@ -84,8 +87,9 @@ def cmd_sample(a, d):
     from dit import guided_velocity, sample_ode
     ema, vae, latents, cfg = load_sit(a.ckpt, d.device)
     os.makedirs(a.out, exist_ok=True)
-    todo = [i for i in shard(a.n, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
-    log0(f"sampling {a.n} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
+    todo = [i for i in shard(a.num_samples, d.rank, d.world_size)
+            if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
+    log0(f"sampling {a.num_samples} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
          f"CFG {a.cfg_scale} on t in {a.cfg_interval}", d)
     shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
     for s in range(0, len(todo), a.batch):
@@ -96,12 +100,11 @@ def cmd_sample(a, d):
             z = sample_ode(guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval)), noise, a.sample_steps, a.sampler)
             imgs = to_uint8(vae.decode(latents.denormalize(z)).float())
         for i, im in zip(idx, imgs):
-            tmp = os.path.join(a.out, f".{i:06d}.png")
-            Image.fromarray(im).save(tmp, format="PNG")
-            os.replace(tmp, os.path.join(a.out, f"{i:06d}.png"))
+            with atomic_write(os.path.join(a.out, f"{i:06d}.png")) as f:
+                Image.fromarray(im).save(f, format="PNG")
     barrier()
     if d.main:
-        shape = folder_to_npz(a.out, a.n, a.out.rstrip("/") + ".npz")
+        shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz")
         log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8)", d)
 
 
@@ -127,7 +130,7 @@ def inception_score(probs, splits=10):
     """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks."""
     probs = np.asarray(probs, dtype=np.float64)
     scores = []
-    for part in np.array_split(probs, splits):
+    for part in np.array_split(probs, min(splits, len(probs))):
         py = part.mean(0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
         scores.append(math.exp(kl))
@@ -169,28 +172,51 @@ def find_inception(path=None):
     return path
 
 
+def load_inception(path, verify=True):
+    """clean-fid's Inception TorchScript from `path`, checked to be that network before its output is
+    called Inception: it must load as TorchScript with a `layers` trunk whose pool features are 2048-d
+    and whose class head has 1008 outputs (the 2015-12-05 graph) on a probe batch. One line otherwise."""
+    what = f"{path} is not clean-fid's {INCEPTION_FILE} (from {INCEPTION_URL})"
+    try:
+        net = torch.jit.load(path, map_location="cpu").eval()
+    except Exception as e:
+        raise UserError(f"{what}: it does not load as TorchScript ({type(e).__name__})") from None
+    if not verify:
+        return net
+    try:
+        with torch.no_grad():
+            x = torch.full((2, 3, 299, 299), 128.0)
+            feats = net.layers.forward((x - 128) / 128).reshape(2, -1)
+            probs = net(x, no_output_bias=True)
+    except Exception as e:
+        raise UserError(f"{what}: it does not run as that network ({type(e).__name__}: {str(e)[:80]})") from None
+    got = (tuple(feats.shape[1:]), tuple(probs.shape[1:]))
+    if got != ((INCEPTION_DIMS[0],), (INCEPTION_DIMS[1],)):
+        raise UserError(f"{what}: its features / class outputs have sizes {got[0]} / {got[1]}, "
+                        f"expected ({INCEPTION_DIMS[0]},) / ({INCEPTION_DIMS[1]},)")
+    return net
+
+
 class InceptionExtractor:
     """clean-fid 'clean' mode: PIL bicubic resize to 299, then the StyleGAN2-ADA Inception torchscript.
 
     __call__(uint8 (B, H, W, 3)) -> (pool features (B, 2048), class probabilities (B, 1008)).
+    The file is checked (load_inception) first; `verify=False` (tests only) accepts another TorchScript
+    network with the same interface, and then the name says its numbers are not FID / IS.
     """
 
-    name = "Inception-v3 (clean-fid, inception-2015-12-05)"
-
-    def __init__(self, path, device):
-        from cleanfid.inception_torchscript import InceptionV3W
+    def __init__(self, path, device, verify=True):
         from cleanfid.resize import build_resizer
-        self.model = InceptionV3W(os.path.dirname(os.path.abspath(path)), download=False).to(device)
-        if os.path.basename(path) != INCEPTION_FILE:
-            self.model.base = torch.jit.load(path).eval().to(device)
-            self.model.layers = self.model.base.layers
+        self.base = load_inception(path, verify).to(device)
+        self.name = ("Inception-v3 (clean-fid, inception-2015-12-05)" if verify else
+                     f"unverified stand-in network {os.path.basename(path)} (its numbers are not FID / IS)")
         self.resize, self.device = build_resizer("clean"), device
 
     @torch.no_grad()
     def __call__(self, imgs):
         x = torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
-        feats = self.model(x)
-        probs = self.model.base(x, no_output_bias=True)          # the IS head (StyleGAN2-ADA convention)
+        feats = self.base.layers.forward((x - 128) / 128).reshape(len(x), -1)   # clean-fid's InceptionV3W
+        probs = self.base(x, no_output_bias=True)          # the IS head (StyleGAN2-ADA convention)
         return feats.double().cpu().numpy(), probs.double().cpu().numpy()
 
 
@@ -200,14 +226,53 @@ def extract(extractor, images, batch=100):
     return np.concatenate(fs), np.concatenate(ps)
 
 
-def load_images(src):
-    """uint8 (N, H, W, 3) from an .npz (arr_0) or a folder of images."""
+def check_images(arr, what):
+    """One line unless `arr` is what FID expects: uint8, NHWC with 3 channels, at least 2 images."""
+    if arr.dtype != np.uint8:
+        raise UserError(f"{what}: images must be uint8 in [0, 255] (ADM .npz layout), not {arr.dtype}")
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        hint = "; this looks like NCHW, transpose it with arr.transpose(0, 2, 3, 1)" if arr.ndim == 4 and arr.shape[1] == 3 else ""
+        raise UserError(f"{what}: images must be NHWC RGB, (N, H, W, 3), not shape {arr.shape}{hint}")
+    if len(arr) < 2:
+        raise UserError(f"{what}: FID needs at least 2 images (a covariance), got {len(arr)}")
+    return arr
+
+
+def load_npz(src, flag):
+    """The arrays of an .npz file, or one line if it is missing or unreadable."""
+    if not os.path.isfile(src):
+        raise UserError(f"{flag} {src} does not exist")
+    try:
+        with np.load(src) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{flag} {src} is not a readable .npz file ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def load_images(src, flag="--samples"):
+    """uint8 (N, H, W, 3) from an .npz (arr_0) or a folder of images, checked with check_images."""
     if src.endswith(".npz"):
-        return np.load(src)["arr_0"]
+        z = load_npz(src, flag)
+        if "arr_0" not in z:
+            raise UserError(f"{flag} {src} has no 'arr_0' image array (keys: {sorted(z)})")
+        return check_images(z["arr_0"], f"{flag} {src}")
+    if not os.path.isdir(src):
+        raise UserError(f"{flag} {src} is neither an .npz file nor a folder of images")
     files = sorted(f for f in os.listdir(src) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
         raise UserError(f"no images in {src}")
-    return np.stack([np.asarray(Image.open(os.path.join(src, f)).convert("RGB")) for f in files])
+    return check_images(np.stack([np.asarray(load_rgb(os.path.join(src, f))) for f in files]), f"{flag} {src}")
+
+
+def load_ref_stats(src):
+    """(mu, sigma) from a reference-statistics .npz, checked to be 2048-d and finite."""
+    z = load_npz(src, "--ref")
+    mu, sigma = z["mu"], z.get("sigma")
+    D = INCEPTION_DIMS[0]
+    if sigma is None or mu.shape != (D,) or sigma.shape != (D, D) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"--ref {src}: reference statistics must be finite mu ({D},) and sigma ({D}, {D}), "
+                        f"got {mu.shape} and {None if sigma is None else sigma.shape}")
+    return mu, sigma
 
 
 def generation_metrics(extractor, fake, real=None, ref_stats=None, k=3):
@@ -224,18 +289,24 @@ def generation_metrics(extractor, fake, real=None, ref_stats=None, k=3):
 
 
 def cmd_fid(a, d):
-    ext = InceptionExtractor(find_inception(a.inception_path), d.device)
     if a.make_ref_stats:
-        mu, sigma = feature_stats(extract(ext, load_images(a.ref))[0])
-        np.savez(a.make_ref_stats, mu=mu, sigma=sigma)
+        ref = load_images(a.ref, "--ref")
+        ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+        mu, sigma = feature_stats(extract(ext, ref)[0])
+        with atomic_write(a.make_ref_stats) as f:
+            np.savez(f, mu=mu, sigma=sigma)
         log0(f"wrote reference statistics {a.make_ref_stats} ({ext.name})")
         return
-    fake = load_images(a.samples)
-    if a.ref.endswith(".npz") and "mu" in np.load(a.ref):
-        st = np.load(a.ref)
-        res = generation_metrics(ext, fake, ref_stats=(st["mu"], st["sigma"]))
+    fake = load_images(a.samples, "--samples")
+    if a.ref.endswith(".npz") and "mu" in load_npz(a.ref, "--ref"):
+        ref_stats, real = load_ref_stats(a.ref), None
     else:
-        res = generation_metrics(ext, fake, real=load_images(a.ref))
+        ref_stats, real = None, load_images(a.ref, "--ref")
+    ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+    if real is None:
+        res = generation_metrics(ext, fake, ref_stats=ref_stats)
+    else:
+        res = generation_metrics(ext, fake, real=real)
     log0(json.dumps(res, indent=1))
 
 
@@ -301,15 +372,17 @@ def cmd_recon(a, d):
         ext = InceptionExtractor(find_inception(a.inception_path), d.device)
     except UserError as e:
         log0(f"rFID skipped: {e}")
-    rows = recon_table(vae, dataset_images(a, vae, d.device), fractions, extractor=ext)
+    images = dataset_images(a, vae, d.device)
+    if ext is not None and len(images) < 2:
+        ext = None
+        log0(f"rFID skipped: it needs at least 2 images, got {len(images)}")
+    rows = recon_table(vae, images, fractions, extractor=ext)
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
     log0(f"reconstruction of {a.vae} on {a.n} images ({a.data}); PSNR/SSIM computed directly:\n" + "\n".join(lines))
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "recon.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(os.path.join(a.out, "recon.json"), rows)
 
 
 # ----------------------------------------------------------------------------- frequency diagnosis (FreqWarm)
@@ -353,6 +426,14 @@ def diagnose(vae, x, latents_norm, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=0.2
     return out
 
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
 def plot_diagnosis(res, out_dir):
     import matplotlib
     matplotlib.use("Agg")
@@ -372,13 +453,13 @@ def plot_diagnosis(res, out_dir):
             ax.plot(xs, ys, marker="o", ms=3, label=label)
         ax.set(xlabel=xl, ylabel=yl, title=title)
         ax.legend(fontsize=8), ax.grid(alpha=0.3)
-        fig.tight_layout(), fig.savefig(os.path.join(out_dir, name)), plt.close(fig)
+        save_figure(fig, os.path.join(out_dir, name))
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     for level, p in res["spectra"].items():
         ax.semilogy(res["spectra_radii"], np.maximum(p, 1e-12), label=f"S_{level}(z)")
     ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power", title="Latent spectra per MLSR level")
     ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "latent_spectra_levels.png")), plt.close(fig)
+    save_figure(fig, os.path.join(out_dir, "latent_spectra_levels.png"))
 
 
 def cmd_diagnose(a, d):
@@ -387,9 +468,7 @@ def cmd_diagnose(a, d):
     stats = ck.get("latent_stats") or {"mean": torch.zeros(vae.latent_dim), "std": torch.ones(vae.latent_dim)}
     mean, std = (stats[k].view(1, -1, 1, 1).to(d.device) for k in ("mean", "std"))
     res = diagnose(vae, dataset_images(a, vae, d.device), lambda z: (z - mean) / std)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "diagnosis.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(os.path.join(a.out, "diagnosis.json"), res)
     plot_diagnosis(res, a.out)
     i02 = res["f3_r0"].index(0.2)
     log0(f"diagnosis of {a.vae} on {a.n} images -> {a.out}/diagnosis.json and 4 PNG figures\n"
@@ -406,7 +485,7 @@ def get_args(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="DDP sampling to PNGs and an ADM-style .npz")
     s.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit')")
-    s.add_argument("--n", type=int, default=50000)
+    s.add_argument("--num-samples", type=int, default=50000, help="images to draw over all ranks")
     s.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
     s.add_argument("--sample-steps", type=int, default=250)
     s.add_argument("--sampler", default="heun", choices=("euler", "heun"))
@@ -414,8 +493,8 @@ def get_args(argv=None):
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     s.add_argument("--out", default="runs/eval/samples")
     f = sub.add_parser("fid", help="gFID / IS / precision-recall with clean-fid's Inception")
-    f.add_argument("--samples", help="generated images: .npz (arr_0) or folder")
-    f.add_argument("--ref", required=True, help="reference folder / .npz of images, or .npz statistics (mu, sigma)")
+    f.add_argument("--samples", help="generated images: .npz (arr_0, uint8 NHWC) or folder")
+    f.add_argument("--ref", help="reference folder / .npz of images, or .npz statistics (mu, sigma)")
     f.add_argument("--make-ref-stats", default=None, help="write reference statistics of --ref to this .npz")
     r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
@@ -434,8 +513,30 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def validate(a):
+    """Every check of the command line, in one place (one line and exit status 2 on failure)."""
+    if a.cmd == "sample":
+        for name in ("num_samples", "batch", "sample_steps"):
+            check_range(a, name, 1)
+        lo, hi = a.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
+        check_out_dir(a.out)
+    elif a.cmd == "fid":
+        if not a.ref or not (a.samples or a.make_ref_stats):
+            raise UserError("fid needs --samples FILE_OR_FOLDER and --ref FILE_OR_FOLDER "
+                            "(or --ref FOLDER --make-ref-stats OUT.npz)")
+        if a.make_ref_stats:
+            check_out_dir(os.path.dirname(os.path.abspath(a.make_ref_stats)), "--make-ref-stats folder")
+    else:
+        check_range(a, "n", 1)
+        if a.out:
+            check_out_dir(a.out)
+
+
 def main(argv=None):
     a = get_args(argv)
+    validate(a)
     d = setup_distributed(a.device)
     {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose}[a.cmd](a, d)
 

@@ -133,7 +133,7 @@ def smoke_models(tmp_path_factory):
 
 def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):
     out = tmp_path / "samples"
-    args = ["sample", "--ckpt", str(smoke_models / "sit" / "last.pt"), "--n", "6", "--sample-steps", "3",
+    args = ["sample", "--ckpt", str(smoke_models / "sit" / "last.pt"), "--num-samples", "6", "--sample-steps", "3",
             "--batch", "4", "--out", str(out), "--sampler", "euler", "--cfg-scale", "1.5", "--cfg-interval", "0.2", "1"]
     ev.main(args)
     arr = np.load(str(out) + ".npz")["arr_0"]
