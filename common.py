@@ -15,11 +15,14 @@
 import argparse
 import contextlib
 import hashlib
+import errno
+import io
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -35,8 +38,21 @@ class UserError(RuntimeError):
     """Bad input or a stopped run: printed as one line, exit status 2."""
 
 
+class SignalStop(Exception):
+    """A run stopped by SIGTERM / SIGINT after saving its checkpoint: exit status 128 + signal number."""
+
+    def __init__(self, signum, ckpt_path, step):
+        self.signum = int(signum)
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} at step {step}: saved {ckpt_path}; "
+                         f"run the same command again to resume")
+
+
 def run_main(main):
-    """Call main(); turn UserError (and data errors) into one clear line and exit code 2."""
+    """Call main(); one clear line and a non-zero exit status for everything that is not a finished run.
+
+    2: bad input or a stopped run (UserError, data errors); 128 + N: stopped by signal N after saving
+    (143 for SIGTERM, 130 for SIGINT); 130 also for Ctrl-C outside the training loop.
+    """
     from data import DataError
     try:
         main()
@@ -44,10 +60,76 @@ def run_main(main):
         print(f"error: {e}", file=sys.stderr, flush=True)
         cleanup_distributed()
         sys.exit(2)
+    except SignalStop as e:
+        print(str(e), file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     cleanup_distributed()
 
 
 # ----------------------------------------------------------------------------- settings
+
+def check_out_dir(path, flag="--out"):
+    """Create the output folder if needed; one line if it is a file or cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written to ({e.strerror or e})") from None
+
+
+def check_range(args, name, low=None, high=None, optional=False):
+    """One line unless args.<name> is a number in [low, high] (NaN fails; None passes if optional)."""
+    v = getattr(args, name)
+    if v is None and optional:
+        return
+    flag = "--" + name.replace("_", "-")
+    ok = v is not None and not (isinstance(v, float) and math.isnan(v))
+    ok = ok and (low is None or v >= low) and (high is None or v <= high)
+    if not ok:
+        want = (f"in [{low}, {high}]" if low is not None and high is not None else
+                f">= {low}" if low is not None else f"<= {high}")
+        raise UserError(f"{flag} must be {want}; got {v}")
+
+
+def validate_common(args):
+    """Check the settings of add_common_args (each script calls this once, right after parsing)."""
+    check_range(args, "steps", 0)
+    for name in ("global_batch", "ckpt_every", "log_every", "sample_every", "n_images"):
+        check_range(args, name, 1)
+    check_range(args, "micro_batch", 1, optional=True)
+    check_range(args, "workers", 0)
+    check_range(args, "lr", 0.0, math.inf)
+    check_range(args, "weight_decay", 0.0, math.inf)
+    check_range(args, "ema_decay", 0.0, 1.0)
+    check_device(args.device)
+    check_out_dir(args.out)
+
+
+def check_device(name):
+    """One line unless `--device` names a device this machine has (cpu, cuda, cuda:N); returns it."""
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return dev
+
 
 def parse_with_presets(parser, presets, argv=None):
     """Parse argv; `--preset NAME` sets defaults from presets[NAME]; explicit flags still win."""
@@ -98,7 +180,9 @@ def setup_distributed(device=None):
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -131,15 +215,22 @@ def all_reduce_mean(values, device):
 
 def any_rank(flag, device):
     """True on every rank if `flag` is true on any rank."""
+    return bool(max_over_ranks(1 if flag else 0, device))
+
+
+def max_over_ranks(value, device):
+    """The largest of an integer over all ranks (the value itself on one process)."""
     if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return int(value)
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def batch_split(global_batch, world_size, micro_batch=None):
     """Fixed global batch -> (per-rank batch, gradient-accumulation steps, micro-batch)."""
+    if global_batch < 1 or (micro_batch is not None and micro_batch < 1):
+        raise UserError(f"--global-batch ({global_batch}) and --micro-batch ({micro_batch}) must be at least 1")
     if global_batch % world_size:
         raise UserError(f"global batch {global_batch} is not divisible by the world size {world_size}")
     per_rank = global_batch // world_size
@@ -205,24 +296,109 @@ def ema_update(ema, model, decay):
         eb.copy_(mb)
 
 
+# ----------------------------------------------------------------------------- files
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def disk_full(exc):
+    """The ENOSPC / EDQUOT OSError behind an exception (libraries often re-raise it wrapped), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_error(path, err, kept=None):
+    """The one-line UserError for a write that ran out of space."""
+    kept = kept if kept is not None else os.path.exists(path)
+    what = f"the previous {path} is kept unchanged" if kept else f"{path} was not written"
+    return UserError(f"disk full ({err.strerror or os.strerror(err.errno)}) while writing {path}: {what}; "
+                     f"free some space and rerun")
+
+
+class _FdWriter(io.RawIOBase):
+    """Raw file over an os-level descriptor: every byte goes through os.write (and so can fail there)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return os.write(self.fd, b)
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if not self.closed:
+            try:
+                os.close(self.fd)
+            finally:
+                super().close()
+
+
+@contextlib.contextmanager
+def atomic_write(path, text=False):
+    """Open a file for writing that appears at `path` only when complete.
+
+    Writes go to a temporary file in the same folder, which is flushed, fsync'ed and renamed over
+    `path` at the end. On any error (or Ctrl-C) the temporary file is removed and `path` is left as
+    it was; a full disk becomes one UserError line naming the file and what was kept.
+
+        with atomic_write("out/x.npz") as f:
+            np.savez(f, arr_0=arr)
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path, e) from None
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    f = io.BufferedWriter(_FdWriter(fd), 1 << 20)
+    try:
+        yield io.TextIOWrapper(f, encoding="utf-8", write_through=True) if text else f
+        f.flush()
+        os.fsync(fd)
+        f.close()
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            f.close()
+        with contextlib.suppress(Exception):
+            f.raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        full = disk_full(e)
+        if full is not None:
+            raise disk_full_error(path, full) from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); nothing was written there") from None
+        raise
+
+
+def write_json(path, obj):
+    with atomic_write(path, text=True) as f:
+        json.dump(obj, f, indent=1)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, state):
-    """Write atomically: to PATH.tmp, then rename (a crash never leaves a half-written file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path, obj):
-    """Write JSON to PATH.tmp, fsync, rename: readers see the old file or the whole new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically (temporary file, fsync, rename): a crash or a full disk never leaves a half-written file."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def file_hash(path, chunk=1 << 24):
@@ -269,22 +445,32 @@ class StopSignal:
     """SIGTERM / SIGINT set a flag; the training loop saves a checkpoint and exits cleanly."""
 
     def __init__(self):
-        self.flag = False
+        self.flag, self.signum = False, 0
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.flag = True
+        self.flag, self.signum = True, max(self.signum, int(signum))
 
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
-def check_finite(loss_value, step, ckpt_path):
-    """Stop on a NaN / inf loss, naming the last good checkpoint (which is left untouched)."""
-    if not math.isfinite(loss_value):
-        last = ckpt_path if os.path.isfile(ckpt_path) else "none written yet"
-        raise UserError(f"loss is {loss_value} at step {step}: stopped; last good checkpoint: {last}")
+def nonfinite_reason(totals):
+    """'loss is nan' / 'gradient norm is inf' / 'd_gan is nan' for the first non-finite value, else None."""
+    names = ["loss", "grad_norm"] + sorted(k for k in totals if k not in ("loss", "grad_norm"))
+    for k in names:
+        v = totals.get(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{'gradient norm' if k == 'grad_norm' else k} is {v}"
+    return None
+
+
+def stop_nonfinite(reason, step, ckpt_path):
+    """Stop on a non-finite loss or gradient norm, naming the last good checkpoint (left untouched)."""
+    last = ckpt_path if os.path.isfile(ckpt_path) else "none written yet"
+    raise UserError(f"{reason} at step {step}: stopped; last good checkpoint: {last} "
+                    f"(--on-nonfinite skip skips such steps instead)")
 
 
 # ----------------------------------------------------------------------------- logging
@@ -313,8 +499,20 @@ class MetricsLog:
 
     def write(self, **record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = (json.dumps(record) + "\n").encode()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as e:
+                os.ftruncate(fd, size)                   # never leave half a line
+                if e.errno in DISK_FULL:
+                    raise disk_full_error(self.path, e, kept=True) from None
+                raise
+            finally:
+                os.close(fd)
 
 
 def progress(total, initial, d, desc):
@@ -339,10 +537,10 @@ class Throughput:
 
 
 def save_grid(images, path, nrow):
-    """Save float images (N, 3, H, W) in [-1, 1] as one PNG grid."""
+    """Save float images (N, 3, H, W) in [-1, 1] as one PNG grid (written atomically)."""
     import torchvision
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
+    with atomic_write(path) as f:
+        torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, f, nrow=nrow, padding=1, format="png")
 
 
 def count_params(model):
@@ -373,6 +571,9 @@ def add_common_args(p):
                    help="'auto' (OUT/last.pt if present), 'none', or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",
                    help="with --resume none: start afresh in a folder that holds another run")
+    p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
+                   help="a step whose loss or gradient norm is NaN / inf: stop the run (keeping the last good "
+                        "checkpoint) or skip that step's update")
     return p
 
 
@@ -442,6 +643,7 @@ class StepLoop:
         self.bar = progress(args.steps, step, d, desc)
         self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step)
         self.stop, self.speed = StopSignal(), Throughput()
+        self.skipped = 0
 
     def due(self, step, every):
         return step % every == 0 or step == self.args.steps
@@ -452,11 +654,26 @@ class StepLoop:
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v.item() / accum
 
-    def reduce_and_clip(self, totals, params, step, ckpt_path, clip):
-        """Average the step's losses over ranks, stop on NaN, clip gradients; returns the metrics."""
+    def reduce_and_clip(self, totals, params, step, ckpt_path, clip, other_params=()):
+        """Average the step's losses over ranks and clip the gradients; returns the metrics.
+
+        A NaN / inf loss (or loss part) or gradient norm stops the run (--on-nonfinite stop) before the
+        optimizer or a checkpoint sees it, or (skip) drops this step's gradients of `params` and
+        `other_params`, so the optimizers leave the weights as they were; `skipped` is then 1.
+        Losses and gradients are already averaged over ranks, so every rank takes the same decision.
+        """
+        params, other_params = list(params), list(other_params)
         totals = all_reduce_mean(totals, self.d.device)
-        check_finite(totals["loss"], step, ckpt_path)
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        reason = nonfinite_reason(totals)
+        if reason is not None:
+            if self.args.on_nonfinite == "stop":
+                stop_nonfinite(reason, step, ckpt_path)
+            for p in params + other_params:
+                p.grad = None
+            self.skipped += 1
+            log0(f"step {step}: {reason}: update skipped ({self.skipped} so far)", self.d)
+        totals["skipped"] = int(reason is not None)
         return totals
 
     def end_step(self, step, metrics):
@@ -467,8 +684,16 @@ class StepLoop:
             rate = self.speed.rate()
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}")
             self.log.write(step=step, img_per_s=rate, **metrics)
-        return any_rank(self.stop.flag, self.d.device)
+        return max_over_ranks(self.stop.signum, self.d.device)
 
     def close(self):
         self.bar.close()
         self.stop.restore()
+
+
+def finish_message(step, first_step, args, ckpt_path, done):
+    """The last line of a training run: `done` only when this run trained and wrote its final checkpoint."""
+    if step == args.steps and step > first_step:
+        return done
+    return (f"nothing to train: at step {step} of --steps {args.steps}; "
+            f"{'no checkpoint written' if step == 0 else 'no new checkpoint written'}")

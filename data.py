@@ -29,10 +29,55 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".ti
 
 
 class DataError(RuntimeError):
-    """A problem with the input data, reported as one line."""
+    """A problem with the input data, reported as one line.
+
+    Raised in a DataLoader worker, it comes back to the main process re-built from the text
+    "Caught DataError in DataLoader worker process N. Original Traceback ... data.DataError: MSG";
+    only MSG is kept, so the user sees the one line once.
+    """
+
+    def __init__(self, msg=""):
+        msg = str(msg)
+        if "\nOriginal Traceback" in msg:
+            last = msg.rstrip().splitlines()[-1]
+            msg = last.split("DataError: ", 1)[-1]
+        super().__init__(msg)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")     # 16-bit (and 32-bit int) greyscale
+
+
+def pil_to_rgb(im):
+    """Any PIL image -> 8-bit RGB PIL image, with the value range of its mode.
+
+    16-bit greyscale (I;16, I;16B, ...; PIL also opens 16-bit PNGs as I) is 0..65535 and maps to
+    round(v / 257); F (float) follows PIL's 0..255 scale; both are clipped to range. Palette, 1, L,
+    CMYK, YCbCr, LAB and HSV use PIL's colour conversion. Alpha (RGBA, LA, PA, ...) is dropped, as in
+    the ADM / torchvision ImageNet pipelines (no compositing onto a background).
+    """
+    mode = im.mode
+    if mode in WIDE_INT_MODES or mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.round(a / 257.0) if mode != "F" else np.round(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(a[..., None], 3, axis=2), "RGB")
+    if mode == "RGB":
+        return im.copy()                               # loaded, independent of the open file
+    if mode in ("PA", "La", "RGBa"):                   # no direct conversion to RGB in PIL
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def load_rgb(path):
+    """Read an image file as an 8-bit RGB PIL image (pil_to_rgb), or one DataError line naming the file."""
+    try:
+        with Image.open(path) as im:
+            return pil_to_rgb(im)
+    except Exception as e:  # PIL raises many types for broken files; name the path once
+        detail = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+        raise DataError(f"cannot read image {path}: {type(e).__name__}" + (f": {detail}" if detail else "")) from None
+
 
 def to_tensor(img):
     """PIL RGB image or uint8 HWC array -> float (3, H, W) in [-1, 1]."""
@@ -63,15 +108,6 @@ def list_images(root):
     """Image files below root (recursive), sorted, hidden names skipped."""
     return [p for p in sorted(Path(root).rglob("*"))
             if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
-
-
-def load_rgb(path):
-    """An image file as a PIL RGB image; an unreadable file is one DataError naming it."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for broken files
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -195,12 +231,12 @@ class DeadLeaves(torch.utils.data.Dataset):
 
 def export_imagefolder(dataset, out_dir):
     """Write a dataset as ROOT/<class>/<index>.png (ImageFolder layout). Returns the root."""
+    from common import atomic_write
     out = Path(out_dir)
     for i in range(len(dataset)):
         x, y = dataset[i]
-        d = out / f"class_{y:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_uint8(x[None])[0]).save(d / f"{i:07d}.png")
+        with atomic_write(out / f"class_{y:03d}" / f"{i:07d}.png") as f:
+            Image.fromarray(to_uint8(x[None])[0]).save(f, format="PNG")
     return out
 
 
@@ -345,16 +381,14 @@ def main(argv=None):
         root = export_imagefolder(DeadLeaves(n=a.n, resolution=a.resolution, seed=a.seed), a.out)
         print(f"wrote {a.n} images to {root}")
     else:
-        import torchvision
         ds = DeadLeaves(n=10 * a.per_class, resolution=a.resolution)
         idx = [c + 10 * j for c in range(10) for j in range(a.per_class)]
         grid = torch.stack([ds[i][0] for i in idx])
-        torchvision.utils.save_image(grid * 0.5 + 0.5, a.out, nrow=a.per_class)
+        from common import save_grid
+        save_grid(grid, a.out, nrow=a.per_class)
         print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as err:
-        sys.exit(f"error: {err}")
+    from common import run_main
+    run_main(main)

@@ -29,7 +29,7 @@ for RUN in baseline freqwarm; do
     step "stage 2: SiT, $RUN ($PRESET)"
     "$PY" train_diffusion.py --preset "$PRESET" --vae "$OUT/vae/last.pt" --out "$OUT/sit-$RUN" "${FLAGS[@]}"
     step "stage 3: $N_SAMPLES samples from the $RUN SiT"
-    "$PY" evaluate.py sample --ckpt "$OUT/sit-$RUN/last.pt" --n "$N_SAMPLES" --batch 40 --sample-steps "$SAMPLE_STEPS" \
+    "$PY" evaluate.py sample --ckpt "$OUT/sit-$RUN/last.pt" --num-samples "$N_SAMPLES" --batch 40 --sample-steps "$SAMPLE_STEPS" \
         --cfg-scale 2.0 --out "$OUT/samples-$RUN"
 done
 

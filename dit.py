@@ -133,8 +133,10 @@ class SiT(nn.Module):
 def build_sit(name, input_size, in_channels, num_classes):
     """name is SIZE/PATCH, e.g. 'XL/2' (SiT-XL/2) or 'tiny/1'."""
     size, _, patch = name.partition("/")
-    if size not in SIZES or not patch.isdigit():
-        raise ValueError(f"unknown SiT model {name!r}; use SIZE/PATCH with SIZE in {sorted(SIZES)}")
+    if size not in SIZES or not patch.isdigit() or int(patch) < 1:
+        raise ValueError(f"unknown SiT model {name!r}; use SIZE/PATCH with SIZE in {sorted(SIZES)} and PATCH >= 1")
+    if input_size % int(patch):
+        raise ValueError(f"SiT patch {patch} does not divide the {input_size}x{input_size} latent grid")
     depth, width, heads = SIZES[size]
     return SiT(input_size, in_channels, int(patch), width, depth, heads, num_classes)
 

@@ -1,13 +1,13 @@
 """Stage 3: sampling, generation metrics, reconstruction metrics and the frequency diagnosis.
 
-    python evaluate.py sample   --ckpt runs/sit-demo/last.pt --n 100 --out runs/eval/samples      # CPU
+    python evaluate.py sample   --ckpt runs/sit-demo/last.pt --num-samples 100 --out runs/eval/samples   # CPU
     python evaluate.py fid      --samples runs/eval/samples.npz --ref REF_FOLDER_OR_STATS.npz
     python evaluate.py fid      --make-ref-stats ref.npz --ref /data/imagenet/val_256           # reference stats
     python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
-    torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --n 50000 --sample-steps 250 --cfg-scale 1.8
+    torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
-             evaluate.py sample --ckpt SIT.pt --n 50000
+             evaluate.py sample --ckpt SIT.pt --num-samples 50000
 
 sample   : EMA weights, class-balanced labels (image i has class i mod K), indices sharded over ranks
            (rank r draws i = r, r + W, ...), noise seeded per image, PNGs written as they finish (a rerun
@@ -35,14 +35,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fft_ops
-from common import (UserError, autocast, barrier, file_hash, load_checkpoint, log0, run_main, setup_distributed,
-                    write_json_atomic)
-from data import ImageFiles, build_dataset, image_batches, random_subset, to_uint8
+from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
+                    load_checkpoint, log0, run_main, setup_distributed, write_json)
+from data import ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from vae import LatentSpace, load_autoencoder
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 CLEANFID_CACHE = "/tmp"             # where clean-fid itself downloads the file on Linux
+INCEPTION_DIMS = (2048, 1008)       # pool features, class logits of the 2015-12-05 graph
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -106,22 +107,20 @@ def check_manifest(out, manifest):
             raise UserError(f"{out} holds samples drawn with other settings ({'; '.join(diff)}): "
                             f"use another --out or remove it")
     else:
-        write_json_atomic(path, manifest)
+        write_json(path, manifest)
 
 
 def folder_to_npz(folder, n, path, chunk=1000):
-    """Stream PNGs 000000..n-1 into an ADM-style .npz (arr_0 uint8 NHWC) without holding them all."""
-    first = np.asarray(Image.open(os.path.join(folder, f"{0:06d}.png")).convert("RGB"))
+    """Stream PNGs 000000..n-1 into an ADM-style .npz (arr_0 uint8 NHWC) without holding them all; atomic."""
+    first = np.asarray(load_rgb(os.path.join(folder, f"{0:06d}.png")))
     shape = (n, *first.shape)
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_write(path) as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for i in range(0, n, chunk):
-                block = np.stack([np.asarray(Image.open(os.path.join(folder, f"{j:06d}.png")).convert("RGB"))
+                block = np.stack([np.asarray(load_rgb(os.path.join(folder, f"{j:06d}.png")))
                                   for j in range(i, min(i + chunk, n))])
                 f.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
-    os.replace(tmp, path)
     return shape
 
 
@@ -136,8 +135,8 @@ def cmd_sample(a, d):
             if f.startswith(".") and f.endswith(".png"):
                 os.remove(os.path.join(a.out, f))
     barrier()
-    todo = [i for i in shard(a.n, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
-    log0(f"sampling {a.n} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
+    todo = [i for i in shard(a.num_samples, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
+    log0(f"sampling {a.num_samples} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
          f"CFG {a.cfg_scale} on t in {a.cfg_interval}; decoder {ae.name}", d)
     shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
     for s in range(0, len(todo), a.batch):
@@ -148,12 +147,11 @@ def cmd_sample(a, d):
             z = sample_ode(guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval)), noise, a.sample_steps, a.sampler)
         imgs = to_uint8(ae.decode(space.to_autoencoder(z)))          # float32 decode, outside autocast
         for i, im in zip(idx, imgs):
-            tmp = os.path.join(a.out, f".{i:06d}.png")
-            Image.fromarray(im).save(tmp, format="PNG")
-            os.replace(tmp, os.path.join(a.out, f"{i:06d}.png"))
+            with atomic_write(os.path.join(a.out, f"{i:06d}.png")) as f:
+                Image.fromarray(im).save(f, format="PNG")
     barrier()
     if d.main:
-        shape = folder_to_npz(a.out, a.n, a.out.rstrip("/") + ".npz")
+        shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz")
         log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8)", d)
 
 
@@ -179,7 +177,7 @@ def inception_score(probs, splits=10):
     """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks."""
     probs = np.asarray(probs, dtype=np.float64)
     scores = []
-    for part in np.array_split(probs, splits):
+    for part in np.array_split(probs, min(splits, len(probs))):
         py = part.mean(0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
         scores.append(math.exp(kl))
@@ -221,26 +219,51 @@ def find_inception(path=None):
     return path
 
 
+def load_inception(path, verify=True):
+    """clean-fid's Inception TorchScript from `path`, checked to be that network before its output is
+    called Inception: it must load as TorchScript with a `layers` trunk whose pool features are 2048-d
+    and whose class head has 1008 outputs (the 2015-12-05 graph) on a probe batch. One line otherwise."""
+    what = f"{path} is not clean-fid's {INCEPTION_FILE} (from {INCEPTION_URL})"
+    try:
+        net = torch.jit.load(path, map_location="cpu").eval()
+    except Exception as e:
+        raise UserError(f"{what}: it does not load as TorchScript ({type(e).__name__})") from None
+    if not verify:
+        return net
+    try:
+        with torch.no_grad():
+            x = torch.full((2, 3, 299, 299), 128.0)
+            feats = net.layers.forward((x - 128) / 128).reshape(2, -1)
+            probs = net(x, no_output_bias=True)
+    except Exception as e:
+        raise UserError(f"{what}: it does not run as that network ({type(e).__name__}: {str(e)[:80]})") from None
+    got = (tuple(feats.shape[1:]), tuple(probs.shape[1:]))
+    if got != ((INCEPTION_DIMS[0],), (INCEPTION_DIMS[1],)):
+        raise UserError(f"{what}: its features / class outputs have sizes {got[0]} / {got[1]}, "
+                        f"expected ({INCEPTION_DIMS[0]},) / ({INCEPTION_DIMS[1]},)")
+    return net
+
+
 class InceptionExtractor:
     """clean-fid 'clean' mode: PIL bicubic resize to 299, then the StyleGAN2-ADA Inception torchscript.
 
     __call__(uint8 (B, H, W, 3)) -> (pool features (B, 2048), class probabilities (B, 1008)).
-    The file is loaded from `path` itself, whatever its name (clean-fid's own wrapper insists on its
-    default file name in the folder).
+    The file is checked (load_inception) first; `verify=False` (tests only) accepts another TorchScript
+    network with the same interface, and then the name says its numbers are not FID / IS.
     """
 
-    name = "Inception-v3 (clean-fid, inception-2015-12-05)"
-
-    def __init__(self, path, device):
+    def __init__(self, path, device, verify=True):
         from cleanfid.resize import build_resizer
-        self.base = torch.jit.load(path, map_location=device).eval()
+        self.base = load_inception(path, verify).to(device)
+        self.name = ("Inception-v3 (clean-fid, inception-2015-12-05)" if verify else
+                     f"unverified stand-in network {os.path.basename(path)} (its numbers are not FID / IS)")
         self.resize, self.device = build_resizer("clean"), device
 
     @torch.no_grad()
     def __call__(self, imgs):
         x = torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
-        feats = self.base.layers.forward((x - 128) / 128).view(len(x), -1)   # pool3, as clean-fid's InceptionV3W
-        probs = self.base(x, no_output_bias=True)                 # the IS head (StyleGAN2-ADA convention)
+        feats = self.base.layers.forward((x - 128) / 128).reshape(len(x), -1)   # clean-fid's InceptionV3W
+        probs = self.base(x, no_output_bias=True)          # the IS head (StyleGAN2-ADA convention)
         return feats.double().cpu().numpy(), probs.double().cpu().numpy()
 
 
@@ -277,7 +300,6 @@ def npz_batches(path, batch=500):
     """Stream arr_0 of an .npz in batches without loading the whole array (stored or deflated entries)."""
     with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
         shape, dtype = _npy_header(f)
-        check_images(shape, dtype, path)
         per = int(np.prod(shape[1:]))
         for i in range(0, shape[0], batch):
             b = min(batch, shape[0] - i)
@@ -294,35 +316,70 @@ def _npy_header(f):
     return shape, dtype
 
 
-def npz_shape(path):
-    """(shape, dtype) of arr_0 in an .npz, read from its header alone."""
+def npz_shape(path, flag):
+    """(shape, dtype) of arr_0 in an .npz, read from its header alone; one line if it is not there."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} does not exist")
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            return _npy_header(f)
-    except (zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise UserError(f"{path} is not an .npz with an arr_0 array ({type(e).__name__}: {e})") from None
+        with zipfile.ZipFile(path) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                raise UserError(f"{flag} {path} has no 'arr_0' image array (keys: "
+                                f"{sorted(n[:-4] for n in zf.namelist())})")
+            with zf.open("arr_0.npy") as f:
+                return _npy_header(f)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{flag} {path} is not a readable .npz file ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def check_images(shape, dtype, src):
-    """Generated / reference arrays are uint8 NHWC with 3 channels (ADM's .npz layout)."""
-    if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise UserError(f"{src}: arr_0 is {np.dtype(dtype)} {tuple(shape)}; expected uint8 (N, H, W, 3)")
+def check_images(shape, dtype, what):
+    """One line unless images are what FID expects: uint8, NHWC with 3 channels, at least 2 of them."""
+    if np.dtype(dtype) != np.uint8:
+        raise UserError(f"{what}: images must be uint8 in [0, 255] (ADM .npz layout), not {np.dtype(dtype)}")
+    if len(shape) != 4 or shape[-1] != 3:
+        hint = ("; this looks like NCHW, transpose it with arr.transpose(0, 2, 3, 1)"
+                if len(shape) == 4 and shape[1] == 3 else "")
+        raise UserError(f"{what}: images must be NHWC RGB, (N, H, W, 3), not shape {tuple(shape)}{hint}")
+    if shape[0] < 2:
+        raise UserError(f"{what}: FID needs at least 2 images (a covariance), got {shape[0]}")
 
 
-def image_source(src, resolution=None, batch=100, workers=0):
+def image_source(src, flag, resolution=None, batch=100, workers=0):
     """(uint8 batch stream, count, side) of an .npz (arr_0) or of every image below a folder (nested, any
-    sizes: ADM centre crop to `resolution`, default the first image's side)."""
-    if not os.path.exists(src):
-        raise UserError(f"{src} does not exist")
+    sizes: ADM centre crop to `resolution`, default the first image's side), checked with check_images."""
     if src.endswith(".npz"):
-        shape, _ = npz_shape(src)
+        shape, dtype = npz_shape(src, flag)
+        check_images(shape, dtype, f"{flag} {src}")
         return npz_batches(src, batch), shape[0], shape[1]
+    if not os.path.isdir(src):
+        raise UserError(f"{flag} {src} is neither an .npz file nor a folder of images")
     files = ImageFiles(src, resolution or 1)
     if resolution is None:
-        files.resolution = min(Image.open(files.files[0]).size)
-    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers,
-                                         collate_fn=np.stack)
+        files.resolution = min(load_rgb(files.files[0]).size)
+    check_images((len(files), files.resolution, files.resolution, 3), np.uint8, f"{flag} {src}")
+    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=np.stack)
     return loader, len(files), files.resolution
+
+
+def load_npz(src, flag):
+    """The arrays of a small .npz file (statistics), or one line if it is missing or unreadable."""
+    if not os.path.isfile(src):
+        raise UserError(f"{flag} {src} does not exist")
+    try:
+        with np.load(src) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{flag} {src} is not a readable .npz file ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def load_ref_stats(src):
+    """(mu, sigma) from a reference-statistics .npz, checked to be 2048-d and finite."""
+    z = load_npz(src, "--ref")
+    mu, sigma = z["mu"], z.get("sigma")
+    D = INCEPTION_DIMS[0]
+    if sigma is None or mu.shape != (D,) or sigma.shape != (D, D) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"--ref {src}: reference statistics must be finite mu ({D},) and sigma ({D}, {D}), "
+                        f"got {mu.shape} and {None if sigma is None else sigma.shape}")
+    return mu, sigma
 
 
 def generation_metrics(extractor, fake, real=None, ref_stats=None, k=3):
@@ -350,29 +407,28 @@ def _batched(images, batch=100):
 
 
 def cmd_fid(a, d):
-    ext = InceptionExtractor(find_inception(a.inception_path), d.device)
     side = None
-    if a.samples:
-        shape, _ = npz_shape(a.samples) if a.samples.endswith(".npz") else ((None, None), None)
+    if a.samples and a.samples.endswith(".npz"):
+        shape, _ = npz_shape(a.samples, "--samples")
         side = shape[1]
     if a.make_ref_stats:
-        ref, n, side = image_source(a.ref, a.resolution or side, workers=a.workers)
-        moments = extract(ext, ref, keep=False)[0]
-        mu, sigma = moments.stats()
-        tmp = a.make_ref_stats + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, a.make_ref_stats)
+        ref, n, side = image_source(a.ref, "--ref", a.resolution or side, workers=a.workers)
+        ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+        mu, sigma = extract(ext, ref, keep=False)[0].stats()
+        with atomic_write(a.make_ref_stats) as f:
+            np.savez(f, mu=mu, sigma=sigma)
         log0(f"wrote reference statistics {a.make_ref_stats} of {n} images at {side} px ({ext.name})")
         return
-    if not a.samples:
-        raise UserError("fid needs --samples (or --make-ref-stats FILE)")
-    fake, n_fake, side = image_source(a.samples, a.resolution, workers=a.workers)
-    if a.ref.endswith(".npz") and "mu" in np.load(a.ref).files:
-        st = np.load(a.ref)
-        res = generation_metrics(ext, fake, ref_stats=(st["mu"], st["sigma"]))
+    fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
+    if a.ref.endswith(".npz") and "mu" in load_npz(a.ref, "--ref"):
+        ref_stats, real = load_ref_stats(a.ref), None
     else:
-        ref, _, _ = image_source(a.ref, side, workers=a.workers)
-        res = generation_metrics(ext, fake, real=ref)
+        ref_stats, real = None, image_source(a.ref, "--ref", side, workers=a.workers)[0]
+    ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+    if real is None:
+        res = generation_metrics(ext, fake, ref_stats=ref_stats)
+    else:
+        res = generation_metrics(ext, fake, real=real)
     log0(json.dumps(res, indent=1))
 
 
@@ -461,6 +517,9 @@ def cmd_recon(a, d):
     if ext is not None and n < 2048:
         log0(f"WARNING: rFID from {n} images (fewer than the 2048 feature dimensions) is heavily biased; "
              f"the papers' protocol uses all 50 000 ImageNet validation images (--n all)")
+    if ext is not None and n < 2:
+        ext = None
+        log0(f"rFID skipped: it needs at least 2 images, got {n}")
     rows = recon_table(ae, batches, extractor=ext)
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -469,9 +528,8 @@ def cmd_recon(a, d):
          f"directly on [-1, 1] images; {HF_DEFINITION}:\n" + "\n".join(lines))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        write_json_atomic(os.path.join(a.out, "recon.json"), {"autoencoder": ae.name, "data": a.data, "n_images": n,
-                                                              "seed": a.seed, "hf_definition": HF_DEFINITION,
-                                                              "rows": rows})
+        write_json(os.path.join(a.out, "recon.json"), {"autoencoder": ae.name, "data": a.data, "n_images": n,
+                                                       "seed": a.seed, "hf_definition": HF_DEFINITION, "rows": rows})
 
 
 # ----------------------------------------------------------------------------- frequency diagnosis (FreqWarm)
@@ -519,6 +577,14 @@ def diagnose(ae, x, normalize, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=HF_RADI
     return out
 
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
 def plot_diagnosis(res, out_dir):
     import matplotlib
     matplotlib.use("Agg")
@@ -538,13 +604,13 @@ def plot_diagnosis(res, out_dir):
             ax.plot(xs, ys, marker="o", ms=3, label=label)
         ax.set(xlabel=xl, ylabel=yl, title=title)
         ax.legend(fontsize=8), ax.grid(alpha=0.3)
-        fig.tight_layout(), fig.savefig(os.path.join(out_dir, name)), plt.close(fig)
+        save_figure(fig, os.path.join(out_dir, name))
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     for level, p in res["spectra"].items():
         ax.semilogy(res["spectra_radii"], np.maximum(p, 1e-12), label=f"S_{level}(z)")
     ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power", title="Latent spectra per MLSR level")
     ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "latent_spectra_levels.png")), plt.close(fig)
+    save_figure(fig, os.path.join(out_dir, "latent_spectra_levels.png"))
 
 
 def cmd_diagnose(a, d):
@@ -555,7 +621,7 @@ def cmd_diagnose(a, d):
     res = diagnose(ae, torch.cat(list(batches)).to(d.device), space.normalize)
     res.update(autoencoder=ae.name, data=a.data, n_images=n, seed=a.seed)
     os.makedirs(a.out, exist_ok=True)
-    write_json_atomic(os.path.join(a.out, "diagnosis.json"), res)
+    write_json(os.path.join(a.out, "diagnosis.json"), res)
     plot_diagnosis(res, a.out)
     i02 = res["f3_r0"].index(0.2)
     log0(f"diagnosis of {ae.name} on {n} random images of {a.data} (seed {a.seed}) -> {a.out}/diagnosis.json "
@@ -574,7 +640,7 @@ def get_args(argv=None):
     s = sub.add_parser("sample", help="DDP sampling to PNGs and an ADM-style .npz")
     s.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit')")
     s.add_argument("--vae", default=None, help="the run's autoencoder, if it has moved (checked by content hash)")
-    s.add_argument("--n", type=int, default=50000)
+    s.add_argument("--num-samples", type=int, default=50000, help="images to draw over all ranks")
     s.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
     s.add_argument("--sample-steps", type=int, default=250)
     s.add_argument("--sampler", default="heun", choices=("euler", "heun"))
@@ -583,8 +649,8 @@ def get_args(argv=None):
     s.add_argument("--out", default="runs/eval/samples")
     f = sub.add_parser("fid", help="gFID / IS / precision-recall with clean-fid's Inception")
     f.add_argument("--samples", help="generated images: .npz (arr_0 uint8 NHWC) or folder")
-    f.add_argument("--ref", required=True, help="reference images (.npz, or a folder, nested, any sizes: ADM "
-                                                "centre crop at the samples' size), or .npz statistics (mu, sigma)")
+    f.add_argument("--ref", help="reference images (.npz, or a folder, nested, any sizes: ADM centre crop at the "
+                                 "samples' size), or .npz statistics (mu, sigma)")
     f.add_argument("--resolution", type=int, default=None,
                    help="side of the reference crop (default: the samples' side)")
     f.add_argument("--make-ref-stats", default=None, help="write reference statistics of --ref to this .npz")
@@ -607,8 +673,31 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def validate(a):
+    """Every check of the command line, in one place (one line and exit status 2 on failure)."""
+    if a.cmd == "sample":
+        for name in ("num_samples", "batch", "sample_steps"):
+            check_range(a, name, 1)
+        lo, hi = a.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
+        check_out_dir(a.out)
+    elif a.cmd == "fid":
+        if not a.ref or not (a.samples or a.make_ref_stats):
+            raise UserError("fid needs --samples FILE_OR_FOLDER and --ref FILE_OR_FOLDER "
+                            "(or --ref FOLDER --make-ref-stats OUT.npz)")
+        if a.make_ref_stats:
+            check_out_dir(os.path.dirname(os.path.abspath(a.make_ref_stats)), "--make-ref-stats folder")
+    else:
+        if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
+            raise UserError(f"--n must be a positive number of images or 'all', got {a.n}")
+        if a.out:
+            check_out_dir(a.out)
+
+
 def main(argv=None):
     a = get_args(argv)
+    validate(a)
     d = setup_distributed(a.device)
     {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose}[a.cmd](a, d)
 

@@ -39,10 +39,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fft_ops
 from tqdm import tqdm
 
-from common import (VAE_OUT, RunLock, StepLoop, check_resume_settings, set_lr, UserError, add_common_args, autocast, barrier, batch_split, ema_update,
-                    global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path,
-                    rng_state, run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on,
-                    unwrap, write_json_atomic)
+from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_common_args, autocast, barrier,
+                    batch_split, check_range, check_resume_settings, ema_update, finish_message, global_rand,
+                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
+                    run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
+                    unwrap, validate_common, write_json)
 from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader
 from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
 from vae import LatentSpace, dataset_latent_stats, load_autoencoder
@@ -98,8 +99,15 @@ def get_args(argv=None):
     p.add_argument("--sampler", default="heun", choices=("euler", "heun"))
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of the periodic sample grids")
     args = parse_with_presets(p, PRESETS, argv)
-    if args.freqwarm:
-        fft_ops.check_r0(args.r0)
+    validate_common(args)
+    fft_ops.check_r0(args.r0)                   # checked even without --freqwarm: a given value must be valid
+    check_range(args, "warmup_steps", 0, optional=True)
+    check_range(args, "warmup_frac", 0.0, 1.0)
+    check_range(args, "class_dropout", 0.0, 1.0)
+    check_range(args, "sample_steps", 1)
+    check_range(args, "fda_depth", 1)
+    check_range(args, "image_size", 1, optional=True)
+    check_range(args, "grad_clip", 0.0, float("inf"))
     return args
 
 
@@ -190,7 +198,7 @@ class Latents(LatentSpace):
                              "shards": [f"shard-{r}-of-{d.world_size}.npy" for r in range(d.world_size)],
                              "bounds": bounds, "shape": list(shape), "autoencoder": self.ae.name,
                              "low_passed": warm, "r0": self.args.r0 if warm else None}
-                    write_json_atomic(os.path.join(folder, "index.json"), index)
+                    write_json(os.path.join(folder, "index.json"), index)
                 barrier()
                 log0(f"latent cache written: {folder} ({n_keys} x {tuple(shape)})", d)
             self.cache[warm] = CachedRows(folder)
@@ -379,7 +387,7 @@ def main(argv=None):
     train_model = torch.compile(student) if args.compile else student
     if d.world_size > 1:
         train_model = DDP(train_model)
-    loop = StepLoop(args, d, step, "sit")
+    loop, first_step, stopping = StepLoop(args, d, step, "sit"), step, 0
     lat = (args.global_batch, *ae.latent_shape(args.image_size))
     while step < args.steps:
         student.train()
@@ -421,8 +429,10 @@ def main(argv=None):
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
             break
     loop.close()
-    if step == args.steps:
-        log0(f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png", d)
+    if stopping:
+        raise SignalStop(stopping, ckpt_path, step)
+    log0(finish_message(step, first_step, args, ckpt_path,
+                        f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png"), d)
 
 
 def checkpoint_state(args, student, ema, opt, step, latents, d):

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (VAE_OUT, RunLock, StepLoop, check_resume_settings, set_lr, UserError, add_common_args, autocast, barrier, batch_split, ema_update, global_rand,
+from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_common_args, autocast, barrier,
+                    batch_split, check_range, check_resume_settings, ema_update, finish_message, global_rand,
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
-                    run_main, save_checkpoint, save_grid, set_rng_state, setup_distributed, sync_grads_on, unwrap)
+                    run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
+                    unwrap, validate_common)
 from data import StepSampler, build_dataset, make_loader
 from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
                  hinge_d_loss, hinge_g_loss, load_vae)
@@ -80,7 +82,13 @@ def get_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--stats-images", type=int, default=10000, help="images used for the latent mean / std")
     p.add_argument("--stats-only", action="store_true", help="only (re)compute latent statistics of --resume")
-    return parse_with_presets(p, PRESETS, argv)
+    args = parse_with_presets(p, PRESETS, argv)
+    validate_common(args)
+    for name in ("image_size", "stats_images"):
+        check_range(args, name, 1)
+    check_range(args, "gan_start", 0)
+    check_range(args, "grad_clip", 0.0, float("inf"))
+    return args
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -207,7 +215,7 @@ def main(argv=None):
                           flip=args.hflip)
     batches = iter(make_loader(dataset, sampler, args.workers))
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(d.device)
-    loop = StepLoop(args, d, step, "vae")
+    loop, first_step, stopping = StepLoop(args, d, step, "vae"), step, 0
     lat_shape = (args.global_batch, *model.latent_shape(args.image_size))
     while step < args.steps:
         model.train()
@@ -228,7 +236,7 @@ def main(argv=None):
                         parts["d_gan"] = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
                     (parts["d_gan"] / accum).backward()
             loop.accumulate(totals, {"loss": loss, **parts}, accum)
-        totals = loop.reduce_and_clip(totals, model.parameters(), step, ckpt_path, args.grad_clip)
+        totals = loop.reduce_and_clip(totals, model.parameters(), step, ckpt_path, args.grad_clip, disc.parameters())
         opt.step(), opt.zero_grad(set_to_none=True)
         if use_gan:
             opt_d.step()
@@ -247,9 +255,12 @@ def main(argv=None):
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
             break
     loop.close()
-    if d.main and step == args.steps:
+    if stopping:
+        raise SignalStop(stopping, ckpt_path, step)
+    if d.main and step == args.steps and step > first_step:
         save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, "recon_final.png"))
-        log0(f"done: {ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png", d)
+    log0(finish_message(step, first_step, args, ckpt_path,
+                        f"done: {ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png"), d)
 
 
 if __name__ == "__main__":

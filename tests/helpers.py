@@ -35,8 +35,8 @@ def assert_one_line_error(proc, *needles):
         assert n in lines[-1], (n, lines[-1])
 
 
-def sigterm_after_first_log(args, metrics_path, timeout=120):
-    """Start a run, send SIGTERM once its metrics file has a line, return the finished process."""
+def sigterm_after_first_log(args, metrics_path, timeout=120, sig=signal.SIGTERM):
+    """Start a run, send SIGTERM (or `sig`) once its metrics file has a line, return the finished process."""
     e = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable] + list(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=e)
@@ -45,7 +45,7 @@ def sigterm_after_first_log(args, metrics_path, timeout=120):
         assert p.poll() is None, p.communicate()
         assert time.time() - t0 < timeout
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=timeout)
     return p.returncode, out, err
 

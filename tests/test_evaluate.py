@@ -138,7 +138,7 @@ def smoke_models(tmp_path_factory):
 
 def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):
     out = tmp_path / "samples"
-    args = ["sample", "--ckpt", str(smoke_models / "sit" / "last.pt"), "--n", "6", "--sample-steps", "3",
+    args = ["sample", "--ckpt", str(smoke_models / "sit" / "last.pt"), "--num-samples", "6", "--sample-steps", "3",
             "--batch", "4", "--out", str(out), "--sampler", "euler", "--cfg-scale", "1.5", "--cfg-interval", "0.2", "1"]
     ev.main(args)
     arr = np.load(str(out) + ".npz")["arr_0"]
@@ -153,7 +153,7 @@ def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):
 def test_sample_uses_ema_guidance_and_latent_statistics(smoke_models, tmp_path, monkeypatch):
     seen = spy_sampling(monkeypatch, dit, ev)
     ckpt, out = str(smoke_models / "sit" / "last.pt"), tmp_path / "s"
-    ev.main(["sample", "--ckpt", ckpt, "--n", "2", "--batch", "2", "--sample-steps", "2", "--sampler", "euler",
+    ev.main(["sample", "--ckpt", ckpt, "--num-samples", "2", "--batch", "2", "--sample-steps", "2", "--sampler", "euler",
              "--cfg-scale", "3.5", "--cfg-interval", "0.1", "0.9", "--out", str(out)])
     assert seen["scale"] == 3.5 and tuple(seen["guidance_rest"][0]) == (0.1, 0.9)
     assert_ema_weights_and_statistics(seen, load_checkpoint(ckpt, "sit"), str(smoke_models / "vae" / "last.pt"))

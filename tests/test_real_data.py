@@ -280,7 +280,7 @@ def sit_ckpt(tmp_path_factory):
 
 def test_sample_folder_refuses_other_settings_and_drops_temporaries(sit_ckpt, tmp_path):
     out = tmp_path / "s"
-    base = ["evaluate.py", "sample", "--ckpt", str(sit_ckpt / "sit" / "last.pt"), "--n", "4", "--batch", "4",
+    base = ["evaluate.py", "sample", "--ckpt", str(sit_ckpt / "sit" / "last.pt"), "--num-samples", "4", "--batch", "4",
             "--sample-steps", "2", "--out", str(out)]
     assert run(base).returncode == 0
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out / ".000009.png")

@@ -87,7 +87,7 @@ def test_sample_checks_the_autoencoder_by_content(vaes, tmp_path):
     shutil.copy(vaes / "a" / "last.pt", vae)
     td.main(sit(vae, tmp_path / "sit", "--steps", "2"))
     ckpt = str(tmp_path / "sit" / "last.pt")
-    common = ["sample", "--ckpt", ckpt, "--n", "2", "--batch", "2", "--sample-steps", "2"]
+    common = ["sample", "--ckpt", ckpt, "--num-samples", "2", "--batch", "2", "--sample-steps", "2"]
     other_dir = run(["-c", "import os, sys, subprocess; os.chdir(sys.argv[1]); sys.exit(subprocess.call("
                      "[sys.executable, sys.argv[2]] + sys.argv[3:]))", "/", os.path.abspath("evaluate.py"), *common,
                      "--out", str(tmp_path / "s1")])

@@ -1,5 +1,7 @@
 """Stage 1: ViT VAE pieces, MLSR objective, checkpoints, resume, DDP and errors."""
 
+import signal
+
 import pytest
 import torch
 
@@ -229,13 +231,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(str(out / "last.pt"), "vae")["step"] == 3
 
 
-def test_sigterm_saves_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_checkpoint_and_exits_nonzero(tmp_path, sig, code):
     out = tmp_path / "sig"
     rc, stdout, err = sigterm_after_first_log(["train_vae.py", *SMOKE, "--steps", "100000", "--ckpt-every", "100000",
-                                               "--out", str(out)], str(out / "metrics.jsonl"))
-    assert rc == 0, err[-2000:]
+                                               "--out", str(out)], str(out / "metrics.jsonl"), sig=sig)
+    assert rc == code, err[-2000:]
     step = load_checkpoint(str(out / "last.pt"), "vae")["step"]
     assert 1 <= step < 100000 and "stop signal" in stdout
+    assert err.strip().splitlines()[-1].startswith(f"stopped by {sig.name} at step {step}: saved ") and "Traceback" not in err
 
 
 def test_wrong_checkpoint_kind_and_empty_folder(tmp_path):
