@@ -614,24 +614,28 @@ def set_lr(opt, lr):
 
 
 class RunLock:
-    """An exclusive lock on a run folder (OUT/.lock, held by rank 0 for the run): two runs never share one."""
+    """An exclusive lock on a run folder (OUT/.lock, held by rank 0 while the run lasts): two runs never share
+    one. `with RunLock(out, d): ...`; the lock goes with the process, so a killed run leaves none behind."""
 
     def __init__(self, out, d):
-        self.f = None
-        if d.main:
+        self.out, self.main, self.f = out, d.main, None
+
+    def __enter__(self):
+        if self.main:
             import fcntl
-            os.makedirs(out, exist_ok=True)
-            self.f = open(os.path.join(out, ".lock"), "w")
+            os.makedirs(self.out, exist_ok=True)
+            self.f = open(os.path.join(self.out, ".lock"), "w")
             try:
                 fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 self.f.close()
-                raise UserError(f"another run is using {out} (it holds {out}/.lock); wait for it or use another --out")
+                raise UserError(f"another run is using {self.out} (it holds {self.out}/.lock); "
+                                f"wait for it or use another --out") from None
+        return self
 
-    def release(self):
+    def __exit__(self, *exc):
         if self.f is not None:
             self.f.close()
-            self.f = None
 
 
 class StepLoop:

@@ -182,16 +182,21 @@ class Latents(LatentSpace):
                 os.makedirs(folder, exist_ok=True)
                 shard = os.path.join(folder, f"shard-{d.rank}-of-{d.world_size}.npy")
                 tmp = shard + ".part"
-                arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (hi - lo, *shape))
-                row = 0
                 desc = f"latent cache ({'low-passed' if warm else 'full'})"
-                for x in tqdm(image_batches(view, range(lo, hi), batch, self.args.workers), desc=desc,
-                              disable=not d.main, unit="batch", mininterval=2.0):
-                    arr[row:row + len(x)] = self.encode(x.to(self.device), warm).cpu().numpy().astype(np.float16)
-                    row += len(x)
-                arr.flush()
-                del arr
-                os.replace(tmp, shard)
+                try:                                       # a stopped or failed build leaves no partial shard
+                    arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (hi - lo, *shape))
+                    row = 0
+                    for x in tqdm(image_batches(view, range(lo, hi), batch, self.args.workers), desc=desc,
+                                  disable=not d.main, unit="batch", mininterval=2.0):
+                        arr[row:row + len(x)] = self.encode(x.to(self.device), warm).cpu().numpy().astype(np.float16)
+                        row += len(x)
+                    arr.flush()
+                    del arr
+                    os.replace(tmp, shard)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    raise
                 barrier()
                 if d.main:
                     index = {"key": self.cache_key(dataset, warm),
@@ -361,8 +366,12 @@ def resume(path, args, student, ema, opt, ae, d):
 def main(argv=None):
     args = get_args(argv)
     d = setup_distributed(args.device)
+    with RunLock(args.out, d):                                     # one run per folder
+        train(args, d)
+
+
+def train(args, d):
     torch.manual_seed(args.seed)
-    lock = RunLock(args.out, d)                                    # noqa: F841 (held for the whole run)
     ae, dataset, student, ema, opt = build(args, d)
     ckpt_path = os.path.join(args.out, "last.pt")
     step, warmup = 0, (args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))

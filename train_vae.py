@@ -178,7 +178,11 @@ def main(argv=None):
     d = setup_distributed(args.device)
     if args.stats_only:
         return stats_only(args, d)
-    lock = RunLock(args.out, d)                                    # noqa: F841 (held for the whole run)
+    with RunLock(args.out, d):                                     # one run per folder
+        train(args, d)
+
+
+def train(args, d):
     torch.manual_seed(args.seed)
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     ckpt_path = os.path.join(args.out, "last.pt")

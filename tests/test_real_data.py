@@ -191,7 +191,7 @@ def test_inception_file_under_any_name(tmp_path):
     net = Net()
     path = tmp_path / "my-own-name.pt"
     torch.jit.script(net).save(str(path))
-    ext = ev.InceptionExtractor(str(path), torch.device("cpu"))
+    ext = ev.InceptionExtractor(str(path), torch.device("cpu"), verify=False)    # a stand-in: not Inception
     imgs = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
     feats, probs = ext(imgs)
     from cleanfid.resize import build_resizer
@@ -251,7 +251,7 @@ def test_folder_to_npz_streams_and_ignores_temporaries(tmp_path):
 def test_reference_folder_nested_any_size_gets_the_adm_crop(folder, tmp_path, monkeypatch):
     from test_evaluate import StandIn
     files = sorted(p for p in folder.rglob("*.png"))
-    batches, n, side = ev.image_source(str(folder), 12, batch=50)
+    batches, n, side = ev.image_source(str(folder), "--ref", 12, batch=50)
     got = np.concatenate(list(batches))
     ref = np.stack([center_crop_arr(Image.open(p).convert("RGB"), 12) for p in files])
     assert n == len(files) == 144 and side == 12 and np.array_equal(got, ref)
