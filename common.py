@@ -553,6 +553,9 @@ def add_common_args(p):
     p.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (part of the sample key; the latent cache stores both flips)")
+    p.add_argument("--val-images", type=int, default=256,
+                   help="images held out of training for the validation metrics (a seeded random subset)")
+    p.add_argument("--val-every", type=int, default=5000, help="steps between validation metrics (0: never)")
     p.add_argument("--steps", type=int, default=400000, help="optimizer steps in total")
     p.add_argument("--global-batch", type=int, default=256, help="images per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=None, help="per-rank forward batch (gradient accumulation)")

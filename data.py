@@ -275,6 +275,17 @@ def random_subset(n_total, n, seed):
     return sorted(torch.randperm(n_total, generator=g)[:n].tolist())
 
 
+def train_val_split(n_total, n_val, seed):
+    """Held-out validation indices (a seeded random subset of n_val) and the training indices (the rest)."""
+    if n_val <= 0:
+        return list(range(n_total)), []
+    if n_val >= n_total:
+        raise DataError(f"--val-images {n_val} leaves no training images out of {n_total}")
+    val = random_subset(n_total, n_val, seed + 99991)
+    held = set(val)
+    return [i for i in range(n_total) if i not in held], val
+
+
 class _Images(torch.utils.data.Dataset):
     """Images (no labels) of `dataset` at `indices`, for DataLoader workers."""
 
@@ -318,28 +329,32 @@ class StepSampler(torch.utils.data.Sampler):
     """Batch sampler over FlipView keys whose position is a function of (seed, step).
 
     Yields, for each step from `start_step` on, `accum` micro-batches of this rank's share
-    of the global batch (each a list of keys). Each epoch is a fresh permutation of the N
-    base indices seeded by (seed, epoch) with a random flip bit per sample.
+    of the global batch (each a list of keys). Each epoch is a fresh permutation of the
+    training indices (`indices`, default all N) seeded by (seed, epoch) with a random flip bit
+    per sample; keys are those of FlipView over all N images (k >= N is image k - N mirrored).
     """
 
-    def __init__(self, n, global_batch, rank=0, world_size=1, accum=1, seed=0, start_step=0, flip=True):
+    def __init__(self, n, global_batch, rank=0, world_size=1, accum=1, seed=0, start_step=0, flip=True, indices=None):
         if global_batch % (world_size * accum):
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size} x accum {accum}")
         self.n, self.G, self.rank, self.W, self.accum = n, global_batch, rank, world_size, accum
         self.seed, self.start_step, self.flip = seed, start_step, flip
+        self.pool = torch.arange(n) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        if len(self.pool) == 0:
+            raise DataError("no training images left (all held out for validation?)")
         self._epoch, self._perm = None, None
 
     def _keys_at(self, pos):
         """Keys at stream positions pos (LongTensor)."""
-        out = torch.empty_like(pos)
-        for e in pos.div(self.n, rounding_mode="floor").unique().tolist():
+        out, m = torch.empty_like(pos), len(self.pool)
+        for e in pos.div(m, rounding_mode="floor").unique().tolist():
             if e != self._epoch:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-                perm = torch.randperm(self.n, generator=g)
-                flips = torch.randint(0, 2, (self.n,), generator=g) if self.flip else torch.zeros(self.n, dtype=torch.long)
-                self._epoch, self._perm = e, perm + self.n * flips
-            sel = pos.div(self.n, rounding_mode="floor") == e
-            out[sel] = self._perm[pos[sel] % self.n]
+                perm = torch.randperm(m, generator=g)
+                flips = torch.randint(0, 2, (m,), generator=g) if self.flip else torch.zeros(m, dtype=torch.long)
+                self._epoch, self._perm = e, self.pool[perm] + self.n * flips
+            sel = pos.div(m, rounding_mode="floor") == e
+            out[sel] = self._perm[pos[sel] % m]
         return out
 
     def step_keys(self, step):

@@ -37,8 +37,8 @@ from PIL import Image
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
                     load_checkpoint, log0, run_main, setup_distributed, write_json)
-from data import ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
-from vae import LatentSpace, load_autoencoder
+from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
+from vae import LatentSpace, level_scores, load_autoencoder, psnr
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -407,6 +407,10 @@ def _batched(images, batch=100):
 
 
 def cmd_fid(a, d):
+    if a.features == "deadleaves":
+        fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
+        res = deadleaves_metrics(DeadLeavesExtractor(side, d.device), np.concatenate(list(fake)))
+        return report_generation(a, res)
     side = None
     if a.samples and a.samples.endswith(".npz"):
         shape, _ = npz_shape(a.samples, "--samples")
@@ -429,16 +433,108 @@ def cmd_fid(a, d):
         res = generation_metrics(ext, fake, ref_stats=ref_stats)
     else:
         res = generation_metrics(ext, fake, real=real)
+    report_generation(a, res)
+
+
+def report_generation(a, res):
+    """Print the metrics; with --record RUN_DIR also keep them there for `compare` (generation_metrics.json,
+    one entry per network)."""
+    res = {"samples": a.samples, **res}
     log0(json.dumps(res, indent=1))
+    if a.record:
+        path = os.path.join(a.record, "generation_metrics.json")
+        old = json.load(open(path)) if os.path.isfile(path) else {}
+        write_json(path, {**old, res["network"]: res})
+
+
+# ----------------------------------------------------------------------------- offline metric for dead leaves
+
+DL_NAME = "DL-net (a small CNN trained on the dead-leaves classes; not Inception)"
+
+
+class DeadLeavesNet(torch.nn.Module):
+    """A small CNN classifier of the dead-leaves classes: images -> 4 * width (64-d) features and class logits."""
+
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        c = width
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())                       # (B, 4c) features
+        self.head = torch.nn.Linear(4 * c, num_classes)
+
+    def forward(self, x):                                                          # x float (B, 3, S, S) in [-1, 1]
+        f = self.body(x)
+        return f, self.head(f)
+
+
+def train_deadleaves_net(resolution, n_train=1000, steps=300, seed=0):
+    """Train DeadLeavesNet once on dead-leaves images (seed 4242: not the images it is later asked about)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ds = DeadLeaves(n=n_train, resolution=resolution, seed=4242)
+    x = torch.stack([ds[i][0] for i in range(n_train)])
+    y = torch.tensor([ds.label(i) for i in range(n_train)])
+    net = DeadLeavesNet(ds.num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(steps):
+        idx = torch.randint(0, n_train, (64,), generator=g)
+        xb = x[idx].flip(-1) if torch.rand((), generator=g) < 0.5 else x[idx]
+        loss = F.cross_entropy(net(xb)[1], y[idx])
+        opt.zero_grad(), loss.backward(), opt.step()
+    return net.eval()
+
+
+class DeadLeavesExtractor:
+    """The offline metric's network, trained once per resolution and cached (deterministic given the seed).
+
+    __call__(uint8 (B, H, W, 3)) -> (features (B, 64), class probabilities (B, 10)), like InceptionExtractor.
+    """
+
+    name = DL_NAME
+    metric = "fd_dl"
+
+    def __init__(self, resolution, device="cpu", cache_dir=None, n_train=1000, steps=300):
+        cache_dir = cache_dir or os.environ.get("FREQLDM_CACHE", os.path.expanduser("~/.cache/freqldm"))
+        path = os.path.join(cache_dir, f"deadleaves-net-r{resolution}-n{n_train}-s{steps}.pt")
+        self.net = DeadLeavesNet()
+        if os.path.isfile(path):
+            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            log0(f"training the dead-leaves feature network once ({n_train} images at {resolution} px) -> {path}")
+            self.net = train_deadleaves_net(resolution, n_train, steps)
+            os.makedirs(cache_dir, exist_ok=True)
+            with atomic_write(path) as f:
+                torch.save(self.net.state_dict(), f)
+        self.net.to(device).eval().requires_grad_(False)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, imgs):
+        x = torch.from_numpy(np.asarray(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+        f, logits = self.net(x)
+        return f.double().cpu().numpy(), torch.softmax(logits, 1).double().cpu().numpy()
+
+
+def deadleaves_metrics(extractor, fake, n_ref=2000, seed=0):
+    """Frechet distance in DL-net features against dead-leaves images (the training set: seed 0) and the
+    accuracy with which DL-net recognises the intended class of class-balanced samples (image i has class
+    i mod 10, as `sample` draws them). Named for what they are: fd_dl and class_acc_dl, never FID."""
+    fake = np.asarray(fake)
+    side = fake.shape[1]
+    ref = DeadLeaves(n=n_ref, resolution=side, seed=seed)
+    real = to_uint8(torch.stack([ref[i][0] for i in range(n_ref)]))
+    fm, _, fp = extract(extractor, _batched(fake), keep=False)
+    rm, _, _ = extract(extractor, _batched(real), keep=False)
+    labels = np.arange(len(fake)) % ref.num_classes
+    return {"network": extractor.name, "n_fake": fm.n, "n_real": rm.n,
+            "fd_dl": frechet_distance(*fm.stats(), *rm.stats()),
+            "class_acc_dl": float((fp.argmax(1) == labels).mean())}
 
 
 # ----------------------------------------------------------------------------- reconstruction metrics
-
-def psnr(x, y):
-    """PSNR in dB of images in [-1, 1] (data range 2), per image (B,)."""
-    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))
-
 
 def ssim(x, y, sigma=1.5, radius=5):
     """SSIM (Wang et al. 2004) with an 11-tap Gaussian window on [0, 1] images, per image (B,)."""
@@ -475,14 +571,10 @@ def recon_table(ae, batches, extractor=None, hf_radius=HF_RADIUS):
     real_m, fake_m = FeatureMoments(), [FeatureMoments() for _ in range(L)]
     for x in batches:
         x = x.to(ae.device).float()
-        z = ae.encode(x)                                                     # (b, C, h, w)
         if extractor is not None:
             real_m.add(extractor(to_uint8(x))[0])
-        for level in range(L):
-            zl = fft_ops.attenuate(z, level, ae.mlsr_fractions)
-            r = ae.decode(zl).clamp(-1, 1)
-            p[level].append(psnr(r, x)), s[level].append(ssim(r, x))
-            hf[level].append(fft_ops.latent_hf_ratio(zl, hf_radius))
+        for level, (r, ps, h) in enumerate(level_scores(ae, x, hf_radius)):   # encode once, decode per level
+            p[level].append(ps), s[level].append(ssim(r, x)), hf[level].append(h)
             if extractor is not None:
                 fake_m[level].add(extractor(to_uint8(r))[0])
     rows = []
@@ -631,6 +723,80 @@ def cmd_diagnose(a, d):
          f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}")
 
 
+# ----------------------------------------------------------------------------- comparing runs
+
+IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
+                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite"}
+FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
+
+
+def run_summary(run_dir):
+    """A run folder's settings, validation curve and final metrics (last validation line, recorded metrics)."""
+    ck_path = os.path.join(run_dir, "last.pt")
+    if not os.path.isfile(ck_path):
+        raise UserError(f"{run_dir} holds no run (no last.pt)")
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    lines = []
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    val = [r for r in lines if "loss" not in r and len(r) > 1]
+    final = {k: v for k, v in (val[-1] if val else {}).items() if k in FINAL_KEYS}
+    gm_path = os.path.join(run_dir, "generation_metrics.json")
+    if os.path.isfile(gm_path):
+        for res in json.load(open(gm_path)).values():
+            final.update({k: v for k, v in res.items() if k in FINAL_KEYS})
+    return {"dir": run_dir, "config": ck.get("config", {}), "step": ck.get("step"), "val": val, "final": final}
+
+
+def group_runs(runs):
+    """Runs that differ only in seed (and bookkeeping) form a group, labelled by the settings that differ."""
+    keys = sorted({k for r in runs for k in r["config"]} - IGNORED_IN_GROUPS)
+    varying = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    groups = {}
+    for r in runs:
+        label = ", ".join(f"{k}={r['config'].get(k)}" for k in varying) or "all runs"
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+def mean_spread(values):
+    """'mean ± std' over seeds (sample std), or the single value."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.4f}" if len(v) == 1 else f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
+
+
+def cmd_compare(a, d):
+    runs = [run_summary(r) for r in a.runs]
+    groups = group_runs(runs)
+    cols = [k for k in FINAL_KEYS if any(k in r["final"] for r in runs)]
+    lines = ["| runs | seeds | step | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    for label, rs in groups.items():
+        cells = [mean_spread([r["final"][k] for r in rs if k in r["final"]]) if any(k in r["final"] for r in rs)
+                 else "-" for k in cols]
+        seeds = ",".join(str(r["config"].get("seed")) for r in rs)
+        lines.append(f"| {label} | {seeds} | {rs[0]['step']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    os.makedirs(a.out, exist_ok=True)
+    with atomic_write(os.path.join(a.out, "compare.md"), text=True) as f:
+        f.write(table + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curve = next((k for k in ("val_loss", "val_psnr_l0") if any(k in v for r in runs for v in r["val"])), None)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rs) in enumerate(groups.items()):
+        for j, r in enumerate(rs):
+            pts = [(v["step"], v[curve]) for v in r["val"] if curve in v]
+            if pts:
+                ax.plot(*zip(*pts), color=colours[i % len(colours)], alpha=0.8, label=label if j == 0 else None)
+    ax.set(xlabel="step", ylabel=curve or "", title=f"validation: {curve} (EMA, held-out)")
+    ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(a.out, "compare.png"))
+    log0(f"{len(runs)} runs in {len(groups)} group(s) -> {a.out}/compare.md, {a.out}/compare.png\n{table}")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def get_args(argv=None):
@@ -654,6 +820,13 @@ def get_args(argv=None):
     f.add_argument("--resolution", type=int, default=None,
                    help="side of the reference crop (default: the samples' side)")
     f.add_argument("--make-ref-stats", default=None, help="write reference statistics of --ref to this .npz")
+    f.add_argument("--features", default="inception", choices=("inception", "deadleaves"),
+                   help="inception: FID / IS; deadleaves: the offline fd_dl and class_acc_dl (a small network "
+                        "trained on the built-in set, needs no --ref; never called FID)")
+    f.add_argument("--record", default=None, help="also write the metrics to RUN_DIR/generation_metrics.json")
+    c = sub.add_parser("compare", help="validation curves and final metrics of several runs (mean ± std over seeds)")
+    c.add_argument("runs", nargs="+", help="run folders (each with last.pt and metrics.jsonl)")
+    c.add_argument("--out", default="runs/compare")
     r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
@@ -663,7 +836,7 @@ def get_args(argv=None):
         q.add_argument("--n", default=None, help=f"random images of --data, or 'all' (default: {n_help})")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g):
+    for q in (s, f, r, g, c):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default=None)
         q.add_argument("--no-bf16", action="store_true")
@@ -683,11 +856,16 @@ def validate(a):
             raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
         check_out_dir(a.out)
     elif a.cmd == "fid":
-        if not a.ref or not (a.samples or a.make_ref_stats):
+        if a.features == "deadleaves":
+            if not a.samples or a.make_ref_stats:
+                raise UserError("fid --features deadleaves needs --samples (its reference is the built-in set)")
+        elif not a.ref or not (a.samples or a.make_ref_stats):
             raise UserError("fid needs --samples FILE_OR_FOLDER and --ref FILE_OR_FOLDER "
                             "(or --ref FOLDER --make-ref-stats OUT.npz)")
         if a.make_ref_stats:
             check_out_dir(os.path.dirname(os.path.abspath(a.make_ref_stats)), "--make-ref-stats folder")
+    elif a.cmd == "compare":
+        check_out_dir(a.out)
     else:
         if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
             raise UserError(f"--n must be a positive number of images or 'all', got {a.n}")
@@ -699,7 +877,9 @@ def main(argv=None):
     a = get_args(argv)
     validate(a)
     d = setup_distributed(a.device)
-    {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose}[a.cmd](a, d)
+    commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
+                "compare": cmd_compare}
+    commands[a.cmd](a, d)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_commo
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     unwrap, validate_common, write_json)
-from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader
+from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, train_val_split
 from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
 from vae import LatentSpace, dataset_latent_stats, load_autoencoder
 
@@ -52,9 +52,10 @@ STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
 
 PRESETS = {
     "smoke": dict(model="smoke/1", n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1,
-                  ckpt_every=3, sample_every=6, sample_steps=4, fda_depth=1),
+                  ckpt_every=3, sample_every=6, sample_steps=4, fda_depth=1, val_images=8, val_every=3),
     "cpu-demo": dict(model="tiny/2", n_images=2000, steps=2000, global_batch=64, lr=5e-4, ema_decay=0.995,
                      log_every=50, ckpt_every=500, sample_every=1000, sample_steps=25, cfg_scale=2.0, fda_depth=2,
+                     val_images=200, val_every=250,
                      cache_latents=True, out="runs/sit-demo", vae="runs/vae-demo/last.pt"),
     # Denoising-VAE Sec. 4: SiT-XL on f16 latents (16x16 at 256 px: patch 1 -> 256 tokens), batch 256, lr 1e-4
     # ... trained "without data augmentation": no flips
@@ -231,6 +232,46 @@ class CachedRows:
         return out
 
 
+# ----------------------------------------------------------------------------- validation (DESIGN.md section 9)
+
+VAL_TS = tuple((i + 0.5) / 8 for i in range(8))          # fixed t grid: 0.0625 ... 0.9375 (t = 1 is noise)
+
+
+class Validation:
+    """The EMA model's flow-matching loss on fixed held-out latents, per t on a fixed grid, with fixed noise.
+
+    Latents are full-frequency (never low-passed) at the run's denoise level, z^(l) = S_l(z_n), of images
+    held out of training; noise for grid point i is drawn from a generator seeded by (seed, i). So at a given
+    step the number depends only on the EMA weights: runs that differ only in FreqWarm or FDA are comparable.
+    """
+
+    def __init__(self, latents, dataset, indices, args, device, batch=64):
+        zs, ys = [], []
+        for i in range(0, len(indices), batch):
+            idx = indices[i:i + batch]
+            x = torch.stack([dataset[j][0] for j in idx]).to(device)
+            zs.append(latents.at_level(latents.normalize(latents.encode(x, False)), args.denoise_level))
+            ys.append(torch.tensor([dataset.label(j) for j in idx], device=device))
+        self.z, self.y, self.seed, self.batch = torch.cat(zs), torch.cat(ys), args.seed, batch    # (V, C, h, w)
+
+    @torch.no_grad()
+    def __call__(self, ema):
+        ema.eval()
+        out = {}
+        for i, t in enumerate(VAL_TS):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_777 + i)
+            eps = torch.randn(self.z.shape, generator=g).to(self.z.device)
+            per = []
+            for s in range(0, len(self.z), self.batch):
+                z, e, y = self.z[s:s + self.batch], eps[s:s + self.batch], self.y[s:s + self.batch]
+                tt = torch.full((len(z),), t, device=z.device)
+                v = ema(interpolate(z, e, tt), tt, y).float()
+                per.append((v - velocity_target(z, e)).pow(2).mean(dim=(1, 2, 3)))
+            out[f"val_loss_t{t:.4f}"] = torch.cat(per).mean().item()
+        out["val_loss"] = sum(out.values()) / len(VAL_TS)
+        return out
+
+
 # ----------------------------------------------------------------------------- student (SiT + FDA projector)
 
 class Student(torch.nn.Module):
@@ -331,7 +372,8 @@ def build(args, d):
 
 
 # Settings that define what is trained: a resume may not change them (the others may, and are logged).
-FIXED_ON_RESUME = ("model", "image_size", "data", "n_images", "hflip", "global_batch", "seed", "class_dropout",
+FIXED_ON_RESUME = ("model", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
+                   "class_dropout",
                    "denoise_level", "renorm_level", "fda", "fda_depth", "fda_weight", "fda_schedule",
                    "freqwarm", "r0", "lowpass_kind", "lowpass_clamp")
 
@@ -389,14 +431,18 @@ def train(args, d):
          f"{d.world_size} rank(s) x {per_rank} ({accum} x {micro}); device {d.device}", d)
     if args.cache_latents:
         latents.build_cache(dataset, args.out, d)
+    train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
+    validation = Validation(latents, dataset, val_idx, args, d.device) if val_idx and args.val_every and d.main else None
     sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step,
-                          flip=args.hflip)
+                          flip=args.hflip, indices=train_idx)
     batches = iter(make_loader(dataset, sampler, args.workers)) if latents.cache is None else None
     labels = torch.tensor([dataset.label(i) for i in range(len(dataset))]) if batches is None else None
     train_model = torch.compile(student) if args.compile else student
     if d.world_size > 1:
         train_model = DDP(train_model)
     loop, first_step, stopping = StepLoop(args, d, step, "sit"), step, 0
+    if validation is not None and step == 0:
+        loop.log.write(step=0, **validation(ema))
     lat = (args.global_batch, *ae.latent_shape(args.image_size))
     while step < args.steps:
         student.train()
@@ -427,6 +473,8 @@ def train(args, d):
         phase = latents.phase(step)
         step += 1
         stopping = loop.end_step(step, dict(phase=phase, **totals))
+        if validation is not None and loop.due(step, args.val_every):
+            loop.log.write(step=step, **validation(ema))
         if loop.due(step, args.sample_every) and d.main:
             sample_grid(ema, latents, dataset.num_classes, args, d.device,
                         os.path.join(args.out, f"samples_{step:07d}.png"))

@@ -35,24 +35,24 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_commo
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     unwrap, validate_common)
-from data import StepSampler, build_dataset, make_loader
+from data import StepSampler, build_dataset, make_loader, train_val_split
 from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
-                 hinge_d_loss, hinge_g_loss, load_vae)
+                 hinge_d_loss, hinge_g_loss, level_scores, load_vae)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 
 # Settings that define what is trained: a resume may not change them (the others may, and are logged).
-FIXED_ON_RESUME = ("size", "latent_dim", "image_size", "data", "n_images", "hflip", "global_batch", "seed",
+FIXED_ON_RESUME = ("size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
                    "mlsr_fractions", "mlsr_sigmas", "pixel_weight", "perceptual_weight", "kl_weight", "gan_weight",
                    "gan_start", "disc_channels", "disc_layers")
 
 PRESETS = {
     "smoke": dict(size="smoke", image_size=16, n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9,
                   perceptual_weight=0.0, gan_weight=0.1, gan_start=3, disc_channels=16, disc_layers=2,
-                  log_every=1, ckpt_every=3, sample_every=6, stats_images=32),
+                  log_every=1, ckpt_every=3, sample_every=6, stats_images=32, val_images=8, val_every=3),
     "cpu-demo": dict(size="tiny", image_size=32, n_images=2000, steps=1200, global_batch=32, lr=1e-3,
                      ema_decay=0.995, perceptual_weight=0.0, gan_weight=0.0, log_every=50, ckpt_every=400,
-                     sample_every=400, stats_images=2000, out="runs/vae-demo"),
+                     sample_every=400, stats_images=2000, val_images=128, val_every=200, out="runs/vae-demo"),
     **{f"f16d{d}": dict(size=f"f16d{d}", image_size=256, steps=500000, global_batch=512, lr=1e-4,
                         perceptual_weight=1.0, gan_weight=0.1, gan_start=200000, ema_decay=0.9999,
                         out=f"runs/vae-f16d{d}", workers=8) for d in (16, 32, 64)},
@@ -127,6 +127,19 @@ def vae_latent_stats(vae, dataset, args, d):
     """Per-channel latent statistics of `vae` over a seeded random subset of --stats-images training images."""
     ae = ViTVAEAutoencoder(vae, args.mlsr_fractions)
     return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers)
+
+
+@torch.no_grad()
+def validation_recon(ema, x, args, batch=64):
+    """Validation of Stage 1 (DESIGN.md section 9): the EMA VAE on fixed held-out images x, per MLSR level l:
+    PSNR of D(S_l(z)) against x (not G_l(x)) and the latent HF ratio of S_l(z) (fft_ops.latent_hf_ratio)."""
+    ae = ViTVAEAutoencoder(ema, args.mlsr_fractions)
+    rows = [level_scores(ae, x[i:i + batch]) for i in range(0, len(x), batch)]
+    out = {}
+    for level in range(len(args.mlsr_fractions)):
+        out[f"val_psnr_l{level}"] = torch.cat([r[level][1] for r in rows]).mean().item()
+        out[f"val_latent_hf_l{level}"] = torch.cat([r[level][2] for r in rows]).mean().item()
+    return out
 
 
 @torch.no_grad()
@@ -215,10 +228,12 @@ def train(args, d):
     train_model = torch.compile(model) if args.compile else model
     if d.world_size > 1:
         train_model, disc = DDP(train_model), DDP(disc)
+    train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
     sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step,
-                          flip=args.hflip)
+                          flip=args.hflip, indices=train_idx)
     batches = iter(make_loader(dataset, sampler, args.workers))
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(d.device)
+    val_x = torch.stack([dataset[i][0] for i in val_idx]).to(d.device) if val_idx and args.val_every and d.main else None
     loop, first_step, stopping = StepLoop(args, d, step, "vae"), step, 0
     lat_shape = (args.global_batch, *model.latent_shape(args.image_size))
     while step < args.steps:
@@ -248,6 +263,8 @@ def train(args, d):
         ema_update(ema, model, args.ema_decay)
         step += 1
         stopping = loop.end_step(step, dict(level=level, **totals))
+        if val_x is not None and loop.due(step, args.val_every):
+            loop.log.write(step=step, **validation_recon(ema, val_x, args))
         if step % args.sample_every == 0 and d.main:
             save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, f"recon_{step:07d}.png"))
         if loop.due(step, args.ckpt_every) or stopping:

@@ -389,6 +389,27 @@ class LatentSpace:
         return self.denormalize(z * self.level_scale(self.level))
 
 
+def psnr(x, y):
+    """PSNR in dB of images in [-1, 1] (data range 2), per image (B,)."""
+    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))
+
+
+@torch.no_grad()
+def level_scores(ae, x, hf_radius=0.25):
+    """Per MLSR level l: PSNR of D(S_l(z)) against x and the latent HF ratio of S_l(z), per image (B,) each.
+
+    The validation reconstruction of Stage 1 and the rows of `evaluate.py recon` (Denoising-VAE Table 4).
+    """
+    z = ae.encode(x)                                                       # (B, C, h, w)
+    out = []
+    for level in range(len(ae.mlsr_fractions)):
+        zl = fft_ops.attenuate(z, level, ae.mlsr_fractions)
+        r = ae.decode(zl).clamp(-1, 1)
+        out.append((r, psnr(r, x), fft_ops.latent_hf_ratio(zl, hf_radius)))
+    return out
+
+
 # ----------------------------------------------------------------------------- latent statistics
 
 @torch.no_grad()

@@ -21,9 +21,11 @@ def run(args, timeout=300, env=None, torchrun=0):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
 
 
-def read_metrics(path):
+def read_metrics(path, kind="train"):
+    """Lines of a metrics.jsonl: 'train' (those with a loss) or 'val' (validation lines)."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        lines = [json.loads(line) for line in f]
+    return [r for r in lines if ("loss" in r) == (kind == "train")]
 
 
 def assert_one_line_error(proc, *needles):

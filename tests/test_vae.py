@@ -163,7 +163,7 @@ def test_level0_target_is_x_and_level_targets_blurred():
 
 def test_smoke_overfits_a_fixed_batch(tmp_path):
     out = tmp_path / "fit"
-    train_vae.main(SMOKE + ["--n-images", "8", "--steps", "60", "--gan-weight", "0", "--lr", "3e-3",
+    train_vae.main(SMOKE + ["--n-images", "8", "--val-images", "0", "--steps", "60", "--gan-weight", "0", "--lr", "3e-3",
                             "--log-every", "1", "--ckpt-every", "1000", "--sample-every", "1000", "--out", str(out)])
     m = read_metrics(out / "metrics.jsonl")
     first = sum(r["pix"] for r in m[:5]) / 5
