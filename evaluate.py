@@ -449,11 +449,11 @@ def report_generation(a, res):
 
 # ----------------------------------------------------------------------------- offline metric for dead leaves
 
-DL_NAME = "DL-net (a small CNN trained on the dead-leaves classes; not Inception)"
+DL_NAME = "DL-net (a small CNN trained on dead-leaves classes and blur; not Inception)"
 
 
 class DeadLeavesNet(torch.nn.Module):
-    """A small CNN classifier of the dead-leaves classes: images -> 4 * width (64-d) features and class logits."""
+    """A small CNN on dead-leaves images: features (B, 4 * width), class logits and sharp-vs-blurred logits."""
 
     def __init__(self, num_classes=10, width=16):
         super().__init__()
@@ -464,14 +464,19 @@ class DeadLeavesNet(torch.nn.Module):
             torch.nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), torch.nn.GELU(),
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())                       # (B, 4c) features
         self.head = torch.nn.Linear(4 * c, num_classes)
+        self.sharp = torch.nn.Linear(4 * c, 2)
 
     def forward(self, x):                                                          # x float (B, 3, S, S) in [-1, 1]
         f = self.body(x)
-        return f, self.head(f)
+        return f, self.head(f), self.sharp(f)
 
 
 def train_deadleaves_net(resolution, n_train=1000, steps=300, seed=0):
-    """Train DeadLeavesNet once on dead-leaves images (seed 4242: not the images it is later asked about)."""
+    """Train DeadLeavesNet once on dead-leaves images (seed 4242: not the images it is later asked about).
+
+    Two tasks: the class (hue band and shape) and whether the image was blurred (Gaussian, sigma 0.5-2 px,
+    half of each batch), so that the features see sharpness too: a class-only network is blind to blur.
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ds = DeadLeaves(n=n_train, resolution=resolution, seed=4242)
@@ -481,8 +486,12 @@ def train_deadleaves_net(resolution, n_train=1000, steps=300, seed=0):
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     for _ in range(steps):
         idx = torch.randint(0, n_train, (64,), generator=g)
-        xb = x[idx].flip(-1) if torch.rand((), generator=g) < 0.5 else x[idx]
-        loss = F.cross_entropy(net(xb)[1], y[idx])
+        xb = x[idx].flip(-1) if torch.rand((), generator=g) < 0.5 else x[idx].clone()
+        sigma = 0.5 + 1.5 * torch.rand((), generator=g).item()
+        xb[32:] = fft_ops.gaussian_blur(xb[32:], sigma)
+        blurred = (torch.arange(64) >= 32).long()
+        _, cls, sharp = net(xb)
+        loss = F.cross_entropy(cls, y[idx]) + F.cross_entropy(sharp, blurred)
         opt.zero_grad(), loss.backward(), opt.step()
     return net.eval()
 
@@ -498,7 +507,7 @@ class DeadLeavesExtractor:
 
     def __init__(self, resolution, device="cpu", cache_dir=None, n_train=1000, steps=300):
         cache_dir = cache_dir or os.environ.get("FREQLDM_CACHE", os.path.expanduser("~/.cache/freqldm"))
-        path = os.path.join(cache_dir, f"deadleaves-net-r{resolution}-n{n_train}-s{steps}.pt")
+        path = os.path.join(cache_dir, f"deadleaves-net2-r{resolution}-n{n_train}-s{steps}.pt")
         self.net = DeadLeavesNet()
         if os.path.isfile(path):
             self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -514,7 +523,7 @@ class DeadLeavesExtractor:
     @torch.no_grad()
     def __call__(self, imgs):
         x = torch.from_numpy(np.asarray(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
-        f, logits = self.net(x)
+        f, logits, _ = self.net(x)
         return f.double().cpu().numpy(), torch.softmax(logits, 1).double().cpu().numpy()
 
 
