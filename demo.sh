@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The whole FreqLDM pipeline on the built-in dead-leaves set, on CPU.
 #
-#   bash demo.sh [OUT]            # cpu-demo presets: about 9 minutes on 2 CPU cores
-#   bash demo.sh --smoke [OUT]    # smoke presets: under a minute (what CI runs)
+#   bash demo.sh [OUT]            # cpu-demo presets: about 13 minutes on 2 CPU cores
+#   bash demo.sh --smoke [OUT]    # smoke presets: about a minute (what CI runs)
 #
-# Stage 1 trains the ViT VAE with MLSR; Stage 2 trains SiT twice on its latents, baseline and
-# FreqWarm (r0 = 0.2); Stage 3 samples both, measures reconstruction per MLSR level, runs the
-# frequency diagnosis, and computes FID only if clean-fid's Inception weights are on disk.
+# Stage 1 trains the ViT VAE with MLSR; Stage 2 trains SiT three times on its latents: baseline,
+# FreqWarm (r0 = 0.2) and denoised latents (level 1) with FDA. Stage 3 samples each, scores the samples
+# with the offline dead-leaves metric, compares the runs (table + figure of the validation loss),
+# measures reconstruction per MLSR level, runs the frequency diagnosis, and computes FID only if
+# clean-fid's Inception weights are on disk.
 set -euo pipefail
 cd "$(dirname "$0")"
-PRESET=cpu-demo; N_SAMPLES=40; N_EVAL=128; SAMPLE_STEPS=25
-if [ "${1:-}" = "--smoke" ]; then PRESET=smoke; N_SAMPLES=10; N_EVAL=16; SAMPLE_STEPS=4; shift; fi
+PRESET=cpu-demo; N_SAMPLES=200; N_EVAL=128; SAMPLE_STEPS=25; DL=()
+if [ "${1:-}" = "--smoke" ]; then
+    PRESET=smoke; N_SAMPLES=10; N_EVAL=16; SAMPLE_STEPS=4; DL=(--dl-train-images 200 --dl-steps 30); shift
+fi
 OUT=${1:-demo_out}
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
@@ -24,14 +28,21 @@ step "dataset: one row per dead-leaves class"
 step "stage 1: ViT VAE with multi-level spectral regularization ($PRESET)"
 "$PY" train_vae.py --preset "$PRESET" --out "$OUT/vae"
 
-for RUN in baseline freqwarm; do
-    FLAGS=(); [ "$RUN" = freqwarm ] && FLAGS=(--freqwarm --r0 0.2)
-    step "stage 2: SiT, $RUN ($PRESET)"
+RUNS=(baseline freqwarm dvae)
+for RUN in "${RUNS[@]}"; do
+    FLAGS=()
+    [ "$RUN" = freqwarm ] && FLAGS=(--freqwarm --r0 0.2)
+    [ "$RUN" = dvae ] && FLAGS=(--denoise-level 1 --fda)
+    step "stage 2: SiT, $RUN ${FLAGS[*]:-} ($PRESET)"
     "$PY" train_diffusion.py --preset "$PRESET" --vae "$OUT/vae/last.pt" --out "$OUT/sit-$RUN" "${FLAGS[@]}"
-    step "stage 3: $N_SAMPLES samples from the $RUN SiT"
-    "$PY" evaluate.py sample --ckpt "$OUT/sit-$RUN/last.pt" --num-samples "$N_SAMPLES" --batch 40 --sample-steps "$SAMPLE_STEPS" \
+    step "stage 3: $N_SAMPLES samples from the $RUN SiT, and the offline dead-leaves metric (fd_dl, class_acc_dl)"
+    "$PY" evaluate.py sample --ckpt "$OUT/sit-$RUN/last.pt" --num-samples "$N_SAMPLES" --batch 50 --sample-steps "$SAMPLE_STEPS" \
         --cfg-scale 2.0 --out "$OUT/samples-$RUN"
+    "$PY" evaluate.py fid --features deadleaves --samples "$OUT/samples-$RUN.npz" --record "$OUT/sit-$RUN" "${DL[@]}"
 done
+
+step "stage 3: the runs side by side (validation loss of the EMA on held-out latents, offline metrics)"
+"$PY" evaluate.py compare "$OUT/sit-baseline" "$OUT/sit-freqwarm" "$OUT/sit-dvae" --out "$OUT/compare"
 
 step "stage 3: reconstruction per MLSR level"
 "$PY" evaluate.py recon --vae "$OUT/vae/last.pt" --n "$N_EVAL" --out "$OUT/recon" --inception-path "$INCEPTION"
@@ -42,8 +53,8 @@ step "stage 3: frequency diagnosis (FreqWarm findings 1-3)"
 if [ -f "$INCEPTION" ]; then
     step "stage 3: FID / IS / precision-recall against the dead-leaves images"
     "$PY" data.py export --out "$OUT/reference" --n "$N_SAMPLES" --resolution 32
-    for RUN in baseline freqwarm; do
-        "$PY" evaluate.py fid --samples "$OUT/samples-$RUN.npz" --ref "$OUT/reference" --inception-path "$INCEPTION"
+    for RUN in "${RUNS[@]}"; do
+        "$PY" evaluate.py fid --record "$OUT/sit-$RUN" --samples "$OUT/samples-$RUN.npz" --ref "$OUT/reference" --inception-path "$INCEPTION"
     done
 else
     step "FID skipped: clean-fid's Inception weights are not at $INCEPTION (no download here);"
@@ -57,7 +68,8 @@ Done. Look at:
   $OUT/vae/recon_final.png               input, then D(S_l(z)) for l = 0..3
   $OUT/sit-baseline/samples_*.png         SiT samples during training (one column per class)
   $OUT/sit-freqwarm/samples_*.png         the same with FreqWarm (r0 = 0.2)
-  $OUT/samples-{baseline,freqwarm}.npz   ADM-style sample arrays
+  $OUT/samples-{baseline,freqwarm,dvae}.npz   ADM-style sample arrays
+  $OUT/compare/compare.md, compare.png    the runs side by side: validation loss, fd_dl, class_acc_dl
   $OUT/recon/recon.json                  PSNR / SSIM / latent HF ratio per MLSR level
   $OUT/diagnosis/*.png                   F1-F3 figures and latent spectra
 MSG

@@ -409,7 +409,8 @@ def _batched(images, batch=100):
 def cmd_fid(a, d):
     if a.features == "deadleaves":
         fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
-        res = deadleaves_metrics(DeadLeavesExtractor(side, d.device), np.concatenate(list(fake)))
+        ext = DeadLeavesExtractor(side, d.device, n_train=a.dl_train_images, steps=a.dl_steps)
+        res = deadleaves_metrics(ext, np.concatenate(list(fake)))
         return report_generation(a, res)
     side = None
     if a.samples and a.samples.endswith(".npz"):
@@ -833,6 +834,8 @@ def get_args(argv=None):
                    help="inception: FID / IS; deadleaves: the offline fd_dl and class_acc_dl (a small network "
                         "trained on the built-in set, needs no --ref; never called FID)")
     f.add_argument("--record", default=None, help="also write the metrics to RUN_DIR/generation_metrics.json")
+    f.add_argument("--dl-train-images", type=int, default=1000, help="training images of the dead-leaves network")
+    f.add_argument("--dl-steps", type=int, default=300, help="training steps of the dead-leaves network")
     c = sub.add_parser("compare", help="validation curves and final metrics of several runs (mean ± std over seeds)")
     c.add_argument("runs", nargs="+", help="run folders (each with last.pt and metrics.jsonl)")
     c.add_argument("--out", default="runs/compare")

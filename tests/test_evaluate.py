@@ -250,7 +250,10 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
              str(tmp_path / "demo")], timeout=600, env={"PYTHON": __import__("sys").executable})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for f in ("deadleaves_classes.png", "vae/recon_final.png", "samples-baseline.npz", "samples-freqwarm.npz",
-              "recon/recon.json", "diagnosis/diagnosis.json", "diagnosis/f3_latent_hf_vs_r0.png"):
+              "recon/recon.json", "diagnosis/diagnosis.json", "diagnosis/f3_latent_hf_vs_r0.png", "samples-dvae.npz",
+              "compare/compare.md", "compare/compare.png", "sit-freqwarm/generation_metrics.json"):
         assert (tmp_path / "demo" / f).exists(), f
     assert "FID skipped" in p.stdout
     assert "switching from low-passed" in p.stdout
+    table = (tmp_path / "demo" / "compare" / "compare.md").read_text()
+    assert "| runs | seeds | step | val_loss | fd_dl | class_acc_dl |" in table and table in p.stdout
