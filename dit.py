@@ -1,6 +1,6 @@
-"""Stage-2 model: SiT (DiT blocks with adaLN-Zero), flow-matching pieces and ODE samplers.
+"""Stage-2 models: SiT (DiT blocks with adaLN-Zero) and U-ViT, flow-matching pieces and ODE samplers.
 
-    python dit.py                       # CPU: parameter counts of the named sizes (SiT-XL/2 = 675M)
+    python dit.py                       # CPU: parameter counts of the named sizes (SiT-XL/2 = 675M, U-ViT-H/2 = 501M)
     (library module: trained by train_diffusion.py, sampled by evaluate.py; the single-GPU,
      torchrun and multi-node commands are in those scripts)
 
@@ -14,6 +14,11 @@ interpolant the same latents z^(l) simply take the place of x0 here.
 Shapes, latents (B, C, h, w) with patch p and width D, tokens N = (h/p)(w/p):
     x (B, C, h, w) -> patchify (B, N, p*p*C) -> linear (B, N, D) + pos -> blocks(c) -> final(c) -> (B, C, h, w)
     c = t_embed(t) + y_embed(y)  (B, D), y = num_classes is the null class for guidance
+
+U-ViT (Bao et al. 2023; with this flow-matching objective it is the FreqWarm paper's USiT): time and class
+are tokens, and block i of the first half feeds block depth-1-i of the second by a long skip connection:
+    tokens [y_embed(y), sincos(1000 t), linear(patches)] + learned pos   (B, 2 + N, D)
+    in blocks -> mid block -> out blocks (x = linear(cat[x, skip])) -> LayerNorm -> linear -> drop the 2 extras
 """
 import math
 
@@ -32,6 +37,14 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def timestep_features(t, dim):
+    """Sinusoidal features of 1000 t: cos / sin of 1000 t exp(-ln(10000) i / half), (B, dim), no parameters."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of 1000 t (t in [0, 1]) followed by a 2-layer MLP -> (B, D)."""
 
@@ -41,10 +54,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000.0 * t.float()[:, None] * freqs[None]                  # (B, half)
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
+        return self.mlp(timestep_features(t, self.freq_dim))
 
 
 class SiTBlock(nn.Module):
@@ -81,8 +91,8 @@ class SiT(nn.Module):
         super().__init__()
         if input_size % patch:
             raise ValueError(f"latent size {input_size} is not a multiple of the patch size {patch}")
-        self.config = dict(input_size=input_size, in_channels=in_channels, patch=patch, width=width, depth=depth,
-                           heads=heads, num_classes=num_classes, mlp_ratio=mlp_ratio)
+        self.config = dict(arch="sit", input_size=input_size, in_channels=in_channels, patch=patch, width=width,
+                           depth=depth, heads=heads, num_classes=num_classes, mlp_ratio=mlp_ratio)
         self.patch, self.in_channels, self.num_classes = patch, in_channels, num_classes
         self.x_embed = nn.Linear(patch * patch * in_channels, width)
         self.t_embed = TimestepEmbedder(width)
@@ -132,13 +142,138 @@ class SiT(nn.Module):
 
 def build_sit(name, input_size, in_channels, num_classes):
     """name is SIZE/PATCH, e.g. 'XL/2' (SiT-XL/2) or 'tiny/1'."""
-    size, _, patch = name.partition("/")
-    if size not in SIZES or not patch.isdigit() or int(patch) < 1:
-        raise ValueError(f"unknown SiT model {name!r}; use SIZE/PATCH with SIZE in {sorted(SIZES)} and PATCH >= 1")
-    if input_size % int(patch):
-        raise ValueError(f"SiT patch {patch} does not divide the {input_size}x{input_size} latent grid")
+    size, patch = _size_and_patch(name, SIZES, "SiT", "", input_size)
     depth, width, heads = SIZES[size]
-    return SiT(input_size, in_channels, int(patch), width, depth, heads, num_classes)
+    return SiT(input_size, in_channels, patch, width, depth, heads, num_classes)
+
+
+def _size_and_patch(name, sizes, what, prefix, input_size):
+    size, _, patch = name[len(prefix):].partition("/")
+    if size not in sizes or not patch.isdigit() or int(patch) < 1:
+        raise ValueError(f"unknown {what} model {name!r}; use {prefix}SIZE/PATCH with SIZE in {sorted(sizes)} "
+                         f"and PATCH >= 1")
+    if input_size % int(patch):
+        raise ValueError(f"{what} patch {patch} does not divide the {input_size}x{input_size} latent grid")
+    return size, int(patch)
+
+
+# ----------------------------------------------------------------------------- U-ViT
+
+# blocks (in + mid + out), width, heads: U-ViT Table (S 44M, M 131M, L 287M, H 501M at /2 on 4x32x32 latents)
+UVIT_SIZES = {"smoke": (3, 32, 2), "tiny": (5, 128, 4), "S": (13, 512, 8), "M": (17, 768, 12),
+              "L": (21, 1024, 16), "H": (29, 1152, 16)}
+UVIT_PREFIX = "uvit-"
+
+
+class UViTBlock(nn.Module):
+    """Pre-norm transformer block; in the second half it first merges its long skip: x = linear(cat[x, skip])."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, qkv_bias=False, skip=False):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn, self.mlp = Attention(dim, heads, qkv_bias), Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    """U-ViT denoiser with SiT's interface: forward(x, t, y, return_hidden=None, hidden_only=False).
+
+    depth blocks in all (odd): (depth - 1) / 2 in, one mid, (depth - 1) / 2 out; qkv without bias, no time
+    MLP (as the published ImageNet latent models); `conv` adds U-ViT's optional 3x3 output convolution.
+    Initialisation as U-ViT (truncated normal 0.02 for linears, embeddings and positions), except the output
+    projection (and conv), which starts at zero as SiT's does: a fresh model predicts v = 0.
+    """
+
+    def __init__(self, input_size=32, in_channels=4, patch=2, width=1152, depth=29, heads=16, num_classes=1000,
+                 mlp_ratio=4.0, qkv_bias=False, conv=False):
+        super().__init__()
+        if input_size % patch:
+            raise ValueError(f"latent size {input_size} is not a multiple of the patch size {patch}")
+        if depth < 1 or depth % 2 == 0:
+            raise ValueError(f"U-ViT needs an odd number of blocks (in + mid + out), got {depth}")
+        self.config = dict(arch="uvit", input_size=input_size, in_channels=in_channels, patch=patch, width=width,
+                           depth=depth, heads=heads, num_classes=num_classes, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           conv=conv)
+        self.patch, self.in_channels, self.num_classes, self.width = patch, in_channels, num_classes, width
+        self.extras = 2                                                    # class token, time token
+        self.x_embed = nn.Linear(patch * patch * in_channels, width)
+        self.y_embed = nn.Embedding(num_classes + 1, width)               # index num_classes = null class
+        n = (input_size // patch) ** 2
+        self.pos = nn.Parameter(torch.zeros(1, self.extras + n, width))
+        half = depth // 2
+        self.blocks = nn.ModuleList(UViTBlock(width, heads, mlp_ratio, qkv_bias, skip=i > half) for i in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, patch * patch * in_channels)
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1) if conv else None
+        self._init()
+
+    def _init(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        for m in (self.out, self.conv):
+            if m is not None:
+                nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, y, return_hidden=None, hidden_only=False):
+        """x (B, C, h, w), t (B,) in [0, 1], y (B,) labels -> velocity (B, C, h, w).
+
+        return_hidden=k (1..depth) also returns the patch tokens after block k, (B, N, D) (for FDA);
+        hidden_only=True stops there and returns just that hidden state.
+        """
+        B, C, h, w = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"U-ViT expects {self.in_channels} latent channels, got {C}")
+        tok = self.x_embed(patchify(x, self.patch))                          # (B, N, D)
+        extras = torch.stack([self.y_embed(y), timestep_features(t, self.width)], dim=1).to(tok.dtype)  # (B, 2, D)
+        tok = torch.cat([extras, tok], dim=1) + self.pos                     # (B, 2 + N, D)
+        half, skips, hidden = len(self.blocks) // 2, [], None
+        for i, blk in enumerate(self.blocks):
+            tok = blk(tok, skips.pop() if i > half else None)
+            if i < half:
+                skips.append(tok)
+            if i + 1 == return_hidden:
+                hidden = tok[:, self.extras:]
+                if hidden_only:
+                    return hidden
+        out = self.out(self.norm(tok))[:, self.extras:]                       # (B, N, p*p*C)
+        out = unpatchify(out, self.patch, h // self.patch, w // self.patch)   # (B, C, h, w)
+        if self.conv is not None:
+            out = self.conv(out)
+        return (out, hidden) if return_hidden else out
+
+
+def build_uvit(name, input_size, in_channels, num_classes):
+    """name is uvit-SIZE/PATCH, e.g. 'uvit-H/2' (U-ViT-H/2) or 'uvit-smoke/1'."""
+    size, patch = _size_and_patch(name, UVIT_SIZES, "U-ViT", UVIT_PREFIX, input_size)
+    depth, width, heads = UVIT_SIZES[size]
+    return UViT(input_size, in_channels, patch, width, depth, heads, num_classes)
+
+
+def build_denoiser(name, input_size, in_channels, num_classes):
+    """--model: 'uvit-SIZE/PATCH' builds a U-ViT, 'SIZE/PATCH' a SiT."""
+    build = build_uvit if name.startswith(UVIT_PREFIX) else build_sit
+    return build(name, input_size, in_channels, num_classes)
+
+
+def denoiser_from_config(config):
+    """Rebuild a denoiser from its `config` (a checkpoint's model_config; without 'arch' it is a SiT)."""
+    cfg = dict(config)
+    arch = cfg.pop("arch", "sit")
+    if arch not in ("sit", "uvit"):
+        raise ValueError(f"unknown denoiser architecture {arch!r} in the checkpoint")
+    return (UViT if arch == "uvit" else SiT)(**cfg)
 
 
 class Projector(nn.Module):
@@ -212,6 +347,8 @@ def sample_ode(velocity, noise, steps=50, method="heun"):
 
 
 if __name__ == "__main__":
-    for name in ("S/2", "B/2", "L/2", "XL/2", "XL/1"):
-        m = build_sit(name, 32, 4, 1000)
-        print(f"SiT-{name:5s} {sum(p.numel() for p in m.parameters()) / 1e6:8.1f}M parameters (4x32x32 latents)")
+    for name in ("S/2", "B/2", "L/2", "XL/2", "XL/1", "uvit-S/2", "uvit-M/2", "uvit-L/2", "uvit-H/2"):
+        with torch.device("meta"):
+            m = build_denoiser(name, 32, 4, 1000)
+        print(f"{m.config['arch']:4s} {name:9s} {sum(p.numel() for p in m.parameters()) / 1e6:8.1f}M parameters "
+              f"(4x32x32 latents)")

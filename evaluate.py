@@ -5,6 +5,7 @@
     python evaluate.py fid      --make-ref-stats ref.npz --ref /data/imagenet/val_256           # reference stats
     python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
+    python evaluate.py diagnose --vae diffusers:Wan-AI/Wan2.2-TI2V-5B-Diffusers#vae --image-size 512 --data VAL_FOLDER
     torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              evaluate.py sample --ckpt SIT.pt --num-samples 50000
@@ -38,7 +39,8 @@ import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
                     load_checkpoint, log0, run_main, setup_distributed, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
-from vae import LatentSpace, level_scores, load_autoencoder, psnr
+from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, latent_stats, level_scores, load_autoencoder, locate_autoencoder,
+                 psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -70,20 +72,19 @@ def load_sit(path, device, vae=None):
     (absolute, then relative to the working directory, then to the checkpoint's folder); whichever is used
     must hash to the content recorded in the checkpoint, so a retrained or swapped VAE is refused.
     """
-    from dit import SiT
+    from dit import denoiser_from_config
     ck = load_checkpoint(path, "sit")
-    ema = SiT(**ck["model_config"])
+    ema = denoiser_from_config(ck["model_config"])
     ema.load_state_dict(ck["ema"])
     rec = ck.get("autoencoder", {"spec": ck["config"]["vae"]})
-    spec = vae or next((p for p in (rec.get("abs_spec"), rec["spec"],
-                                    os.path.join(os.path.dirname(os.path.abspath(path)), rec["spec"]))
-                        if p and os.path.exists(p)), rec["spec"])
+    spec = vae or locate_autoencoder(rec, path)
     ae = load_autoencoder(spec, device)
+    if ae.latent_dim != ema.in_channels:
+        raise UserError(f"autoencoder {spec} has {ae.latent_dim} latent channels, but {path} was trained on "
+                        f"{ema.in_channels}-channel latents")
     if rec.get("content_hash") and ae.content_hash != rec["content_hash"]:
         raise UserError(f"{spec} is not the autoencoder {path} was trained with (content {ae.content_hash}, "
                         f"expected {rec['content_hash']}): pass the original with --vae")
-    if ae.latent_dim != ema.in_channels:
-        raise UserError(f"autoencoder {spec} has {ae.latent_dim} latent channels, SiT expects {ema.in_channels}")
     cfg = ck["config"]
     space = LatentSpace(ck["latent_stats"], ae.mlsr_fractions, cfg.get("denoise_level", 0),
                         cfg.get("renorm_level", False), device)
@@ -615,7 +616,7 @@ def cmd_recon(a, d):
         ext = InceptionExtractor(find_inception(a.inception_path), d.device)
     except UserError as e:
         log0(f"rFID skipped: {e}")
-    batches, n = eval_batches(a, ae, ae.image_size, "all" if ext is not None else 1000, d)
+    batches, n = eval_batches(a, ae, resolve_image_size(ae, a.image_size), "all" if ext is not None else 1000, d)
     if ext is not None and n < 2048:
         log0(f"WARNING: rFID from {n} images (fewer than the 2048 feature dimensions) is heavily biased; "
              f"the papers' protocol uses all 50 000 ImageNet validation images (--n all)")
@@ -717,10 +718,12 @@ def plot_diagnosis(res, out_dir):
 
 def cmd_diagnose(a, d):
     ae = load_autoencoder(a.vae, d.device)
-    stats = ae.stats or {"mean": torch.zeros(ae.latent_dim), "std": torch.ones(ae.latent_dim)}
+    batches, n = eval_batches(a, ae, resolve_image_size(ae, a.image_size), 256, d)
+    x = torch.cat(list(batches)).to(d.device)
+    stats = ae.stats or latent_stats(ae.encode, ae.latent_dim, x.split(64), d.device, ae.mlsr_fractions)
+    log0(f"latent statistics: those of {ae.name}" if ae.stats else f"latent statistics: computed over the {n} images")
     space = LatentSpace(stats, ae.mlsr_fractions, device=d.device)
-    batches, n = eval_batches(a, ae, ae.image_size, 256, d)
-    res = diagnose(ae, torch.cat(list(batches)).to(d.device), space.normalize)
+    res = diagnose(ae, x, space.normalize)
     res.update(autoencoder=ae.name, data=a.data, n_images=n, seed=a.seed)
     os.makedirs(a.out, exist_ok=True)
     write_json(os.path.join(a.out, "diagnosis.json"), res)
@@ -842,7 +845,9 @@ def get_args(argv=None):
     r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
-        q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae')")
+        q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae') or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]")
+        q.add_argument("--image-size", type=int, default=None,
+                       help=f"image side (default: the VAE's training size; {DEFAULT_IMAGE_SIZE} for pretrained autoencoders)")
         q.add_argument("--data", default="deadleaves")
         q.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
         q.add_argument("--n", default=None, help=f"random images of --data, or 'all' (default: {n_help})")
@@ -879,6 +884,7 @@ def validate(a):
     elif a.cmd == "compare":
         check_out_dir(a.out)
     else:
+        check_range(a, "image_size", 1, optional=True)
         if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
             raise UserError(f"--n must be a positive number of images or 'all', got {a.n}")
         if a.out:

@@ -5,6 +5,8 @@
     python train_diffusion.py --preset cpu-demo [--freqwarm]                           # CPU, minutes
     python train_diffusion.py --preset dvae-f16d32 --vae runs/vae-f16d32/last.pt --data /data/imagenet/train
     torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae VAE.pt --data /data/imagenet/train
+    torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae diffusers:mit-han-lab/dc-ae-f32c32-in-1.0-diffusers \\
+             --image-size 512 --model uvit-H/1 --data /data/imagenet/train              # a pretrained AE, U-ViT
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              train_diffusion.py --preset freqwarm-512 --vae VAE.pt --data /data/imagenet/train
 
@@ -45,8 +47,9 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_commo
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     unwrap, validate_common, write_json)
 from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, train_val_split
-from dit import Projector, build_sit, guided_velocity, interpolate, sample_ode, velocity_target
-from vae import LatentSpace, dataset_latent_stats, load_autoencoder
+from dit import Projector, build_denoiser, guided_velocity, interpolate, sample_ode, velocity_target
+from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, absolute_spec, dataset_latent_stats, load_autoencoder,
+                 resolve_image_size)
 
 STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
 
@@ -73,9 +76,13 @@ def get_args(argv=None):
     add_common_args(p)
     p.add_argument("--out", default="runs/sit", help="output folder: checkpoints, logs, grids, latent cache")
     p.add_argument("--vae", default=os.path.join(VAE_OUT, "last.pt"),
-                   help="frozen autoencoder: a Stage-1 checkpoint (train_vae.py writes runs/vae/last.pt)")
-    p.add_argument("--model", default="XL/2", help="SiT size/patch: smoke/1, tiny/1, S/2, B/2, L/2, XL/2, XL/1, ...")
-    p.add_argument("--image-size", type=int, default=None, help="image side (default: the VAE's training size)")
+                   help="frozen autoencoder: a Stage-1 checkpoint (train_vae.py writes runs/vae/last.pt), or "
+                        "diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER] (AutoencoderKL, AutoencoderDC, AutoencoderKLWan, "
+                        "AutoencoderKLLTXVideo)")
+    p.add_argument("--model", default="XL/2", help="SiT size/patch: smoke/1, tiny/1, S/2, B/2, L/2, XL/2, XL/1, ...; "
+                                                   "U-ViT: uvit-smoke/1, uvit-tiny/2, uvit-S/2, uvit-M/2, uvit-L/2, uvit-H/2")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"image side (default: the VAE's training size; {DEFAULT_IMAGE_SIZE} for pretrained autoencoders)")
     p.add_argument("--stats-images", type=int, default=10000,
                    help="random training images for the latent statistics when the VAE's own do not fit the data")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (CFG)")
@@ -356,11 +363,12 @@ def training_stats(ae, dataset, args, d):
 def build(args, d):
     """Frozen autoencoder, dataset, SiT student / EMA teacher, optimizer."""
     ae = load_autoencoder(args.vae, d.device)
-    args.image_size = args.image_size or ae.image_size
-    ae.check_image_size(args.image_size)
+    if not (args.image_size or ae.image_size):
+        log0(f"image size: {DEFAULT_IMAGE_SIZE} px ({ae.name} has no native size; --image-size to change)", d)
+    args.image_size = resolve_image_size(ae, args.image_size)
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     C, h = ae.latent_dim, args.image_size // ae.downsample
-    sit = build_sit(args.model, h, C, dataset.num_classes).to(d.device)
+    sit = build_denoiser(args.model, h, C, dataset.num_classes).to(d.device)
     if args.fda and not 1 <= args.fda_depth <= len(sit.blocks):
         raise UserError(f"--fda-depth {args.fda_depth} is outside 1..{len(sit.blocks)} for SiT {args.model}")
     if args.fda and args.denoise_level == 3:
@@ -425,7 +433,7 @@ def train(args, d):
     log0(f"latent statistics: {stats['source']}", d)
     latents = Latents(ae, stats, args, warmup, d.device)
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
-    log0(f"SiT-{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
+    log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
          f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
          f"FreqWarm {'r0=%g for %d steps' % (args.r0, latents.warmup_steps) if args.freqwarm else 'off'}; "
          f"{d.world_size} rank(s) x {per_rank} ({accum} x {micro}); device {d.device}", d)
@@ -496,7 +504,7 @@ def checkpoint_state(args, student, ema, opt, step, latents, d):
     return {"kind": "sit", "config": vars(args), "model_config": student.sit.config, "model": student.state_dict(),
             "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(d.device),
             "data_position": {"step": step, "seed": args.seed}, "latent_stats": latents.stats,
-            "autoencoder": {"spec": args.vae, "abs_spec": os.path.abspath(args.vae), "name": latents.ae.name,
+            "autoencoder": {"spec": args.vae, "abs_spec": absolute_spec(args.vae), "name": latents.ae.name,
                             "content_hash": latents.ae.content_hash,
                             "mlsr_fractions": list(latents.ae.mlsr_fractions)},
             "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,

@@ -1,4 +1,5 @@
-"""Stage-1 models: ViT VAE, PatchGAN discriminator, VGG16 perceptual distance.
+"""Stage-1 models (ViT VAE, PatchGAN discriminator, VGG16 perceptual distance) and the frozen autoencoders of
+Stages 2-3: our ViT VAE checkpoints and pretrained diffusers autoencoders (--vae diffusers:HUB_ID_OR_FOLDER[#SUB]).
 
     python vae.py                       # CPU: build every named size and print parameter counts
     (library module: trained by train_vae.py; single GPU / torchrun / multi-node commands are there)
@@ -11,6 +12,8 @@ Shapes, for an image of side S and patch f (tokens N = (S/f)^2, width D):
     z (B, d, S/f, S/f) --> (B, N, D) --blocks--> (B, N, f*f*3) --unpatchify--> (B, 3, S, S) --3x3 refine--> x_hat
 """
 import functools
+import hashlib
+import inspect
 import os
 
 import torch
@@ -47,10 +50,10 @@ def sincos_2d(dim, h, w):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                              # (B, N, D)
@@ -288,6 +291,7 @@ class FrozenAutoencoder(nn.Module):
     """
 
     name, content_hash, stats, mlsr_fractions = "autoencoder", "", None, tuple(fft_ops.MLSR_FRACTIONS)
+    image_size = None                          # the one image side it serves, or None: any multiple of downsample
 
     def check_image_size(self, size):
         """One clear error unless images of side `size` can go through this autoencoder."""
@@ -341,12 +345,207 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
             return self.vae.decode(z.float())
 
 
+# ----------------------------------------------------------------------------- diffusers autoencoders
+
+DIFFUSERS_PREFIX = "diffusers:"
+DEFAULT_IMAGE_SIZE = 256            # image side for autoencoders without a native one, unless --image-size
+DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderDC", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
+VIDEO_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo")
+
+
+def parse_diffusers_spec(spec):
+    """'diffusers:SOURCE[#SUBFOLDER]' -> (SOURCE, SUBFOLDER or None). SOURCE is a local folder or a hub id."""
+    body = spec[len(DIFFUSERS_PREFIX):]
+    if "#" in body and not os.path.isdir(body):
+        source, _, sub = body.rpartition("#")
+    else:
+        source, sub = body, ""
+    if not source:
+        raise UserError(f"--vae {spec}: name a hub id or a local folder after 'diffusers:', e.g. "
+                        f"diffusers:stabilityai/sd-vae-ft-ema or diffusers:/models/Wan2.2-TI2V-5B-Diffusers#vae")
+    return source, sub.strip("/") or None
+
+
+def weights_hash(model, class_name):
+    """sha256 (16 hex digits) of the class, its architecture config and every weight tensor as loaded.
+
+    The same weights give the same hash wherever they are read from (a hub cache or a local copy,
+    safetensors or .bin, sharded or not); any changed weight or architecture gives another.
+    """
+    h = hashlib.sha256(class_name.encode())
+    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    h.update(repr(sorted(cfg.items())).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+class DiffusersAutoencoder(FrozenAutoencoder):
+    """A pretrained diffusers autoencoder, frozen, in float32 with autocast off.
+
+        AutoencoderKL (SD-VAE, SDXL, FLUX f8c16)  encode: posterior mean            decode: .sample
+        AutoencoderDC (DC-AE)                     encode: its deterministic latent  decode: .sample
+        AutoencoderKLWan (Wan2.1 / 2.2)           one frame: (B, 3, 1, H, W) in, the frame axis squeezed out
+        AutoencoderKLLTXVideo (LTX-Video)         one frame; decoded at timestep 0 without noise when the
+                                                  decoder is timestep-conditioned, with seeded injected noise
+    Decoded images are clamped to [-1, 1]. The scaling / shift factors and latent statistics in the model's
+    config are ignored: the run computes per-channel statistics of its own latents (stats is None).
+    """
+
+    def __init__(self, model, class_name, name, content_hash, spec):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.class_name, self.name, self.content_hash, self.spec = class_name, name, content_hash, spec
+        cfg = model.config
+        self.latent_dim = cfg["z_dim"] if class_name == "AutoencoderKLWan" else cfg["latent_channels"]
+        self.downsample = int(getattr(model, "spatial_compression_ratio", 0) or 2 ** (len(cfg["block_out_channels"]) - 1))
+        self.video = class_name in VIDEO_CLASSES
+
+    @classmethod
+    def from_pretrained(cls, spec, device="cpu"):
+        """Load `diffusers:SOURCE[#SUBFOLDER]` with diffusers' from_pretrained (hub ids need the network or its cache)."""
+        source, sub = parse_diffusers_spec(spec)
+        where = source + (f" (subfolder {sub})" if sub else "")
+        try:
+            import diffusers
+        except ImportError:
+            raise UserError(f"--vae {spec} needs the diffusers package: pip install diffusers==0.42.1") from None
+        if os.path.isdir(source):
+            folder = os.path.join(source, sub) if sub else source
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                hint = (f"; the autoencoder of a pipeline folder is in its vae/ subfolder: diffusers:{source}#vae"
+                        if not sub and os.path.isfile(os.path.join(source, "vae", "config.json")) else "")
+                raise UserError(f"{folder} is not a diffusers model folder (it has no config.json){hint}")
+        elif os.path.isabs(source) or source.startswith(".") or source.count("/") != 1:
+            raise UserError(f"--vae {spec}: there is no folder {source}, and it is not a hub id (OWNER/NAME)")
+        quiet = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()
+        try:
+            try:
+                config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
+            except Exception as e:
+                raise UserError(f"cannot read the config of {where} ({type(e).__name__}: {_first_line(e)}); "
+                                f"offline, download it once and pass the local folder") from None
+            found = config.get("_class_name")
+            if found is not None and found not in DIFFUSERS_CLASSES:
+                raise UserError(f"{where} holds a {found}, not an autoencoder this project can use "
+                                f"({', '.join(DIFFUSERS_CLASSES)})")
+            errors, keys = [], {k for k in config if not k.startswith("_")}
+            # without _class_name: in turn, each class whose constructor takes every key of the config
+            fits = [c for c in DIFFUSERS_CLASSES if keys <= set(inspect.signature(getattr(diffusers, c)).parameters)]
+            for class_name in ([found] if found else fits):
+                try:
+                    model, info = getattr(diffusers, class_name).from_pretrained(
+                        source, subfolder=sub, torch_dtype=torch.float32, output_loading_info=True)
+                except Exception as e:
+                    errors.append(f"{class_name}: {type(e).__name__}: {_first_line(e)}")
+                    continue
+                bad = {k: v for k, v in info.items() if v}           # missing / unexpected / mismatched weights
+                if not bad:
+                    break
+                errors.append(f"{class_name}: weights do not fit ({', '.join(sorted(bad))})")
+            else:
+                raise UserError(f"{where} does not load as a diffusers autoencoder ({', '.join(DIFFUSERS_CLASSES)})"
+                                + (f": {'; '.join(errors)[:300]}" if errors else ""))
+        finally:
+            diffusers.utils.logging.set_verbosity(quiet)
+        model = model.float()
+        ae = cls(model, class_name, f"{class_name} {where}", weights_hash(model, class_name), spec)
+        return ae.to(device)
+
+    def _check_latent(self, x, z):
+        if z.shape[-1] * self.downsample != x.shape[-1] or z.shape[-2] * self.downsample != x.shape[-2]:
+            raise UserError(f"{self.name} turned a {tuple(x.shape[-2:])} image into a {tuple(z.shape[-2:])} latent, "
+                            f"not the 1/{self.downsample} its config declares")
+        return z
+
+    @torch.no_grad()
+    def encode(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.class_name == "AutoencoderDC":
+                z = self.model.encode(x).latent
+            elif self.video:
+                z = self.model.encode(x[:, :, None]).latent_dist.mean[:, :, 0]        # one frame
+            else:
+                z = self.model.encode(x).latent_dist.mean
+            return self._check_latent(x, z.float())
+
+    @torch.no_grad()
+    def decode(self, z):
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            if z.shape[1] != self.latent_dim:
+                raise ValueError(f"latent has {z.shape[1]} channels but {self.name} decodes {self.latent_dim}")
+            if self.class_name == "AutoencoderKLLTXVideo":
+                x = self._decode_ltx(z[:, :, None])[:, :, 0]
+            elif self.video:
+                x = self.model.decode(z[:, :, None]).sample[:, :, 0]
+            else:
+                x = self.model.decode(z).sample
+            return x.float().clamp(-1, 1)
+
+    def _decode_ltx(self, z):
+        """LTX at decode timestep 0 (its pipeline's default); the decoder's injected noise from a fixed seed."""
+        temb = torch.zeros(z.shape[0], device=z.device) if self.model.config["timestep_conditioning"] else None
+        devices = [z.device] if z.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            return self.model.decode(z, temb).sample
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
 def load_autoencoder(spec, device="cpu"):
-    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path."""
+    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path, or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
+    if spec.startswith(DIFFUSERS_PREFIX):
+        return DiffusersAutoencoder.from_pretrained(spec, device)
     if not os.path.exists(spec):
-        raise UserError(f"no VAE at {spec}: train one with `python train_vae.py` (it writes runs/vae/last.pt) "
-                        f"or pass --vae PATH")
+        raise UserError(f"no VAE at {spec}: train one with `python train_vae.py` (it writes runs/vae/last.pt), "
+                        f"pass --vae PATH, or a pretrained one as --vae diffusers:HUB_ID_OR_FOLDER")
     return ViTVAEAutoencoder.from_checkpoint(spec, device)
+
+
+def resolve_image_size(ae, size=None):
+    """The image side for `ae`: `size` if given, else its native size, else DEFAULT_IMAGE_SIZE; checked."""
+    size = size or ae.image_size or DEFAULT_IMAGE_SIZE
+    ae.check_image_size(size)
+    return size
+
+
+def _map_path(spec, fn):
+    """Apply fn to the local path inside an autoencoder spec (a checkpoint path, or a diffusers folder)."""
+    if spec.startswith(DIFFUSERS_PREFIX):
+        source, sub = parse_diffusers_spec(spec)
+        return DIFFUSERS_PREFIX + fn(source) + (f"#{sub}" if sub else "")
+    return fn(spec)
+
+
+def spec_exists(spec):
+    if spec.startswith(DIFFUSERS_PREFIX):
+        return os.path.isdir(parse_diffusers_spec(spec)[0])
+    return os.path.exists(spec)
+
+
+def absolute_spec(spec):
+    """The spec with its local path made absolute (hub ids unchanged): recorded in SiT checkpoints."""
+    if spec.startswith(DIFFUSERS_PREFIX) and not spec_exists(spec):
+        return spec
+    return _map_path(spec, os.path.abspath)
+
+
+def locate_autoencoder(rec, ckpt_path):
+    """The autoencoder spec recorded in a SiT checkpoint (rec = ck['autoencoder']), found on this machine: the
+    absolute spec, then as given (relative to the working directory), then relative to the checkpoint's
+    folder; a hub id (or a spec found nowhere) is returned as recorded."""
+    base = os.path.dirname(os.path.abspath(ckpt_path))
+    candidates = (rec.get("abs_spec"), rec["spec"], _map_path(rec["spec"], lambda p: os.path.join(base, p)))
+    return next((s for s in candidates if s and spec_exists(s)), rec["spec"])
 
 
 def load_vae(path, device="cpu", use_ema=True):

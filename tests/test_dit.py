@@ -142,3 +142,102 @@ def test_timestep_features_are_the_dit_closed_form():
     got = emb(torch.from_numpy(t)).double().numpy()
     assert got.shape == (6, 256)
     np.testing.assert_allclose(got, ref, atol=3e-4, rtol=0)          # float32 phases up to 1000 rad
+
+
+# ----------------------------------------------------------------------------- U-ViT
+
+def uvit(**kw):
+    from dit import UViT
+    torch.manual_seed(0)
+    return UViT(**{**dict(input_size=4, in_channels=3, patch=2, width=32, depth=5, heads=2, num_classes=5), **kw})
+
+
+def perturbed_uvit(**kw):
+    """A U-ViT whose zero-initialised output is randomised, so outputs depend on x, t and y."""
+    m = uvit(**kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def uvit_by_hand(m, x, t, y):
+    """U-ViT written out: tokens [class, time, patches] + positions, block i < D/2 saved, block D-1-i merges it by
+    linear(cat[x, skip]), final LayerNorm and linear on the patch tokens only, patches back to (B, C, h, w)."""
+    import torch.nn.functional as F
+    B, C, H, W = x.shape
+    p, D = m.patch, m.width
+    patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+    half = D // 2
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    ang = 1000.0 * t[:, None] * freqs[None]
+    seq = torch.cat([m.y_embed.weight[y][:, None], torch.cat([ang.cos(), ang.sin()], 1)[:, None],
+                     F.linear(patches, m.x_embed.weight, m.x_embed.bias)], dim=1) + m.pos
+    n = len(m.blocks)
+    saved = {}
+    for i, blk in enumerate(m.blocks):
+        if i > n // 2:
+            seq = F.linear(torch.cat([seq, saved[n - 1 - i]], -1), blk.skip_linear.weight, blk.skip_linear.bias)
+        seq = seq + blk.attn(F.layer_norm(seq, (D,), blk.norm1.weight, blk.norm1.bias))
+        seq = seq + blk.mlp(F.layer_norm(seq, (D,), blk.norm2.weight, blk.norm2.bias))
+        saved[i] = seq
+    out = F.linear(F.layer_norm(seq, (D,), m.norm.weight, m.norm.bias), m.out.weight, m.out.bias)[:, 2:]
+    return out.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+def test_fresh_uvit_outputs_zeros_and_its_forward_is_the_written_out_uvit():
+    m = uvit()
+    x, t, y = torch.randn(3, 3, 4, 4), torch.rand(3), torch.tensor([0, 4, 5])
+    assert torch.count_nonzero(m(x, t, y)) == 0                       # zero output projection, as SiT
+    inner = m(x, t, y, return_hidden=5)[1]
+    assert inner.abs().min() > 0 and inner.std() > 1e-3              # ... while everything before it is live
+    assert all(blk.skip_linear is None for blk in m.blocks[:3]) and all(blk.skip_linear for blk in m.blocks[3:])
+    q = perturbed_uvit()
+    torch.testing.assert_close(q(x, t, y), uvit_by_hand(q, x, t, y), atol=1e-5, rtol=1e-5)
+
+
+def test_uvit_long_skips_carry_signal():
+    m = perturbed_uvit()
+    x, t, y = torch.randn(2, 3, 4, 4), torch.rand(2), torch.tensor([1, 2])
+    ref = m(x, t, y)
+    for blk in m.blocks[3:]:                                          # drop one skip: the skip half of its linear
+        saved = blk.skip_linear.weight.detach().clone()
+        with torch.no_grad():
+            blk.skip_linear.weight[:, 32:] = 0
+        assert (m(x, t, y) - ref).abs().max() > 1e-3
+        with torch.no_grad():
+            blk.skip_linear.weight.copy_(saved)
+    torch.testing.assert_close(m(x, t, y), ref)
+
+
+def test_uvit_published_parameter_counts():
+    """U-ViT-M/2 131M, U-ViT-L/2 287M, U-ViT-H/2 501M on 4x32x32 latents with 1000 classes (+ null), to 1 %."""
+    from dit import build_denoiser
+    for name, published in (("uvit-M/2", 131e6), ("uvit-L/2", 287e6), ("uvit-H/2", 501e6)):
+        with torch.device("meta"):
+            m = build_denoiser(name, 32, 4, 1000)
+        n = sum(p.numel() for p in m.parameters())
+        assert abs(n - published) / published < 0.01, (name, n)
+        assert m.config["arch"] == "uvit" and len(m.blocks) == {"M": 17, "L": 21, "H": 29}[name[5]]
+
+
+def test_uvit_hidden_state_cfg_and_rebuild_from_config():
+    from dit import build_denoiser, denoiser_from_config
+    m = perturbed_uvit()
+    x, t, y = torch.randn(3, 3, 4, 4), torch.rand(3), torch.tensor([0, 3, 4])
+    out, h = m(x, t, y, return_hidden=2)
+    assert h.shape == (3, 4, 32)                                      # patch tokens only
+    torch.testing.assert_close(out, m(x, t, y))
+    torch.testing.assert_close(m(x, t, y, return_hidden=2, hidden_only=True), h)
+    tb = torch.full((3,), 0.6)
+    cond, uncond = m(x, tb, y), m(x, tb, torch.full_like(y, 5))
+    assert not torch.allclose(cond, uncond)
+    torch.testing.assert_close(guided_velocity(m, y, 3.0)(x, 0.6), uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+    again = denoiser_from_config(m.config)
+    again.load_state_dict(m.state_dict())
+    torch.testing.assert_close(again.eval()(x, t, y), m(x, t, y))
+    sit_cfg = {k: v for k, v in build_sit("smoke/1", 4, 3, 5).config.items() if k != "arch"}
+    assert type(denoiser_from_config(sit_cfg)).__name__ == "SiT"      # checkpoints from before the arch key
+    assert type(build_denoiser("uvit-smoke/1", 4, 3, 5)).__name__ == "UViT"
+    with pytest.raises(ValueError, match="unknown U-ViT model"):
+        build_denoiser("uvit-XL/2", 32, 4, 10)

@@ -12,6 +12,7 @@ import train_diffusion as td
 import train_vae
 from common import load_checkpoint
 from data import DeadLeaves, StepSampler, to_uint8, train_val_split
+from dit import build_sit
 from helpers import read_metrics
 from vae import ViTVAEAutoencoder, level_scores, load_autoencoder, load_vae
 
@@ -47,7 +48,7 @@ def test_stage2_validation_is_held_out_and_equal_across_freqwarm_at_step_0(vae_c
     assert len(val_idx) == 8 and not {k % 64 for k in seen_keys} & set(val_idx) and seen_keys
     # the number is the EMA's loss recomputed here, on the held-out images at full frequency
     ck = load_checkpoint(str(tmp_path / "fw" / "last.pt"), "sit")
-    ema = td.build_sit("smoke/1", 4, 4, 10)
+    ema = build_sit("smoke/1", 4, 4, 10)
     ema.load_state_dict(ck["ema"])
     ae = load_autoencoder(str(vae_ckpt / "last.pt"))
     st = ck["latent_stats"]
