@@ -358,7 +358,7 @@ def test_corrupt_image_in_a_loader_worker_is_named_once(tmp_path):
             Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
     bad = root / "b" / "1.png"
     bad.write_bytes(b"not a png")
-    p = run(["train_vae.py", "--preset", "smoke", "--data", str(root), "--workers", "1", "--global-batch", "8",
+    p = run(["train_vae.py", "--preset", "smoke", "--data", str(root), "--workers", "1", "--global-batch", "8", "--val-images", "0",
              "--out", str(tmp_path / "o")])
     assert_one_line_error(p, f"cannot read image {bad}")
     assert p.stderr.count(str(bad)) == 1 and "worker" not in p.stderr

@@ -1,0 +1,191 @@
+"""The reproduction study: do the papers' mechanisms show up at our scale? Runs the real commands, several seeds.
+
+    python study.py --setting smoke  --out runs/study-smoke    # CPU, a few minutes (what CI runs)
+    python study.py --setting cpu    --out runs/study          # CPU, about an hour on 2 cores
+    python study.py --setting gpu    --out runs/study-gpu      # one GPU: 64 px, f8, larger models and VAEs
+    (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
+     by hand from the printed command lines)
+
+Three parts, each over --seeds seeds, tabulated as mean ± sample std over seeds in OUT/study.md:
+  A  MLSR vs a plain VAE (same size and steps; plain = every p_l and sigma_l zero): PSNR of D(S_l(z)) per
+     level l and the latent high-frequency ratio, on held-out images (evaluate.py recon).
+  B  The frequency diagnosis vs latent channels d (same compression): F1 PSNR of D(z_low) and D(z_high)
+     at r = 0.25, and F3, the latent HF energy of E(lowpass(x, r0)) across r0 (evaluate.py diagnose).
+  C  SiT on denoise levels 0-3, FDA on levels 0-2, FreqWarm at several r0 vs the baseline, at equal steps:
+     final validation loss (EMA, held-out latents; comparable across runs of the same level) and the
+     offline dead-leaves metric fd_dl / class_acc_dl of class-balanced samples (never called FID).
+Every command is printed and kept in OUT/commands.txt; results in OUT/results.json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from common import atomic_write, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SETTINGS = {
+    "smoke": dict(vae=["--preset", "smoke"], sit=["--preset", "smoke", "--steps", "4"], seeds=2, dims=(4, 8),
+                  levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
+                  dl=["--dl-train-images", "200", "--dl-steps", "30"]),
+    "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "600", "--stats-images", "1000"],
+                sit=["--preset", "cpu-demo", "--steps", "500", "--val-every", "100", "--sample-every", "100000"],
+                seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1, 2), r0s=(0.05, 0.2, 0.4),
+                n_samples=200, sample_steps=25, n_eval=256, dl=[]),
+    "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
+                     "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
+                     "--val-every", "2000", "--workers", "8"],
+                sit=["--model", "S/2", "--n-images", "20000", "--steps", "20000", "--global-batch", "256",
+                     "--lr", "2e-4", "--cache-latents", "--val-every", "2000", "--sample-every", "100000",
+                     "--workers", "8"],
+                seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1, 2), r0s=(0.05, 0.2, 0.4),
+                n_samples=1000, sample_steps=50, n_eval=1000, dl=[]),
+}
+PLAIN = ["--mlsr-fractions", "0", "0", "0", "0", "--mlsr-sigmas", "0", "0", "0", "0"]
+
+
+class Runner:
+    """Runs each command once (a finished run is skipped on rerun), logging it to OUT/commands.txt."""
+
+    def __init__(self, out):
+        self.out = out
+        os.makedirs(out, exist_ok=True)
+        self.log = open(os.path.join(out, "commands.txt"), "a")
+
+    def __call__(self, script, *args, done=None):
+        cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+        if done and os.path.exists(done):
+            return
+        line = " ".join(["python", script, *map(str, args)])
+        print(f"$ {line}", flush=True)
+        self.log.write(line + "\n"), self.log.flush()
+        t0 = time.time()
+        p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"error: the study stopped: `{line}` failed:\n{p.stderr[-2000:]}")
+        print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def spread(values):
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] +
+                     ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def part_a(run, s, out):
+    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on held-out dead-leaves images)."""
+    res = {}
+    for name, extra in (("MLSR", []), ("plain", PLAIN)):
+        for seed in range(s["seeds"]):
+            d = os.path.join(out, f"vae-{name}-s{seed}")
+            run("train_vae.py", *s["vae"], *extra, "--seed", seed, "--out", d, done=os.path.join(d, "last.pt"))
+            run("evaluate.py", "recon", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
+                "--out", d, done=os.path.join(d, "recon.json"))
+            res.setdefault(name, []).append(json.load(open(os.path.join(d, "recon.json")))["rows"])
+    rows = []
+    for name, runs in res.items():
+        for level in range(4):
+            rows.append([name, level, spread([r[level]["psnr"] for r in runs]), spread([r[level]["ssim"] for r in runs]),
+                         spread([r[level]["latent_hf_ratio@0.25"] for r in runs])])
+    gap = [np.mean([r[3]["psnr"] - r[0]["psnr"] for r in res["MLSR"]]),
+           np.mean([r[3]["psnr"] - r[0]["psnr"] for r in res["plain"]])]
+    text = table(["VAE", "level l", "PSNR D(S_l(z)) dB", "SSIM", "latent HF ratio"], rows)
+    text += (f"\n\nPSNR(level 3) - PSNR(level 0): MLSR {gap[0]:+.3f} dB, plain {gap[1]:+.3f} dB "
+             f"(the paper: within about 0.05 dB for MLSR)")
+    return {"rows": res}, text
+
+
+def part_b(run, s, out):
+    """Diagnosis vs latent channels at the same compression."""
+    res = {}
+    for dim in s["dims"]:
+        for seed in range(s["seeds"]):
+            d = os.path.join(out, f"vae-d{dim}-s{seed}")
+            run("train_vae.py", *s["vae"], "--latent-dim", dim, "--seed", seed, "--out", d,
+                done=os.path.join(d, "last.pt"))
+            run("evaluate.py", "diagnose", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
+                "--out", os.path.join(d, "diagnosis"), done=os.path.join(d, "diagnosis", "diagnosis.json"))
+            res.setdefault(dim, []).append(json.load(open(os.path.join(d, "diagnosis", "diagnosis.json"))))
+    first = next(iter(res.values()))[0]
+    i25, r0s = first["radii"].index(0.25), first["f3_r0"]
+    rows = []
+    for dim, runs in res.items():
+        f3 = np.array([r["f3_latent_hf_energy"] for r in runs])                         # (seeds, len(r0s))
+        peak = [r0s[i] for i in f3.argmax(1)]
+        rows.append([dim, spread([r["f1_psnr_low"][i25] for r in runs]), spread([r["f1_psnr_high"][i25] for r in runs]),
+                     " / ".join(f"{v:.3f}" for v in f3.mean(0)), ", ".join(f"{p:g}" for p in peak)])
+    text = table(["latent channels d", "F1 PSNR D(z_low) @0.25", "F1 PSNR D(z_high) @0.25",
+                  f"F3 latent HF energy, mean over seeds, r0 = {' / '.join(f'{r:g}' for r in r0s)}",
+                  "F3 argmax r0 per seed"], rows)
+    return {"runs": {str(k): v for k, v in res.items()}}, text
+
+
+def part_c(run, s, out, vae):
+    """SiT: denoise levels, FDA, FreqWarm r0, at equal steps; validation loss and the offline metric."""
+    configs = [(f"level {l}", ["--denoise-level", l]) for l in s["levels"]]
+    configs += [(f"level {l} + FDA", ["--denoise-level", l, "--fda"]) for l in s["fda_levels"]]
+    configs += [(f"FreqWarm r0={r}", ["--freqwarm", "--r0", r]) for r in s["r0s"]]
+    res, rows = {}, []
+    for name, extra in configs:
+        for seed in range(s["seeds"]):
+            d = os.path.join(out, "sit-" + name.replace(" ", "").replace("+", "-").replace("=", "") + f"-s{seed}")
+            run("train_diffusion.py", *s["sit"], *extra, "--vae", vae, "--seed", seed, "--out", d,
+                done=os.path.join(d, "last.pt"))
+            run("evaluate.py", "sample", "--ckpt", os.path.join(d, "last.pt"), "--num-samples", s["n_samples"],
+                "--batch", 100, "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, "--seed", seed,
+                "--out", os.path.join(d, "samples"), done=os.path.join(d, "samples.npz"))
+            run("evaluate.py", "fid", "--features", "deadleaves", "--samples", os.path.join(d, "samples.npz"),
+                "--record", d, *s["dl"], done=os.path.join(d, "generation_metrics.json"))
+            val = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if '"val_loss"' in line]
+            gm = next(iter(json.load(open(os.path.join(d, "generation_metrics.json"))).values()))
+            res.setdefault(name, []).append({"val_loss": val[-1]["val_loss"], "step": val[-1]["step"],
+                                             "fd_dl": gm["fd_dl"], "class_acc_dl": gm["class_acc_dl"]})
+        runs = res[name]
+        rows.append([name, runs[0]["step"], spread([r["val_loss"] for r in runs]), spread([r["fd_dl"] for r in runs]),
+                     spread([r["class_acc_dl"] for r in runs])])
+    text = table(["SiT run", "step", "val loss (EMA, held-out)", "fd_dl (lower is better)", "class_acc_dl"], rows)
+    text += ("\n\nValidation losses compare runs of the same denoise level (their targets are S_l(z) at that "
+             "level); fd_dl and class_acc_dl compare all runs (decoded samples).")
+    return {"runs": res}, text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--parts", default="ABC", help="which parts to run, e.g. AC")
+    a = p.parse_args(argv)
+    s, out = SETTINGS[a.setting], os.path.abspath(a.out)
+    run = Runner(out)
+    results, sections = {"setting": a.setting, "seeds": list(range(s["seeds"]))}, []
+    t0 = time.time()
+    if "A" in a.parts:
+        results["A"], text = part_a(run, s, out)
+        sections.append(f"## A. MLSR vs plain VAE ({a.setting}, seeds {results['seeds']})\n\n{text}")
+    if "B" in a.parts:
+        results["B"], text = part_b(run, s, out)
+        sections.append(f"## B. Diagnosis vs latent channels ({a.setting}, seeds {results['seeds']})\n\n{text}")
+    if "C" in a.parts:
+        vae = os.path.join(out, "vae-MLSR-s0", "last.pt")
+        run("train_vae.py", *s["vae"], "--seed", 0, "--out", os.path.dirname(vae), done=vae)
+        results["C"], text = part_c(run, s, out, vae)
+        sections.append(f"## C. SiT: denoise levels, FDA, FreqWarm ({a.setting}, seeds {results['seeds']}, "
+                        f"VAE vae-MLSR-s0)\n\n{text}")
+    report = "\n\n".join(sections) + f"\n\n({time.time() - t0:.0f} s; commands in {out}/commands.txt)\n"
+    write_json(os.path.join(out, "results.json"), results)
+    with atomic_write(os.path.join(out, "study.md"), text=True) as f:
+        f.write(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
