@@ -611,6 +611,8 @@ def eval_batches(a, ae, image_size, n_default, d, batch=64):
 
 def cmd_recon(a, d):
     ae = load_autoencoder(a.vae, d.device)
+    if a.mlsr_fractions:
+        ae.mlsr_fractions = tuple(a.mlsr_fractions)
     ext = None
     try:
         ext = InceptionExtractor(find_inception(a.inception_path), d.device)
@@ -718,6 +720,8 @@ def plot_diagnosis(res, out_dir):
 
 def cmd_diagnose(a, d):
     ae = load_autoencoder(a.vae, d.device)
+    if a.mlsr_fractions:
+        ae.mlsr_fractions = tuple(a.mlsr_fractions)
     batches, n = eval_batches(a, ae, resolve_image_size(ae, a.image_size), 256, d)
     x = torch.cat(list(batches)).to(d.device)
     stats = ae.stats or latent_stats(ae.encode, ae.latent_dim, x.split(64), d.device, ae.mlsr_fractions)
@@ -851,6 +855,8 @@ def get_args(argv=None):
         q.add_argument("--data", default="deadleaves")
         q.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
         q.add_argument("--n", default=None, help=f"random images of --data, or 'all' (default: {n_help})")
+        q.add_argument("--mlsr-fractions", type=float, nargs=4, default=None,
+                       help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
     for q in (s, f, r, g, c):

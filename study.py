@@ -34,7 +34,7 @@ SETTINGS = {
                   levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
                   dl=["--dl-train-images", "200", "--dl-steps", "30"]),
     "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "600", "--stats-images", "1000"],
-                sit=["--preset", "cpu-demo", "--steps", "500", "--val-every", "100", "--sample-every", "100000"],
+                sit=["--preset", "cpu-demo", "--steps", "400", "--val-every", "100", "--sample-every", "100000"],
                 seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1, 2), r0s=(0.05, 0.2, 0.4),
                 n_samples=200, sample_steps=25, n_eval=256, dl=[]),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
@@ -82,14 +82,15 @@ def table(header, rows):
 
 
 def part_a(run, s, out):
-    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on held-out dead-leaves images)."""
+    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on held-out dead-leaves images), both
+    evaluated with the paper's S_l (p_l = 0, .25, .5, .75), whatever they were trained with."""
     res = {}
     for name, extra in (("MLSR", []), ("plain", PLAIN)):
         for seed in range(s["seeds"]):
             d = os.path.join(out, f"vae-{name}-s{seed}")
             run("train_vae.py", *s["vae"], *extra, "--seed", seed, "--out", d, done=os.path.join(d, "last.pt"))
             run("evaluate.py", "recon", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
-                "--out", d, done=os.path.join(d, "recon.json"))
+                "--mlsr-fractions", 0, 0.25, 0.5, 0.75, "--out", d, done=os.path.join(d, "recon.json"))
             res.setdefault(name, []).append(json.load(open(os.path.join(d, "recon.json")))["rows"])
     rows = []
     for name, runs in res.items():
