@@ -13,6 +13,8 @@ Rows (each on whatever device is present, bf16 autocast on CUDA unless --no-bf16
                     "+FDA" row adds the alignment loss with the EMA teacher
     sit-official    the same SiT configuration as an independent re-implementation of the official SiT
                     (willisma/SiT models.py + train.py step), for comparison at equal settings
+    compare         our SiT step and the official one timed alternately, step by step: the median ratio of their
+                    times (a machine shared with other work slows both alike)
     sample          img/s of Euler sampling at --sample-steps, without guidance and with guidance (batched halves)
     cache-encode    latent-cache encoding img/s from a folder of JPEGs (DataLoader with 0 and 2 workers),
                     and the JPEG decode + crop alone (to see which of the two limits it)
@@ -140,6 +142,7 @@ class Bench:
     def __init__(self, a, device):
         self.a, self.device, self.rows = a, device, []
         self.mem = PeakMemory(device)
+        self.notes = []
         self.tmp = tempfile.mkdtemp(prefix="freqldm-bench-")
         self.bf16 = device.type == "cuda" and not a.no_bf16
 
@@ -221,7 +224,7 @@ def diffusion_args(b, name, side, ch, batch, *extra):
                        + (["--no-bf16"] if not b.bf16 else []))
 
 
-def bench_stage2(b, model_name, build, fda=False):
+def stage2_step(b, model_name, build, fda=False):
     name, side, ch, batch = b.cfg["dit"]
     dev, ncls = b.device, 1000
     args = diffusion_args(b, name, side, ch, batch, *(["--fda", "--denoise-level", "1"] if fda else []))
@@ -263,6 +266,11 @@ def bench_stage2(b, model_name, build, fda=False):
     row = f"{model_name.lower()}-step" + ("+fda" if fda else "")
     config = (f"{model_name}-{name} ({n:.1f}M, {tokens} tokens) on {side}x{side}x{ch}, batch {batch}"
               + (", FDA (level 1, teacher at block 1)" if fda else ""))
+    return step, batch, row, config, ema, loop
+
+
+def bench_stage2(b, model_name, build, fda=False):
+    step, batch, row, config, ema, loop = stage2_step(b, model_name, build, fda)
     b.measure(row, config, step, batch, flops_fn=step)
     loop.close()
     return ema
@@ -360,7 +368,7 @@ class RefSiT(nn.Module):
         return x.chunk(2, dim=1)[0]
 
 
-def bench_official(b):
+def official_step(b):
     """The official training step: linear path, velocity target, mean-flat MSE, AdamW(lr 1e-4, wd 0), EMA as a
     per-parameter loop, loss.item() every step (SiT train.py)."""
     from dit import SIZES
@@ -396,8 +404,37 @@ def bench_official(b):
         running["loss"] += loss.item()
 
     n = sum(p.numel() for p in model.parameters()) / 1e6
-    b.measure("sit-official", f"official SiT-{name} re-implemented ({n:.1f}M), same latents and batch", step, batch,
-              flops_fn=step)
+    return step, batch, "sit-official", f"official SiT-{name} re-implemented ({n:.1f}M), same latents and batch"
+
+
+def bench_official(b):
+    step, batch, row, config = official_step(b)
+    b.measure(row, config, step, batch, flops_fn=step)
+
+
+def bench_compare(b):
+    """Our SiT step and the official one, timed alternately (one step each, `repeats` x `iters` pairs), so that
+    a machine shared with other work slows both alike; reports the median of the per-pair time ratios."""
+    ours, batch, _, _, _, loop = stage2_step(b, "SiT", STAGE2["SiT"])
+    ref = official_step(b)[0]
+    for _ in range(b.a.warmup):
+        ours(), ref()
+    pairs = []
+    for _ in range(b.a.repeats * b.a.iters):
+        t = []
+        for fn in (ours, ref):
+            sync(b.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(b.device)
+            t.append(time.perf_counter() - t0)
+        pairs.append(t)
+    loop.close()
+    ratios = sorted(o / r for o, r in pairs)
+    med = lambda xs: statistics.median(xs) * 1e3
+    b.notes.append(f"sit-step vs sit-official, alternating, {len(pairs)} pairs: ours {med([p[0] for p in pairs]):.0f} ms, "
+                   f"official {med([p[1] for p in pairs]):.0f} ms (medians); time ratio ours / official: median "
+                   f"{statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -522,10 +559,10 @@ def table(b, argv):
                      f"{r['lo_ms']:.1f}-{r['hi_ms']:.1f} | {r['mem_mib']:.0f} ({r['mem_kind']}) | "
                      f"{fmt(r['gflop_img'], '.3g')} | {fmt(r['tflop_s'], '.3g')} | "
                      f"{'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + ' %'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] * bool(b.notes) + b.notes)
 
 
-ROWS = ("vae", "stage2", "fda", "sit-official", "sample", "data")
+ROWS = ("vae", "stage2", "fda", "sit-official", "compare", "sample", "data")
 
 
 def get_args(argv=None):
@@ -568,6 +605,8 @@ def main(argv=None):
         bench_stage2(b, "SiT", STAGE2["SiT"], fda=True)
     if "sit-official" in rows:
         bench_official(b)
+    if "compare" in rows:
+        bench_compare(b)
     if "sample" in rows:
         if ema is None:
             name, side, ch, _ = cfg["dit"]

@@ -394,6 +394,7 @@ def train(args, d):
     batches = iter(make_loader(dataset, sampler, args.workers)) if latents.cache is None else None
     labels = torch.tensor([dataset.label(i) for i in range(len(dataset))]) if batches is None else None
     train_model = torch.compile(student) if args.compile else student
+    teacher = torch.compile(ema) if args.compile and args.fda else ema        # the FDA teacher (shares ema's weights)
     if d.world_size > 1:
         train_model = DDP(train_model)
     loop, first_step, stopping = StepLoop(args, d, step, "sit"), step, 0
@@ -418,7 +419,7 @@ def train(args, d):
             y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
             with sync_grads_on(train_model, j, accum):
                 with autocast(d.device, not args.no_bf16):
-                    loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step, latents.at_level)
+                    loss, parts = diffusion_loss(train_model, teacher, z, y, t, eps, args, step, latents.at_level)
                 (loss / accum).backward()
             loop.accumulate(totals, {"loss": loss, **parts}, accum)
         totals = loop.reduce_and_clip(totals, student.parameters(), step, ckpt_path, args.grad_clip)

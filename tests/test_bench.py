@@ -30,4 +30,5 @@ def test_bench_quick_prints_its_table():
         assert float(rows[name][6]) > 0, name                                          # FLOPs counted
     # the same FLOPs for our SiT and the official re-implementation (its extra C output channels aside)
     assert abs(float(rows["sit-step"][6]) - float(rows["sit-official"][6])) <= 0.05 * float(rows["sit-step"][6])
+    assert re.search(r"time ratio ours / official: median \d+\.\d+, range", out)
     assert "STAND-IN network, not Inception" in rows["fid-features-w0"][1] or "Inception-v3" in rows["fid-features-w0"][1]
