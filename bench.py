@@ -24,7 +24,7 @@ Rows (each on whatever device is present, bf16 autocast on CUDA unless --no-bf16
 Step times are the median over --repeats timed repeats of --iters steps each, after warm-up; "spread" is the
 smallest and largest repeat. Peak memory: CUDA max_memory_allocated per row; on CPU the process's peak
 resident set per row (reset through /proc/self/clear_refs where Linux allows it, else the peak of the whole
-process so far, from getrusage). FLOP counts come from torch.utils.flop_counter on one step (matmuls and
+process so far, from getrusage); it includes what the process still holds from earlier rows. FLOP counts come from torch.utils.flop_counter on one step (matmuls and
 attention, forward and backward); MFU = FLOP/s / the GPU's dense bf16 peak, on known GPUs only.
 """
 import argparse
