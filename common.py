@@ -259,6 +259,19 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def adamw(params, device, **kw):
+    """AdamW, fused into one kernel launch per step where the device has it (CUDA); foreach otherwise."""
+    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+
+
+def to_device(t, device):
+    """A host tensor on `device` without waiting for the device: on CUDA a non-blocking copy from pinned
+    memory (a plain .to() would wait for every queued kernel first)."""
+    if device.type == "cuda":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA; a no-op on CPU (float32 there)."""
     if enabled and device.type == "cuda":
@@ -642,58 +655,161 @@ class RunLock:
 
 
 class StepLoop:
-    """Per-step bookkeeping shared by the trainers: progress bar with images/s and ETA,
-    JSONL metrics every --log-every steps, and the SIGTERM / SIGINT flag agreed by all ranks."""
+    """Per-step bookkeeping shared by the trainers: progress bar with images/s and ETA, JSONL metrics every
+    --log-every steps, the non-finite guard, and the SIGTERM / SIGINT flag agreed by all ranks.
+
+    No host synchronisation inside a step (--on-nonfinite stop, the default): a step's loss parts and
+    gradient norm stay on the device, are summed there, and are read once per --log-every steps as the mean
+    over the steps since the last metrics line. Non-finite values are remembered on the device (the first
+    such step and its values) and looked at before every metrics line, sample grid and checkpoint, and
+    before a signal-stop save (`end_step` does it, then the trainer samples and saves): the run stops
+    there, naming the step that went non-finite and the last good checkpoint, so no file is ever written
+    from a non-finite state (the weights in memory may be, in the steps between). --on-nonfinite skip must
+    decide before each optimizer step, so it reads one flag per step (the only per-step host read).
+    """
 
     def __init__(self, args, d, step, desc):
         self.args, self.d = args, d
         self.bar = progress(args.steps, step, d, desc)
         self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step)
         self.stop, self.speed = StopSignal(), Throughput()
-        self.skipped = 0
+        self.skipped = 0                               # skipped steps in this run (--on-nonfinite skip)
+        self.ckpt_path = os.path.join(args.out, "last.pt")
+        self._step = None                              # (keys, values on the device) of the step just reduced
+        self._sums = {}                                # keys -> [device sum, steps] since the last metrics line
+        self._interval_skipped = 0
+        self._bad_step = None                          # device int64: first non-finite step, -1 while none
+        self._bad_vals = {}                            # keys -> device values of that step
+        self._signal_group, self._pending_signal = None, None
+        if dist.is_initialized():                      # the signal flag goes over gloo, off the device stream
+            self._signal_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
     def due(self, step, every):
         return step % every == 0 or step == self.args.steps
 
     @staticmethod
     def accumulate(totals, parts, accum):
-        """Add one micro-batch's loss parts (tensors) to the step's running averages."""
+        """Add one micro-batch's loss parts (tensors) to the step's running averages, on the device."""
         for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + v.item() / accum
+            v = v.detach().float() / accum
+            totals[k] = totals[k] + v if k in totals else v
 
     def reduce_and_clip(self, totals, params, step, ckpt_path, clip, other_params=()):
-        """Average the step's losses over ranks and clip the gradients; returns the metrics.
+        """Average the step's losses over ranks and clip the gradients; returns the step's metrics (device
+        tensors, and `skipped`).
 
-        A NaN / inf loss (or loss part) or gradient norm stops the run (--on-nonfinite stop) before the
-        optimizer or a checkpoint sees it, or (skip) drops this step's gradients of `params` and
-        `other_params`, so the optimizers leave the weights as they were; `skipped` is then 1.
-        Losses and gradients are already averaged over ranks, so every rank takes the same decision.
+        The losses are averaged with one all-reduce (queued on the device stream: no host wait) and the
+        gradient norm comes from the DDP-averaged gradients, so every rank sees the same values and takes
+        the same decision. A NaN / inf loss (or loss part) or gradient norm: with --on-nonfinite stop it is
+        remembered on the device and stops the run at the next metrics line, sample grid or checkpoint (see
+        the class), before anything is written; with skip this step's gradients of `params` and
+        `other_params` are dropped, so the optimizers leave the weights as they were, and `skipped` is 1.
         """
         params, other_params = list(params), list(other_params)
-        totals = all_reduce_mean(totals, self.d.device)
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        reason = nonfinite_reason(totals)
-        if reason is not None:
-            if self.args.on_nonfinite == "stop":
-                stop_nonfinite(reason, step, ckpt_path)
-            for p in params + other_params:
-                p.grad = None
-            self.skipped += 1
-            log0(f"step {step}: {reason}: update skipped ({self.skipped} so far)", self.d)
-        totals["skipped"] = int(reason is not None)
-        return totals
+        self.ckpt_path = ckpt_path
+        keys = sorted(totals)
+        vec = torch.stack([totals[k] for k in keys])
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+            vec = vec / dist.get_world_size()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        keys = tuple(keys) + ("grad_norm",)
+        vec = torch.cat([vec, norm.detach().float().reshape(1).to(vec.device)])
+        bad = ~torch.isfinite(vec).all()
+        skipped = 0
+        if self.args.on_nonfinite == "skip":
+            if bool(bad):                              # the per-step host read that skip needs
+                for p in params + other_params:
+                    p.grad = None
+                self.skipped, skipped = self.skipped + 1, 1
+                reason = nonfinite_reason(dict(zip(keys, vec.tolist())))
+                log0(f"step {step}: {reason}: update skipped ({self.skipped} so far)", self.d)
+        else:
+            if self._bad_step is None:
+                self._bad_step = torch.full((), -1, dtype=torch.int64, device=vec.device)
+            new = bad & (self._bad_step < 0)
+            self._bad_step.masked_fill_(new, step)
+            old = self._bad_vals.get(keys)
+            self._bad_vals[keys] = torch.where(new, vec, vec.new_zeros(()) if old is None else old)
+        self._step = (keys, vec, skipped)
+        return {**dict(zip(keys, vec.unbind())), "skipped": skipped}
+
+    def check_finite(self, step=None):
+        """Stop (UserError naming the first non-finite step and the last good checkpoint) if any step since
+        the start of this run had a non-finite loss or gradient norm. One host read."""
+        if self._bad_step is None:
+            return
+        bad_step = int(self._bad_step)
+        if bad_step < 0:
+            return
+        for keys, vals in self._bad_vals.items():
+            reason = nonfinite_reason(dict(zip(keys, vals.tolist())))
+            if reason is not None:
+                stop_nonfinite(reason, bad_step, self.ckpt_path)
+        stop_nonfinite("a loss or the gradient norm is not finite", bad_step, self.ckpt_path)
+
+    def _agree_signal(self):
+        """The largest signal number any rank has received, without a per-step blocking collective: each
+        step starts an asynchronous all-reduce (MAX) of the local flag over gloo and reads the one started
+        the step before, so all ranks agree on it, one step later. One process: the local flag."""
+        if not dist.is_initialized():
+            return self.stop.signum
+        agreed = 0
+        if self._pending_signal is not None:
+            work, buf = self._pending_signal
+            work.wait()
+            agreed = int(buf[0])
+        buf = torch.tensor([self.stop.signum], dtype=torch.int64)
+        work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._signal_group, async_op=True)
+        self._pending_signal = (work, buf)
+        return agreed
+
+    def _interval_means(self):
+        """Means over the non-skipped steps since the last metrics line (the last step's values if all were
+        skipped): one host read per distinct set of loss parts."""
+        sums, counts = {}, {}
+        for keys, (total, n) in self._sums.items():
+            for k, v in zip(keys, total.tolist()):
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + n
+        if not sums and self._step is not None:
+            keys, vec, _ = self._step
+            return dict(zip(keys, vec.tolist()))
+        return {k: sums[k] / counts[k] for k in sums}
 
     def end_step(self, step, metrics):
-        """Record a finished step; returns True when the run must save and stop."""
-        self.speed.add(self.args.global_batch)
+        """Record a finished step; returns the signal number (non-zero) when the run must save and stop.
+
+        Before a metrics line, a sample grid, a checkpoint or a signal-stop save, checks that no step went
+        non-finite (and stops the run if one did, writing nothing). `metrics` holds the step's plain values
+        (level, phase: logged as of the metrics line's step) and those returned by reduce_and_clip."""
+        a = self.args
+        self.speed.add(a.global_batch)
         self.bar.update(1)
-        if step % self.args.log_every == 0 or step == self.args.steps:
+        if self._step is not None:
+            keys, vec, skipped = self._step
+            if skipped:
+                self._interval_skipped += 1
+            else:
+                entry = self._sums.get(keys)
+                self._sums[keys] = [vec.detach().clone(), 1] if entry is None else [entry[0] + vec, entry[1] + 1]
+        stopping = self._agree_signal()
+        log_due = self.due(step, a.log_every)
+        if stopping or log_due or self.due(step, a.ckpt_every) or step % a.sample_every == 0:
+            self.check_finite(step)
+        if log_due:
+            values = self._interval_means()
             rate = self.speed.rate()
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}")
-            self.log.write(step=step, img_per_s=rate, **metrics)
-        return max_over_ranks(self.stop.signum, self.d.device)
+            plain = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor) and k != "skipped"}
+            record = dict(step=step, img_per_s=rate, **plain, **values, skipped=self._interval_skipped)
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}")
+            self.log.write(**record)
+            self._sums, self._interval_skipped, self._step = {}, 0, None
+        return stopping
 
     def close(self):
+        if self._pending_signal is not None:
+            self._pending_signal[0].wait()
+            self._pending_signal = None
         self.bar.close()
         self.stop.restore()
 

@@ -159,9 +159,14 @@ def _attenuation_mask_np(h, w, fraction):
 
 
 def attenuation_mask(h, w, level, fractions=MLSR_FRACTIONS, device=None):
-    """Denoising-VAE Eq. 3 mask M_l as float (h, w) in fft order (1 = keep)."""
-    keep = _attenuation_mask_np(h, w, float(fractions[level]))
-    return torch.from_numpy(keep.astype(np.float32)).to(device)
+    """Denoising-VAE Eq. 3 mask M_l as float (h, w) in fft order (1 = keep); kept per device (read only),
+    so a training step copies nothing from the host."""
+    return _attenuation_mask_on(h, w, float(fractions[level]), torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _attenuation_mask_on(h, w, fraction, device):
+    return torch.from_numpy(_attenuation_mask_np(h, w, fraction).astype(np.float32)).to(device)
 
 
 def attenuate(z, level, fractions=MLSR_FRACTIONS):
@@ -196,6 +201,12 @@ def gaussian_kernel1d(sigma, truncate=4.0):
     return (k / k.sum()).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _gaussian_taps_on(sigma, truncate, device):
+    """gaussian_kernel1d kept per device (read only): a training step copies nothing from the host."""
+    return gaussian_kernel1d(sigma, truncate).to(device)
+
+
 def gaussian_blur(x, sigma, truncate=4.0):
     """Denoising-VAE Eq. 4: separable Gaussian blur of x (B, C, H, W), reflect padding.
 
@@ -204,7 +215,7 @@ def gaussian_blur(x, sigma, truncate=4.0):
     """
     if sigma == 0:
         return x
-    k = gaussian_kernel1d(sigma, truncate).to(x.device)      # (K,)
+    k = _gaussian_taps_on(float(sigma), float(truncate), x.device)      # (K,)
     pad = (k.numel() - 1) // 2
     if pad == 0:
         return x

@@ -41,11 +41,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fft_ops
 from tqdm import tqdm
 
-from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_common_args, autocast, barrier,
+from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
                     batch_split, check_range, check_resume_settings, ema_update, finish_message, global_rand,
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
-                    unwrap, validate_common, write_json)
+                    to_device, unwrap, validate_common, write_json)
 from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, train_val_split
 from dit import Projector, build_denoiser, guided_velocity, interpolate, sample_ode, velocity_target
 from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, absolute_spec, dataset_latent_stats, load_autoencoder,
@@ -158,9 +158,9 @@ class Latents(LatentSpace):
         """Normalised latents for step `step`: cached rows `keys`, or encoded `images`."""
         warm = self.warming(step)
         if self.cache is not None:
-            z = torch.from_numpy(self.cache[warm][keys]).to(self.device)     # (B, C, h, w)
+            z = to_device(torch.from_numpy(self.cache[warm][keys]), self.device)     # (B, C, h, w)
         else:
-            z = self.encode(images.to(self.device), warm)
+            z = self.encode(to_device(images, self.device), warm)
         return self.normalize(z)
 
     def cache_key(self, dataset, warm):
@@ -375,7 +375,7 @@ def build(args, d):
         raise UserError("--fda needs a more attenuated teacher level than --denoise-level; use a level below 3")
     student = Student(sit, args.fda_depth if args.fda else None).to(d.device)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = adamw(student.parameters(), d.device, lr=args.lr, weight_decay=args.weight_decay)
     return ae, dataset, student, ema, opt
 
 
@@ -446,6 +446,7 @@ def train(args, d):
     batches = iter(make_loader(dataset, sampler, args.workers)) if latents.cache is None else None
     labels = torch.tensor([dataset.label(i) for i in range(len(dataset))]) if batches is None else None
     train_model = torch.compile(student) if args.compile else student
+    teacher = torch.compile(ema) if args.compile and args.fda else ema        # the FDA teacher (shares ema's weights)
     if d.world_size > 1:
         train_model = DDP(train_model)
     loop, first_step, stopping = StepLoop(args, d, step, "sit"), step, 0
@@ -461,10 +462,10 @@ def train(args, d):
         for j in range(accum):
             if batches is None:
                 keys = key_batches[j]
-                z, y = latents.get(step, keys=keys), labels[[k % len(dataset) for k in keys]].to(d.device)
+                z, y = latents.get(step, keys=keys), to_device(labels[[k % len(dataset) for k in keys]], d.device)
             else:
                 x, y = next(batches)
-                z, y = latents.get(step, images=x), y.to(d.device)
+                z, y = latents.get(step, images=x), to_device(y, d.device)
             rows = micro_rows(d, per_rank, micro, j)
             t = global_rand((args.global_batch,), args.seed, step, STREAM_T, rows, d.device)
             eps = global_randn(lat, args.seed, step, STREAM_EPS, rows, d.device)
@@ -472,7 +473,7 @@ def train(args, d):
             y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
             with sync_grads_on(train_model, j, accum):
                 with autocast(d.device, not args.no_bf16):
-                    loss, parts = diffusion_loss(train_model, ema, z, y, t, eps, args, step, latents.at_level)
+                    loss, parts = diffusion_loss(train_model, teacher, z, y, t, eps, args, step, latents.at_level)
                 (loss / accum).backward()
             loop.accumulate(totals, {"loss": loss, **parts}, accum)
         totals = loop.reduce_and_clip(totals, student.parameters(), step, ckpt_path, args.grad_clip)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, add_common_args, autocast, barrier,
+from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
                     batch_split, check_range, check_resume_settings, ema_update, finish_message, global_rand,
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
@@ -204,8 +204,8 @@ def train(args, d):
     ema = copy.deepcopy(model).requires_grad_(False)
     disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
     perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
+    opt = adamw(model.parameters(), d.device, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt_d = adamw(disc.parameters(), d.device, lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
     step = 0
     if start:
         ck = load_checkpoint(start, "vae")
