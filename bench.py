@@ -49,13 +49,14 @@ import train_diffusion as td
 import train_vae
 from common import StepLoop, adamw, autocast, ema_update, global_rand, global_randn
 from data import ImageFolder, image_batches
-from dit import build_sit, guided_velocity, sample_ode
+from dit import build_denoiser, build_sit, guided_velocity, sample_ode
 from vae import PatchDiscriminator, ViTVAEAutoencoder, build_vae, sincos_2d
 
 # Stage-2 models timed by the <model>-step rows: name -> builder(size "S/2", latent side, channels, classes).
 # Adding a model is one line here.
 STAGE2 = {
     "SiT": lambda name, side, ch, ncls: build_sit(name, side, ch, ncls),
+    "U-ViT": lambda name, side, ch, ncls: build_denoiser("uvit-" + name.replace("XL/", "H/"), side, ch, ncls),
 }
 
 # Dense bf16 peak (FLOP/s) of the GPUs we know, for MFU.
