@@ -1,7 +1,7 @@
 """The reproduction study: do the papers' mechanisms show up at our scale? Runs the real commands, several seeds.
 
     python study.py --setting smoke  --out runs/study-smoke    # CPU, a few minutes (what CI runs)
-    python study.py --setting cpu    --out runs/study          # CPU, about an hour on 2 cores
+    python study.py --setting cpu    --out runs/study          # CPU, about 45 minutes on 2 quiet cores
     python study.py --setting gpu    --out runs/study-gpu      # one GPU: 64 px, f8, larger models and VAEs
     (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
      by hand from the printed command lines)
@@ -33,9 +33,9 @@ SETTINGS = {
     "smoke": dict(vae=["--preset", "smoke"], sit=["--preset", "smoke", "--steps", "4"], seeds=2, dims=(4, 8),
                   levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
                   dl=["--dl-train-images", "200", "--dl-steps", "30"]),
-    "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "600", "--stats-images", "1000"],
-                sit=["--preset", "cpu-demo", "--steps", "400", "--val-every", "100", "--sample-every", "100000"],
-                seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1, 2), r0s=(0.05, 0.2, 0.4),
+    "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
+                sit=["--preset", "cpu-demo", "--steps", "300", "--val-every", "100", "--sample-every", "100000"],
+                seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1), r0s=(0.05, 0.2, 0.4),
                 n_samples=200, sample_steps=25, n_eval=256, dl=[]),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
