@@ -482,8 +482,10 @@ def train(args, d):
         phase = latents.phase(step)
         step += 1
         stopping = loop.end_step(step, dict(phase=phase, **totals))
-        if validation is not None and loop.due(step, args.val_every):
-            loop.log.write(step=step, **validation(ema))
+        if args.val_every and loop.due(step, args.val_every):
+            loop.check_finite(step)                 # on every rank: never a metric of a non-finite model
+            if validation is not None:
+                loop.log.write(step=step, **validation(ema))
         if loop.due(step, args.sample_every) and d.main:
             sample_grid(ema, latents, dataset.num_classes, args, d.device,
                         os.path.join(args.out, f"samples_{step:07d}.png"))

@@ -263,8 +263,10 @@ def train(args, d):
         ema_update(ema, model, args.ema_decay)
         step += 1
         stopping = loop.end_step(step, dict(level=level, **totals))
-        if val_x is not None and loop.due(step, args.val_every):
-            loop.log.write(step=step, **validation_recon(ema, val_x, args))
+        if args.val_every and loop.due(step, args.val_every):
+            loop.check_finite(step)                 # on every rank: never a metric of a non-finite model
+            if val_x is not None:
+                loop.log.write(step=step, **validation_recon(ema, val_x, args))
         if step % args.sample_every == 0 and d.main:
             save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, f"recon_{step:07d}.png"))
         if loop.due(step, args.ckpt_every) or stopping:

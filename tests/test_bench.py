@@ -16,7 +16,7 @@ def test_bench_quick_prints_its_table():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("| ") and len(cells) == 9 and cells[0] not in ("row", "---"):
             rows[cells[0]] = cells
-    expected = {"vae-step", "sit-step", "sit-step+fda", "sit-official", "sample", "sample-cfg",
+    expected = {"vae-step", "sit-step", "u-vit-step", "sit-step+fda", "sit-official", "sample", "sample-cfg",
                 "jpeg-decode-w0", "jpeg-decode-w2", "cache-encode-w0", "cache-encode-w2",
                 "fid-features-w0", "fid-features-w2"}
     assert set(rows) == expected, sorted(rows)

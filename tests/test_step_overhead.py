@@ -29,7 +29,7 @@ def test_nan_between_log_points_stops_without_writing_from_the_nonfinite_state(v
     monkeypatch.setattr(td, "velocity_target", target_then_nan)
     out = tmp_path / "sit"
     argv = ["--preset", "smoke", "--vae", vae_ckpt, "--out", str(out), "--steps", "12", "--log-every", "4",
-            "--ckpt-every", "4", "--sample-every", "100"]
+            "--ckpt-every", "4", "--sample-every", "100", "--val-every", "0"]
     with pytest.raises(UserError, match=rf"loss is nan at step 5: stopped; last good checkpoint: {out / 'last.pt'}"):
         td.main(argv)
     assert calls["n"] == 8                                         # steps 6, 7 ran on the poisoned weights
