@@ -18,7 +18,6 @@ import argparse
 import colorsys
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np

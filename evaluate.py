@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import zipfile
 
 import numpy as np
@@ -865,7 +864,7 @@ def get_args(argv=None):
         q.add_argument("--no-bf16", action="store_true")
         q.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
     for q in (f, r):
-        q.add_argument("--inception-path", default=None, help=f"local Inception torchscript file (any name)")
+        q.add_argument("--inception-path", default=None, help="local Inception torchscript file (any name)")
     return p.parse_args(argv)
 
 

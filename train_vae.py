@@ -37,7 +37,7 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, ad
                     unwrap, validate_common)
 from data import StepSampler, build_dataset, make_loader, train_val_split
 from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
-                 hinge_d_loss, hinge_g_loss, level_scores, load_vae)
+                 hinge_d_loss, hinge_g_loss, level_scores)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 

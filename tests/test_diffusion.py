@@ -9,7 +9,7 @@ import train_diffusion as td
 import train_vae
 from common import UserError, load_checkpoint, save_checkpoint
 from data import DeadLeaves
-from vae import load_autoencoder
+from vae import load_autoencoder, load_vae
 from helpers import (assert_ema_weights_and_statistics, assert_one_line_error, read_metrics, run,
                      sigterm_after_first_log, spy_sampling)
 
@@ -28,7 +28,7 @@ def smoke(vae, out, *extra):
 def test_latents_before_and_after_the_freqwarm_switch(vae_ckpt, tmp_path):
     args = td.get_args(smoke(vae_ckpt, tmp_path, "--freqwarm", "--r0", "0.2", "--warmup-steps", "5"))
     args.image_size = 16
-    vae, ck = train_vae.load_vae(vae_ckpt)
+    vae, ck = load_vae(vae_ckpt)
     lat = td.Latents(load_autoencoder(vae_ckpt), ck["latent_stats"], args, 5, torch.device("cpu"))
     ds = DeadLeaves(n=64, resolution=16)
     x = torch.stack([ds[i][0] for i in range(6)])

@@ -1,6 +1,5 @@
 """Stage 3: metric math against closed forms / brute force, sharding, sampling, diagnosis, demo."""
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ from common import load_checkpoint
 from data import DeadLeaves, StepSampler, to_uint8, train_val_split
 from dit import build_sit
 from helpers import read_metrics
-from vae import ViTVAEAutoencoder, level_scores, load_autoencoder, load_vae
+from vae import load_autoencoder, load_vae
 
 
 @pytest.fixture(scope="module")

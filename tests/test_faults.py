@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shlex
-import signal
 
 import numpy as np
 import pytest

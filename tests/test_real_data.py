@@ -4,7 +4,6 @@ import gc
 import json
 import os
 import weakref
-import zipfile
 
 import numpy as np
 import pytest

@@ -6,10 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import evaluate as ev
 import train_diffusion as td
 import train_vae
 from common import UserError, load_checkpoint

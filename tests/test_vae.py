@@ -10,7 +10,7 @@ import train_vae
 from common import UserError, load_checkpoint, save_checkpoint
 from helpers import assert_one_line_error, read_metrics, run, sigterm_after_first_log
 from vae import (Attention, DiagonalGaussian, PatchDiscriminator, VGGPerceptual, ViTVAE, hinge_d_loss, patchify,
-                 unpatchify)
+                 load_vae, unpatchify)
 
 SMOKE = ["--preset", "smoke"]
 
@@ -178,7 +178,7 @@ def test_checkpoint_contents_and_latent_stats(tmp_path):
     ck = load_checkpoint(str(out / "last.pt"), "vae")
     assert ck["step"] == 6 and ck["config"]["size"] == "smoke" and isinstance(ck["config"], dict)
     assert (out / "recon_final.png").exists() and (out / "recon_0000006.png").exists()
-    vae, _ = train_vae.load_vae(str(out / "last.pt"))
+    vae, _ = load_vae(str(out / "last.pt"))
     from data import DeadLeaves
     ds = DeadLeaves(n=64, resolution=16)
     subset = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:32]   # seeded, over the whole set
