@@ -1,7 +1,7 @@
 """The reproduction study: do the papers' mechanisms show up at our scale? Runs the real commands, several seeds.
 
     python study.py --setting smoke  --out runs/study-smoke    # CPU, a few minutes (what CI runs)
-    python study.py --setting cpu    --out runs/study          # CPU, about 45 minutes on 2 quiet cores
+    python study.py --setting cpu    --out runs/study          # CPU, about an hour on 2 cores
     python study.py --setting gpu    --out runs/study-gpu      # one GPU: 64 px, f8, larger models and VAEs
     (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
      by hand from the printed command lines)
