@@ -9,8 +9,6 @@ import torch
 import dit
 import evaluate as ev
 import fft_ops
-import train_diffusion as td
-import train_vae
 from vae import load_autoencoder
 from common import load_checkpoint
 from helpers import assert_ema_weights_and_statistics, assert_one_line_error, run, spy_sampling
@@ -125,14 +123,6 @@ def test_missing_inception_weights_is_one_clear_line(tmp_path):
     p = run(["evaluate.py", "fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"),
              "--inception-path", str(tmp_path / "nope.pt")])
     assert_one_line_error(p, "inception-2015-12-05.pt", "--inception-path")
-
-
-@pytest.fixture(scope="module")
-def smoke_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    train_vae.main(["--preset", "smoke", "--out", str(root / "vae"), "--gan-weight", "0"])
-    td.main(["--preset", "smoke", "--vae", str(root / "vae" / "last.pt"), "--out", str(root / "sit")])
-    return root
 
 
 def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):

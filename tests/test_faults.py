@@ -20,14 +20,6 @@ from data import ImageFolder, pil_to_rgb
 from helpers import ROOT, assert_one_line_error, read_metrics, run
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    train_vae.main(["--preset", "smoke", "--out", str(root / "vae"), "--gan-weight", "0"])
-    td.main(["--preset", "smoke", "--vae", str(root / "vae" / "last.pt"), "--out", str(root / "sit")])
-    return root
-
-
 def cli_error(capsys, main, argv):
     """Run a script's main as its `__main__` does; return its exit status and last stderr line."""
     capsys.readouterr()
@@ -175,8 +167,8 @@ def test_16bit_png_loads_with_the_right_values(tmp_path):
 
 # ----------------------------------------------------------------------------- divergence (item 7)
 
-def test_divergence_with_a_finite_loss_stops(models, tmp_path):
-    p = run(["train_diffusion.py", "--preset", "smoke", "--vae", str(models / "vae" / "last.pt"), "--out",
+def test_divergence_with_a_finite_loss_stops(smoke_models, tmp_path):
+    p = run(["train_diffusion.py", "--preset", "smoke", "--vae", str(smoke_models / "vae" / "last.pt"), "--out",
              str(tmp_path), "--lr", "1e6"])
     assert_one_line_error(p, "gradient norm is inf at step", "stopped; last good checkpoint")
     assert "done:" not in p.stdout
@@ -259,9 +251,9 @@ def test_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(tmp_path, f
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_full_disk_during_sampling_leaves_no_partial_png_or_npz(models, tmp_path, full_disk):
+def test_full_disk_during_sampling_leaves_no_partial_png_or_npz(smoke_models, tmp_path, full_disk):
     out = tmp_path / "samples"
-    args = ["sample", "--ckpt", str(models / "sit" / "last.pt"), "--num-samples", "6", "--sample-steps", "2",
+    args = ["sample", "--ckpt", str(smoke_models / "sit" / "last.pt"), "--num-samples", "6", "--sample-steps", "2",
             "--batch", "6", "--sampler", "euler", "--out", str(out)]
     full_disk(tmp_path, free=2500)                              # a few PNGs fit, the rest and the npz do not
     with pytest.raises(UserError, match=r"^disk full .* while writing .*: .* was not written; free some space"):
@@ -300,8 +292,8 @@ def test_zero_steps_writes_nothing_and_does_not_say_done(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- one clear line per bad flag
 
-def test_bad_training_flags_are_one_clear_line(models, tmp_path, capsys):
-    vae = str(models / "vae" / "last.pt")
+def test_bad_training_flags_are_one_clear_line(smoke_models, tmp_path, capsys):
+    vae = str(smoke_models / "vae" / "last.pt")
     (tmp_path / "afile").write_text("x")
     out = ["--out", str(tmp_path / "o")]
     vae_cases = [(["--out", str(tmp_path / "afile")], "is a file, not a folder"),
@@ -338,8 +330,8 @@ def test_read_only_out_is_one_clear_line(tmp_path, capsys):
         ro.chmod(0o755)
 
 
-def test_bad_evaluation_flags_are_one_clear_line(models, tmp_path, capsys):
-    vae, sit = str(models / "vae" / "last.pt"), str(models / "sit" / "last.pt")
+def test_bad_evaluation_flags_are_one_clear_line(smoke_models, tmp_path, capsys):
+    vae, sit = str(smoke_models / "vae" / "last.pt"), str(smoke_models / "sit" / "last.pt")
     for argv, needle in [(["recon", "--vae", vae, "--n", "0"], "--n must be a positive number"),
                          (["diagnose", "--vae", vae, "--n", "0"], "--n must be a positive number"),
                          (["sample", "--ckpt", sit, "--num-samples", "0"], "--num-samples must be >= 1"),
@@ -365,12 +357,12 @@ def test_corrupt_image_in_a_loader_worker_is_named_once(tmp_path):
 
 # ----------------------------------------------------------------------------- README's DDP sampling command
 
-def test_readme_ddp_sampling_command_matches_one_process(models, tmp_path):
+def test_readme_ddp_sampling_command_matches_one_process(smoke_models, tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     line = next(l for l in readme.splitlines() if l.startswith("torchrun") and "evaluate.py sample" in l)
     argv = shlex.split(line)
     assert argv[:3] == ["torchrun", "--nproc_per_node=8", "evaluate.py"] and "--num-samples" in argv
-    argv[argv.index("--ckpt") + 1] = str(models / "sit" / "last.pt")
+    argv[argv.index("--ckpt") + 1] = str(smoke_models / "sit" / "last.pt")
     argv[argv.index("--num-samples") + 1] = "5"
     script_args = argv[2:] + ["--sample-steps", "3", "--batch", "4"]
     two = run(script_args[:] + ["--out", str(tmp_path / "two")], torchrun=2)     # python -m torch.distributed.run
