@@ -20,6 +20,8 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -111,6 +113,8 @@ def validate_common(args):
     check_range(args, "ema_decay", 0.0, 1.0)
     check_device(args.device)
     check_out_dir(args.out)
+    if args.log_to == "tensorboard":
+        check_tensorboard()
 
 
 def check_device(name):
@@ -497,18 +501,29 @@ def log0(msg, d=None):
 
 class MetricsLog:
     """JSONL metrics file written by rank 0: lines after `step` (those of a killed run that were never
-    checkpointed) are dropped when a run starts or resumes at `step`, so no step is logged twice."""
+    checkpointed) are dropped when a run resumes at `step`, so no step is logged twice; a run that starts at
+    step 0 starts a fresh file (its step-0 validation line is its own). With `tensorboard`, every line also
+    goes to OUT/tensorboard/ (TensorBoardLog), rebuilt from the lines kept here."""
 
-    def __init__(self, path, enabled=True, step=0):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled=True, step=0, tensorboard=False):
+        self.path, self.enabled, self.tb = path, enabled, None
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            keep = []
             if os.path.isfile(path):
                 with open(path) as f:
                     keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+                keep = keep if step > 0 else []
                 with open(path + ".tmp", "w") as f:
                     f.writelines(keep)
                 os.replace(path + ".tmp", path)
+            out = os.path.dirname(os.path.abspath(path))
+            if tensorboard:
+                self.tb = TensorBoardLog(out, [json.loads(line) for line in keep], step)
+            elif os.path.isdir(os.path.join(out, TB_DIR)):      # a stale view of another run or of fewer steps
+                shutil.rmtree(os.path.join(out, TB_DIR))
+                log0(f"removed {os.path.join(out, TB_DIR)}/: this run logs to metrics.jsonl only "
+                     f"(--log-to tensorboard rebuilds it from metrics.jsonl)")
 
     def write(self, **record):
         if self.enabled:
@@ -526,6 +541,106 @@ class MetricsLog:
                 raise
             finally:
                 os.close(fd)
+            if self.tb is not None:
+                self.tb.scalars(record)
+
+    def grid(self, path, step):
+        """A sample grid just written (PNG at `path`, named TAG_STEP.png) goes to TensorBoard too."""
+        if self.enabled and self.tb is not None:
+            self.tb.image(GRID_FILE.match(os.path.basename(path)).group(1), path, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+TB_DIR = "tensorboard"                                      # OUT/tensorboard/, beside OUT/metrics.jsonl
+GRID_FILE = re.compile(r"^(samples|recon)_(\d{7})\.png$")   # the trainers' periodic grids, TAG_STEP.png
+
+
+def check_tensorboard():
+    """One line unless TensorBoard's writer can be imported (--log-to tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError("--log-to tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or leave the flag out: metrics.jsonl is always written)") from None
+
+
+class TensorBoardLog:
+    """--log-to tensorboard: the metrics lines as curves and the sample grids as images in OUT/tensorboard/.
+
+    Tags: train/KEY for the training lines (losses, grad_norm, lr, img_per_s, skipped; the FreqWarm phase as
+    train/freqwarm_warmup, 1 while the latents are low-passed, else 0), val/KEY for the validation lines,
+    grids/TAG for the sample grids. Written by rank 0 (MetricsLog is enabled there only).
+
+    metrics.jsonl is the record; this folder is a view of it, rebuilt whenever a run starts or resumes at
+    `step`: the curves from the lines MetricsLog kept (steps <= `step`), the grids from the previous event
+    files (steps <= `step` too). The rebuild is written into OUT/.tensorboard-new/ and swapped in, so a
+    resumed run continues the same curves, a killed run's steps after its last checkpoint are gone, and no
+    (tag, step) appears twice.
+    """
+
+    def __init__(self, out, lines, step):
+        from torch.utils.tensorboard import SummaryWriter
+        self.folder = os.path.join(out, TB_DIR)
+        new, old = os.path.join(out, ".tensorboard-new"), os.path.join(out, ".tensorboard-old")
+        grids = self.previous_grids((self.folder, old, new), step)    # old / new: left by a killed swap
+        shutil.rmtree(new, ignore_errors=True)
+        self.w = SummaryWriter(new)
+        for record in lines:
+            self.scalars(record, flush=False)
+        for (tag, s), (wall, png) in sorted(grids.items(), key=lambda kv: kv[0][1]):
+            self._add_png(tag, png, s, wall)
+        self.w.close()
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(self.folder):
+            os.replace(self.folder, old)
+        os.replace(new, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+        self.w = SummaryWriter(self.folder, flush_secs=30)
+
+    @staticmethod
+    def previous_grids(folders, step):
+        """{(tag, step): (wall time, PNG bytes)} of the grid images at steps <= `step` in earlier event files."""
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+        grids = {}
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            for name in sorted(f for f in os.listdir(folder) if ".tfevents." in f):
+                for ev in LegacyEventFileLoader(os.path.join(folder, name)).Load():
+                    for v in ev.summary.value:
+                        if v.tag.startswith("grids/") and v.HasField("image") and 0 < ev.step <= step:
+                            grids[(v.tag, ev.step)] = (ev.wall_time, v.image.encoded_image_string)
+        return grids
+
+    def scalars(self, record, flush=True):
+        """One metrics line: every number as a point at record['step']."""
+        step = record["step"]
+        group = "val" if any(k.startswith("val_") for k in record) else "train"
+        for k, v in record.items():
+            if k == "phase":                              # FreqWarm phase, a word in metrics.jsonl
+                k, v = "freqwarm_warmup", float(v == "warmup")
+            if k != "step" and isinstance(v, (int, float)):
+                self.w.add_scalar(f"{group}/{k}", v, step)
+        if flush:
+            self.w.flush()
+
+    def image(self, tag, path, step):
+        with open(path, "rb") as f:
+            self._add_png(f"grids/{tag}", f.read(), step)
+        self.w.flush()
+
+    def _add_png(self, tag, png, step, walltime=None):
+        import numpy as np
+        from PIL import Image
+        self.w.add_image(tag, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), step, walltime=walltime,
+                         dataformats="HWC")
+
+    def close(self):
+        self.w.close()
 
 
 def progress(total, initial, d, desc):
@@ -587,6 +702,9 @@ def add_common_args(p):
                    help="'auto' (OUT/last.pt if present), 'none', or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",
                    help="with --resume none: start afresh in a folder that holds another run")
+    p.add_argument("--log-to", default="jsonl", choices=("jsonl", "tensorboard"),
+                   help="jsonl: OUT/metrics.jsonl only; tensorboard: also curves and sample grids in OUT/tensorboard/ "
+                        "(needs `pip install tensorboard`; metrics.jsonl stays the record)")
     p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
                    help="a step whose loss or gradient norm is NaN / inf: stop the run (keeping the last good "
                         "checkpoint) or skip that step's update")
@@ -671,7 +789,8 @@ class StepLoop:
     def __init__(self, args, d, step, desc):
         self.args, self.d = args, d
         self.bar = progress(args.steps, step, d, desc)
-        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step)
+        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step,
+                              tensorboard=getattr(args, "log_to", "jsonl") == "tensorboard")
         self.stop, self.speed = StopSignal(), Throughput()
         self.skipped = 0                               # skipped steps in this run (--on-nonfinite skip)
         self.ckpt_path = os.path.join(args.out, "last.pt")
@@ -810,6 +929,7 @@ class StepLoop:
         if self._pending_signal is not None:
             self._pending_signal[0].wait()
             self._pending_signal = None
+        self.log.close()
         self.bar.close()
         self.stop.restore()
 
