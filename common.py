@@ -428,7 +428,7 @@ def file_hash(path, chunk=1 << 24):
 
 
 def load_checkpoint(path, kind):
-    """Load with weights_only=True and check that it is a `kind` ("vae" / "sit") checkpoint."""
+    """Load with weights_only=True and check that it is a `kind` ("vae" / "sit", or a tuple of them) checkpoint."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -437,9 +437,122 @@ def load_checkpoint(path, kind):
         raise UserError(f"{path} is not a readable FreqLDM checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(ck, dict) or "kind" not in ck:
         raise UserError(f"{path} is not a FreqLDM checkpoint (no 'kind' entry)")
-    if ck["kind"] != kind:
-        raise UserError(f"{path} is a '{ck['kind']}' checkpoint, but a '{kind}' checkpoint is needed here")
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if ck["kind"] not in kinds:
+        raise UserError(f"{path} is a '{ck['kind']}' checkpoint, but a '{' or '.join(kinds)}' checkpoint is needed here")
     return ck
+
+
+# ----------------------------------------------------------------------------- exported weights
+
+EXPORT_FORMAT = "freqldm-export-1"      # config.json["format"] of an exported folder (evaluate.py export)
+
+
+def is_export(path):
+    """True if `path` is a folder written by `evaluate.py export` (model.safetensors + config.json)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
+
+
+def to_json_tree(obj):
+    """Tensors -> {"tensor": nested list, "dtype": ...} (exact: float32 -> float64 -> JSON repr round-trips)."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": obj.tolist(), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, dict):
+        return {str(k): to_json_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_tree(v) for v in obj]
+    return obj
+
+
+def from_json_tree(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {"tensor", "dtype"}:
+            return torch.tensor(obj["tensor"], dtype=getattr(torch, obj["dtype"]))
+        return {k: from_json_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json_tree(v) for v in obj]
+    return obj
+
+
+def write_export(out, weights, config):
+    """Write `weights` (a state dict) as OUT/model.safetensors and `config` as OUT/config.json, as one unit.
+
+    config.json is also sealed into the safetensors header (metadata "freqldm_config"), so a config edited
+    after export, or one from another export, is refused by read_export. Both files are written into a fresh
+    folder beside OUT, which then replaces OUT: OUT is never half-written or mixed from two exports. OUT may
+    be new, empty, or an earlier export; anything else is refused.
+    """
+    from safetensors.torch import save_file
+    out = os.path.abspath(out)
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not is_export(out)):
+        raise UserError(f"--out {out} holds other files: export into a new or empty folder (an earlier "
+                        f"export there is replaced)")
+    config = json.loads(json.dumps(to_json_tree({"format": EXPORT_FORMAT, **config})))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.export-")
+    old = tmp + "-old"
+    try:
+        try:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"),
+                      metadata={"freqldm_config": json.dumps(config, sort_keys=True)})
+            with open(os.path.join(tmp, "model.safetensors"), "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as e:
+            if disk_full(e) is None:
+                raise
+            raise disk_full_error(out, disk_full(e)) from None
+        write_json(os.path.join(tmp, "config.json"), config)
+        os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o777 & ~_UMASK)                       # mkdtemp makes it private
+        if os.path.isdir(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(out):
+            os.replace(old, out)                            # put the earlier export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return config
+
+
+def read_export(folder, kinds):
+    """(config, state dict) of an exported folder of one of `kinds` ("sit" / "vae"), checked against its seal."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    cfg_path, st_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    if not is_export(folder):
+        raise UserError(f"{folder} is not an exported model folder (it needs model.safetensors and config.json, "
+                        f"as `evaluate.py export` writes)")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+        with safe_open(st_path, "pt") as f:
+            sealed = json.loads((f.metadata() or {}).get("freqldm_config", "null"))
+        weights = load_file(st_path)
+    except Exception as e:
+        raise UserError(f"{folder} is not a readable export ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT or sealed is None:
+        raise UserError(f"{folder} is not a FreqLDM export (config.json format {config.get('format')!r} "
+                        f"if any, expected {EXPORT_FORMAT!r} with a sealed model.safetensors)")
+    changed = tree_diff(sealed, config)
+    if changed:
+        raise UserError(f"{cfg_path} differs from the config sealed into {st_path} at export "
+                        f"({', '.join(changed[:4])}): it was edited or comes from another export; "
+                        f"export again from the checkpoint")
+    if config.get("kind") not in kinds:
+        raise UserError(f"{folder} is an export of a '{config.get('kind')}' model, but a "
+                        f"'{' or '.join(kinds)}' model is needed here")
+    return from_json_tree(config), weights
+
+
+def tree_diff(a, b, prefix=""):
+    """Dotted paths where two JSON trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b)) for p in tree_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "the whole file"]
 
 
 def rng_state(device):
