@@ -439,7 +439,8 @@ def load_checkpoint(path, kind):
         raise UserError(f"{path} is not a FreqLDM checkpoint (no 'kind' entry)")
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     if ck["kind"] not in kinds:
-        raise UserError(f"{path} is a '{ck['kind']}' checkpoint, but a '{' or '.join(kinds)}' checkpoint is needed here")
+        raise UserError(f"{path} is a '{ck['kind']}' checkpoint, but a '{' or '.join(kinds)}' checkpoint "
+                        f"is needed here")
     return ck
 
 
@@ -450,7 +451,7 @@ EXPORT_FORMAT = "freqldm-export-1"      # config.json["format"] of an exported f
 
 def is_export(path):
     """True if `path` is a folder written by `evaluate.py export` (model.safetensors + config.json)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors"))
 
 
 def to_json_tree(obj):

@@ -6,6 +6,7 @@
     python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
     python evaluate.py diagnose --vae diffusers:Wan-AI/Wan2.2-TI2V-5B-Diffusers#vae --image-size 512 --data VAL_FOLDER
+    python evaluate.py export   --ckpt runs/sit-demo/last.pt --out runs/export/sit-demo [--push-to-hub USER/NAME]
     torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              evaluate.py sample --ckpt SIT.pt --num-samples 50000
@@ -20,6 +21,8 @@ recon    : PSNR, SSIM (and rFID with Inception) of D(S_l(z)) against x for each 
 diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
            (F2) cumulative RGB spectral energy vs radius, (F3) latent high-frequency energy vs the RGB
            low-pass radius r0, and the radially averaged latent spectra per MLSR level; JSON + PNG figures.
+export   : a 'sit' or 'vae' checkpoint's EMA weights as model.safetensors + config.json (provenance sealed
+           into the safetensors header); `sample --ckpt DIR` and `--vae DIR` read it like the checkpoint.
 Every printed metric names the network that produced it.
 """
 import argparse
@@ -801,7 +804,7 @@ def cmd_diagnose(a, d):
 # ----------------------------------------------------------------------------- comparing runs
 
 IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
-                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite"}
+                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "log_to"}
 FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
 
 
