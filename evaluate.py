@@ -204,7 +204,11 @@ def cmd_export(a, d):
 def push_to_hub(folder, repo, private=False):
     """Upload an export folder to the Hugging Face Hub model repo `repo` (created if needed); one line if it fails
     (offline, no token, no permission): the export itself is complete either way."""
-    import huggingface_hub
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError(f"--push-to-hub needs huggingface_hub (pip install huggingface_hub); the export in "
+                        f"{folder} is complete") from None
     try:
         api = huggingface_hub.HfApi()
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
@@ -960,6 +964,7 @@ def validate(a):
     elif a.cmd == "export":
         if a.private and not a.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO")
+        check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
     else:
         check_range(a, "image_size", 1, optional=True)
         if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
