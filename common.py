@@ -535,9 +535,10 @@ def read_export(folder, kinds):
         weights = load_file(st_path)
     except Exception as e:
         raise UserError(f"{folder} is not a readable export ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT or sealed is None:
-        raise UserError(f"{folder} is not a FreqLDM export (config.json format {config.get('format')!r} "
-                        f"if any, expected {EXPORT_FORMAT!r} with a sealed model.safetensors)")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if fmt != EXPORT_FORMAT or sealed is None:
+        raise UserError(f"{folder} is not a FreqLDM export (config.json format {fmt!r}, expected "
+                        f"{EXPORT_FORMAT!r}, with the config sealed into model.safetensors)")
     changed = tree_diff(sealed, config)
     if changed:
         raise UserError(f"{cfg_path} differs from the config sealed into {st_path} at export "
