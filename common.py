@@ -731,22 +731,34 @@ class TensorBoardLog:
                             grids[(v.tag, ev.step)] = (ev.wall_time, v.image.encoded_image_string)
         return grids
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed event write (the writer's thread re-raises it here) is one line; metrics.jsonl has the line."""
+        try:
+            yield
+        except OSError as e:
+            full = disk_full(e)
+            if full is not None:
+                raise disk_full_error(self.folder, full, kept=True) from None
+            raise UserError(f"cannot write TensorBoard events in {self.folder} ({e.strerror or e})") from None
+
     def scalars(self, record, flush=True):
         """One metrics line: every number as a point at record['step']."""
         step = record["step"]
         group = "val" if any(k.startswith("val_") for k in record) else "train"
-        for k, v in record.items():
-            if k == "phase":                              # FreqWarm phase, a word in metrics.jsonl
-                k, v = "freqwarm_warmup", float(v == "warmup")
-            if k != "step" and isinstance(v, (int, float)):
-                self.w.add_scalar(f"{group}/{k}", v, step)
-        if flush:
-            self.w.flush()
+        with self._writing():
+            for k, v in record.items():
+                if k == "phase":                              # FreqWarm phase, a word in metrics.jsonl
+                    k, v = "freqwarm_warmup", float(v == "warmup")
+                if k != "step" and isinstance(v, (int, float)):
+                    self.w.add_scalar(f"{group}/{k}", v, step)
+            if flush:
+                self.w.flush()
 
     def image(self, tag, path, step):
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, self._writing():
             self._add_png(f"grids/{tag}", f.read(), step)
-        self.w.flush()
+            self.w.flush()
 
     def _add_png(self, tag, png, step, walltime=None):
         import numpy as np
@@ -755,7 +767,8 @@ class TensorBoardLog:
                          dataformats="HWC")
 
     def close(self):
-        self.w.close()
+        with self._writing():
+            self.w.close()
 
 
 def progress(total, initial, d, desc):

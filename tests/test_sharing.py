@@ -1,4 +1,5 @@
 """Watching and sharing runs: TensorBoard curves (--log-to tensorboard), exported weights, the Hub."""
+import errno
 import io
 import json
 import os
@@ -98,8 +99,17 @@ def test_tensorboard_only_on_rank_0_and_only_when_asked(tmp_path, monkeypatch):
     MetricsLog(str(tmp_path / "metrics.jsonl"), enabled=False, step=0, tensorboard=True).write(step=1, loss=1.0)
     assert not os.path.exists(tmp_path / "tensorboard")                              # another rank writes nothing
     log = MetricsLog(str(tmp_path / "metrics.jsonl"), enabled=True, step=0, tensorboard=True)
-    log.write(step=1, loss=1.0), log.close()
+    log.write(step=1, loss=1.0)
     assert os.listdir(tmp_path / "tensorboard")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(log.tb.w, "flush", full)                                     # the event writer fails
+    with pytest.raises(UserError, match="disk full .* while writing .*tensorboard"):
+        log.write(step=2, loss=0.5)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]  # the record has the line
+    monkeypatch.undo()
+    log.close()
     MetricsLog(str(tmp_path / "metrics.jsonl"), enabled=True, step=1)                # resumed without the flag
     assert not os.path.exists(tmp_path / "tensorboard")                              # no view left to go stale
     monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as if not installed
