@@ -20,6 +20,8 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -111,6 +113,8 @@ def validate_common(args):
     check_range(args, "ema_decay", 0.0, 1.0)
     check_device(args.device)
     check_out_dir(args.out)
+    if args.log_to == "tensorboard":
+        check_tensorboard()
 
 
 def check_device(name):
@@ -424,7 +428,7 @@ def file_hash(path, chunk=1 << 24):
 
 
 def load_checkpoint(path, kind):
-    """Load with weights_only=True and check that it is a `kind` ("vae" / "sit") checkpoint."""
+    """Load with weights_only=True and check that it is a `kind` ("vae" / "sit", or a tuple of them) checkpoint."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -433,9 +437,124 @@ def load_checkpoint(path, kind):
         raise UserError(f"{path} is not a readable FreqLDM checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(ck, dict) or "kind" not in ck:
         raise UserError(f"{path} is not a FreqLDM checkpoint (no 'kind' entry)")
-    if ck["kind"] != kind:
-        raise UserError(f"{path} is a '{ck['kind']}' checkpoint, but a '{kind}' checkpoint is needed here")
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if ck["kind"] not in kinds:
+        raise UserError(f"{path} is a '{ck['kind']}' checkpoint, but a '{' or '.join(kinds)}' checkpoint "
+                        f"is needed here")
     return ck
+
+
+# ----------------------------------------------------------------------------- exported weights
+
+EXPORT_FORMAT = "freqldm-export-1"      # config.json["format"] of an exported folder (evaluate.py export)
+
+
+def is_export(path):
+    """True if `path` is a folder written by `evaluate.py export` (model.safetensors + config.json)."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors"))
+
+
+def to_json_tree(obj):
+    """Tensors -> {"tensor": nested list, "dtype": ...} (exact: float32 -> float64 -> JSON repr round-trips)."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": obj.tolist(), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, dict):
+        return {str(k): to_json_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_tree(v) for v in obj]
+    return obj
+
+
+def from_json_tree(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {"tensor", "dtype"}:
+            return torch.tensor(obj["tensor"], dtype=getattr(torch, obj["dtype"]))
+        return {k: from_json_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json_tree(v) for v in obj]
+    return obj
+
+
+def write_export(out, weights, config):
+    """Write `weights` (a state dict) as OUT/model.safetensors and `config` as OUT/config.json, as one unit.
+
+    config.json is also sealed into the safetensors header (metadata "freqldm_config"), so a config edited
+    after export, or one from another export, is refused by read_export. Both files are written into a fresh
+    folder beside OUT, which then replaces OUT: OUT is never half-written or mixed from two exports. OUT may
+    be new, empty, or an earlier export; anything else is refused.
+    """
+    from safetensors.torch import save_file
+    out = os.path.abspath(out)
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not is_export(out)):
+        raise UserError(f"--out {out} holds other files: export into a new or empty folder (an earlier "
+                        f"export there is replaced)")
+    config = json.loads(json.dumps(to_json_tree({"format": EXPORT_FORMAT, **config})))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.export-")
+    old = tmp + "-old"
+    try:
+        try:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"),
+                      metadata={"freqldm_config": json.dumps(config, sort_keys=True)})
+            with open(os.path.join(tmp, "model.safetensors"), "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as e:
+            if disk_full(e) is None:
+                raise
+            raise disk_full_error(out, disk_full(e)) from None
+        write_json(os.path.join(tmp, "config.json"), config)
+        os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o777 & ~_UMASK)                       # mkdtemp makes it private
+        if os.path.isdir(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(out):
+            os.replace(old, out)                            # put the earlier export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return config
+
+
+def read_export(folder, kinds):
+    """(config, state dict) of an exported folder of one of `kinds` ("sit" / "vae"), checked against its seal."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    cfg_path, st_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    if not is_export(folder):
+        raise UserError(f"{folder} is not an exported model folder (it needs model.safetensors and config.json, "
+                        f"as `evaluate.py export` writes)")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+        with safe_open(st_path, "pt") as f:
+            sealed = json.loads((f.metadata() or {}).get("freqldm_config", "null"))
+        weights = load_file(st_path)
+    except Exception as e:
+        raise UserError(f"{folder} is not a readable export ({type(e).__name__}: {str(e)[:120]})") from None
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if fmt != EXPORT_FORMAT or sealed is None:
+        raise UserError(f"{folder} is not a FreqLDM export (config.json format {fmt!r}, expected "
+                        f"{EXPORT_FORMAT!r}, with the config sealed into model.safetensors)")
+    changed = tree_diff(sealed, config)
+    if changed:
+        raise UserError(f"{cfg_path} differs from the config sealed into {st_path} at export "
+                        f"({', '.join(changed[:4])}): it was edited or comes from another export; "
+                        f"export again from the checkpoint")
+    if config.get("kind") not in kinds:
+        raise UserError(f"{folder} is an export of a '{config.get('kind')}' model, but a "
+                        f"'{' or '.join(kinds)}' model is needed here")
+    return from_json_tree(config), weights
+
+
+def tree_diff(a, b, prefix=""):
+    """Dotted paths where two JSON trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b)) for p in tree_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "the whole file"]
 
 
 def rng_state(device):
@@ -497,18 +616,29 @@ def log0(msg, d=None):
 
 class MetricsLog:
     """JSONL metrics file written by rank 0: lines after `step` (those of a killed run that were never
-    checkpointed) are dropped when a run starts or resumes at `step`, so no step is logged twice."""
+    checkpointed) are dropped when a run resumes at `step`, so no step is logged twice; a run that starts at
+    step 0 starts a fresh file (its step-0 validation line is its own). With `tensorboard`, every line also
+    goes to OUT/tensorboard/ (TensorBoardLog), rebuilt from the lines kept here."""
 
-    def __init__(self, path, enabled=True, step=0):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled=True, step=0, tensorboard=False):
+        self.path, self.enabled, self.tb = path, enabled, None
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            keep = []
             if os.path.isfile(path):
                 with open(path) as f:
                     keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+                keep = keep if step > 0 else []
                 with open(path + ".tmp", "w") as f:
                     f.writelines(keep)
                 os.replace(path + ".tmp", path)
+            out = os.path.dirname(os.path.abspath(path))
+            if tensorboard:
+                self.tb = TensorBoardLog(out, [json.loads(line) for line in keep], step)
+            elif os.path.isdir(os.path.join(out, TB_DIR)):      # a stale view of another run or of fewer steps
+                shutil.rmtree(os.path.join(out, TB_DIR))
+                log0(f"removed {os.path.join(out, TB_DIR)}/: this run logs to metrics.jsonl only "
+                     f"(--log-to tensorboard rebuilds it from metrics.jsonl)")
 
     def write(self, **record):
         if self.enabled:
@@ -526,6 +656,119 @@ class MetricsLog:
                 raise
             finally:
                 os.close(fd)
+            if self.tb is not None:
+                self.tb.scalars(record)
+
+    def grid(self, path, step):
+        """A sample grid just written (PNG at `path`, named TAG_STEP.png) goes to TensorBoard too."""
+        if self.enabled and self.tb is not None:
+            self.tb.image(GRID_FILE.match(os.path.basename(path)).group(1), path, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+TB_DIR = "tensorboard"                                      # OUT/tensorboard/, beside OUT/metrics.jsonl
+GRID_FILE = re.compile(r"^(samples|recon)_(\d{7})\.png$")   # the trainers' periodic grids, TAG_STEP.png
+
+
+def check_tensorboard():
+    """One line unless TensorBoard's writer can be imported (--log-to tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError("--log-to tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or leave the flag out: metrics.jsonl is always written)") from None
+
+
+class TensorBoardLog:
+    """--log-to tensorboard: the metrics lines as curves and the sample grids as images in OUT/tensorboard/.
+
+    Tags: train/KEY for the training lines (losses, grad_norm, lr, img_per_s, skipped; the FreqWarm phase as
+    train/freqwarm_warmup, 1 while the latents are low-passed, else 0), val/KEY for the validation lines,
+    grids/TAG for the sample grids. Written by rank 0 (MetricsLog is enabled there only).
+
+    metrics.jsonl is the record; this folder is a view of it, rebuilt whenever a run starts or resumes at
+    `step`: the curves from the lines MetricsLog kept (steps <= `step`), the grids from the previous event
+    files (steps <= `step` too). The rebuild is written into OUT/.tensorboard-new/ and swapped in, so a
+    resumed run continues the same curves, a killed run's steps after its last checkpoint are gone, and no
+    (tag, step) appears twice.
+    """
+
+    def __init__(self, out, lines, step):
+        from torch.utils.tensorboard import SummaryWriter
+        self.folder = os.path.join(out, TB_DIR)
+        new, old = os.path.join(out, ".tensorboard-new"), os.path.join(out, ".tensorboard-old")
+        grids = self.previous_grids((self.folder, old, new), step)    # old / new: left by a killed swap
+        shutil.rmtree(new, ignore_errors=True)
+        self.w = SummaryWriter(new)
+        for record in lines:
+            self.scalars(record, flush=False)
+        for (tag, s), (wall, png) in sorted(grids.items(), key=lambda kv: kv[0][1]):
+            self._add_png(tag, png, s, wall)
+        self.w.close()
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(self.folder):
+            os.replace(self.folder, old)
+        os.replace(new, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+        self.w = SummaryWriter(self.folder, flush_secs=30)
+
+    @staticmethod
+    def previous_grids(folders, step):
+        """{(tag, step): (wall time, PNG bytes)} of the grid images at steps <= `step` in earlier event files."""
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+        grids = {}
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            for name in sorted(f for f in os.listdir(folder) if ".tfevents." in f):
+                for ev in LegacyEventFileLoader(os.path.join(folder, name)).Load():
+                    for v in ev.summary.value:
+                        if v.tag.startswith("grids/") and v.HasField("image") and 0 < ev.step <= step:
+                            grids[(v.tag, ev.step)] = (ev.wall_time, v.image.encoded_image_string)
+        return grids
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed event write (the writer's thread re-raises it here) is one line; metrics.jsonl has the line."""
+        try:
+            yield
+        except OSError as e:
+            full = disk_full(e)
+            if full is not None:
+                raise disk_full_error(self.folder, full, kept=True) from None
+            raise UserError(f"cannot write TensorBoard events in {self.folder} ({e.strerror or e})") from None
+
+    def scalars(self, record, flush=True):
+        """One metrics line: every number as a point at record['step']."""
+        step = record["step"]
+        group = "val" if any(k.startswith("val_") for k in record) else "train"
+        with self._writing():
+            for k, v in record.items():
+                if k == "phase":                              # FreqWarm phase, a word in metrics.jsonl
+                    k, v = "freqwarm_warmup", float(v == "warmup")
+                if k != "step" and isinstance(v, (int, float)):
+                    self.w.add_scalar(f"{group}/{k}", v, step)
+            if flush:
+                self.w.flush()
+
+    def image(self, tag, path, step):
+        with open(path, "rb") as f, self._writing():
+            self._add_png(f"grids/{tag}", f.read(), step)
+            self.w.flush()
+
+    def _add_png(self, tag, png, step, walltime=None):
+        import numpy as np
+        from PIL import Image
+        self.w.add_image(tag, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), step, walltime=walltime,
+                         dataformats="HWC")
+
+    def close(self):
+        with self._writing():
+            self.w.close()
 
 
 def progress(total, initial, d, desc):
@@ -587,6 +830,9 @@ def add_common_args(p):
                    help="'auto' (OUT/last.pt if present), 'none', or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",
                    help="with --resume none: start afresh in a folder that holds another run")
+    p.add_argument("--log-to", default="jsonl", choices=("jsonl", "tensorboard"),
+                   help="jsonl: OUT/metrics.jsonl only; tensorboard: also curves and sample grids in OUT/tensorboard/ "
+                        "(needs `pip install tensorboard`; metrics.jsonl stays the record)")
     p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
                    help="a step whose loss or gradient norm is NaN / inf: stop the run (keeping the last good "
                         "checkpoint) or skip that step's update")
@@ -671,7 +917,8 @@ class StepLoop:
     def __init__(self, args, d, step, desc):
         self.args, self.d = args, d
         self.bar = progress(args.steps, step, d, desc)
-        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step)
+        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step,
+                              tensorboard=getattr(args, "log_to", "jsonl") == "tensorboard")
         self.stop, self.speed = StopSignal(), Throughput()
         self.skipped = 0                               # skipped steps in this run (--on-nonfinite skip)
         self.ckpt_path = os.path.join(args.out, "last.pt")
@@ -810,6 +1057,7 @@ class StepLoop:
         if self._pending_signal is not None:
             self._pending_signal[0].wait()
             self._pending_signal = None
+        self.log.close()
         self.bar.close()
         self.stop.restore()
 

@@ -6,6 +6,7 @@
     python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
     python evaluate.py diagnose --vae diffusers:Wan-AI/Wan2.2-TI2V-5B-Diffusers#vae --image-size 512 --data VAL_FOLDER
+    python evaluate.py export   --ckpt runs/sit-demo/last.pt --out runs/export/sit-demo [--push-to-hub USER/NAME]
     torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              evaluate.py sample --ckpt SIT.pt --num-samples 50000
@@ -20,6 +21,8 @@ recon    : PSNR, SSIM (and rFID with Inception) of D(S_l(z)) against x for each 
 diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
            (F2) cumulative RGB spectral energy vs radius, (F3) latent high-frequency energy vs the RGB
            low-pass radius r0, and the radially averaged latent spectra per MLSR level; JSON + PNG figures.
+export   : a 'sit' or 'vae' checkpoint's EMA weights as model.safetensors + config.json (provenance sealed
+           into the safetensors header); `sample --ckpt DIR` and `--vae DIR` read it like the checkpoint.
 Every printed metric names the network that produced it.
 """
 import argparse
@@ -36,7 +39,7 @@ from PIL import Image
 
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
-                    load_checkpoint, log0, run_main, setup_distributed, write_json)
+                    load_checkpoint, log0, read_export, run_main, setup_distributed, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, latent_stats, level_scores, load_autoencoder, locate_autoencoder,
                  psnr, resolve_image_size)
@@ -65,18 +68,18 @@ def image_noise(indices, shape, seed):
 
 
 def load_sit(path, device, vae=None):
-    """EMA SiT, its frozen autoencoder and latent space from a Stage-2 checkpoint.
+    """EMA SiT, its frozen autoencoder and latent space from a Stage-2 checkpoint or its export folder.
 
     The autoencoder is found at --vae (when given), else at the path recorded at training time
     (absolute, then relative to the working directory, then to the checkpoint's folder); whichever is used
     must hash to the content recorded in the checkpoint, so a retrained or swapped VAE is refused.
     """
     from dit import denoiser_from_config
-    ck = load_checkpoint(path, "sit")
+    ck = export_as_checkpoint(path) if os.path.isdir(path) else load_checkpoint(path, "sit")
     ema = denoiser_from_config(ck["model_config"])
     ema.load_state_dict(ck["ema"])
     rec = ck.get("autoencoder", {"spec": ck["config"]["vae"]})
-    spec = vae or locate_autoencoder(rec, path)
+    spec = vae or locate_autoencoder(rec, os.path.join(path, "config.json") if os.path.isdir(path) else path)
     ae = load_autoencoder(spec, device)
     if ae.latent_dim != ema.in_channels:
         raise UserError(f"autoencoder {spec} has {ae.latent_dim} latent channels, but {path} was trained on "
@@ -92,6 +95,8 @@ def load_sit(path, device, vae=None):
 
 def sample_manifest(a, ck_path):
     """What decides the pictures in a sample folder: a rerun may only add to a folder made the same way."""
+    if os.path.isdir(ck_path):                          # an export: its weights file (config sealed inside)
+        ck_path = os.path.join(ck_path, "model.safetensors")
     return {"checkpoint": file_hash(ck_path), "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
             "sampler": a.sampler, "sample_steps": a.sample_steps, "seed": a.seed}
 
@@ -153,6 +158,67 @@ def cmd_sample(a, d):
     if d.main:
         shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz")
         log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8)", d)
+
+
+# ----------------------------------------------------------------------------- export (and the Hub)
+
+def export_config(ck, path):
+    """config.json of an export: what a user of the weights needs, and where they came from."""
+    cfg = ck["config"]
+    common = {"kind": ck["kind"], "step": ck["step"], "model_config": ck["model_config"],
+              "latent_stats": ck.get("latent_stats"),
+              "source": {"checkpoint": os.path.abspath(path), "checkpoint_hash": file_hash(path)},
+              "train_config": {k: v for k, v in cfg.items() if k != "explicit"}}
+    if ck["kind"] == "vae":
+        # the content hash is the checkpoint's own: Stage 2 / 3 see the export as that autoencoder
+        return {**common, "architecture": "ViTVAE", "content_hash": file_hash(path),
+                "mlsr_fractions": list(cfg.get("mlsr_fractions", fft_ops.MLSR_FRACTIONS))}
+    return {**common, "architecture": ck["model_config"].get("arch", "sit"),
+            "denoise_level": cfg.get("denoise_level", 0), "renorm_level": cfg.get("renorm_level", False),
+            "autoencoder": ck.get("autoencoder", {"spec": cfg["vae"]}), "freqwarm": ck.get("freqwarm"),
+            "fda": {"enabled": cfg.get("fda", False), "weight": cfg.get("fda_weight"), "depth": cfg.get("fda_depth"),
+                    "schedule": cfg.get("fda_schedule")}}
+
+
+def export_as_checkpoint(folder):
+    """A SiT export read back into the fields of a checkpoint that sampling uses (EMA weights only)."""
+    cfg, weights = read_export(folder, ("sit",))
+    train = {**cfg["train_config"], "denoise_level": cfg["denoise_level"], "renorm_level": cfg["renorm_level"]}
+    return {"kind": "sit", "step": cfg["step"], "model_config": cfg["model_config"], "ema": weights,
+            "latent_stats": cfg["latent_stats"], "autoencoder": cfg["autoencoder"], "freqwarm": cfg["freqwarm"],
+            "config": train}
+
+
+def cmd_export(a, d):
+    """The EMA weights of a Stage-1 or Stage-2 checkpoint as OUT/model.safetensors + OUT/config.json (no optimizer,
+    discriminator, FDA projector or random state); `sample --ckpt OUT` / `--vae OUT` read it like the checkpoint."""
+    ck = load_checkpoint(a.ckpt, ("sit", "vae"))
+    config = write_export(a.out, ck["ema"], export_config(ck, a.ckpt))
+    n = sum(v.numel() for v in ck["ema"].values())
+    log0(f"exported the EMA weights of {a.ckpt} ({config['kind']}, step {config['step']}, {n / 1e6:.2f}M values) "
+         f"to {a.out}/model.safetensors and {a.out}/config.json")
+    if a.push_to_hub:
+        push_to_hub(a.out, a.push_to_hub, a.private)
+
+
+def push_to_hub(folder, repo, private=False):
+    """Upload an export folder to the Hugging Face Hub model repo `repo` (created if needed); one line if it fails
+    (offline, no token, no permission): the export itself is complete either way."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError(f"--push-to-hub needs huggingface_hub (pip install huggingface_hub); the export in "
+                        f"{folder} is complete") from None
+    try:
+        api = huggingface_hub.HfApi()
+        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                 commit_message=f"FreqLDM export ({os.path.basename(os.path.abspath(folder))})")
+    except Exception as e:
+        raise UserError(f"could not push {folder} to the Hub repo {repo} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:160]}); the export in {folder} is complete: "
+                        f"push it again when online and logged in (`hf auth login` or HF_TOKEN)") from None
+    log0(f"pushed {folder} to https://huggingface.co/{repo} ({getattr(info, 'commit_url', info)})")
 
 
 # ----------------------------------------------------------------------------- metric math
@@ -742,7 +808,7 @@ def cmd_diagnose(a, d):
 # ----------------------------------------------------------------------------- comparing runs
 
 IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
-                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite"}
+                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "log_to"}
 FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
 
 
@@ -820,7 +886,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="DDP sampling to PNGs and an ADM-style .npz")
-    s.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit')")
+    s.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit'), or its export folder")
     s.add_argument("--vae", default=None, help="the run's autoencoder, if it has moved (checked by content hash)")
     s.add_argument("--num-samples", type=int, default=50000, help="images to draw over all ranks")
     s.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
@@ -842,13 +908,20 @@ def get_args(argv=None):
     f.add_argument("--record", default=None, help="also write the metrics to RUN_DIR/generation_metrics.json")
     f.add_argument("--dl-train-images", type=int, default=1000, help="training images of the dead-leaves network")
     f.add_argument("--dl-steps", type=int, default=300, help="training steps of the dead-leaves network")
+    e = sub.add_parser("export", help="EMA weights as model.safetensors + config.json (for sample / --vae / the Hub)")
+    e.add_argument("--ckpt", required=True, help="a Stage-1 ('vae') or Stage-2 ('sit') checkpoint, e.g. RUN/last.pt")
+    e.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier export: replaced whole)")
+    e.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="also upload the folder to this Hugging Face Hub model repo (USER/NAME)")
+    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     c = sub.add_parser("compare", help="validation curves and final metrics of several runs (mean ± std over seeds)")
     c.add_argument("runs", nargs="+", help="run folders (each with last.pt and metrics.jsonl)")
     c.add_argument("--out", default="runs/compare")
     r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
-        q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae') or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]")
+        q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae'), its export folder, or "
+                                                    "diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]")
         q.add_argument("--image-size", type=int, default=None,
                        help=f"image side (default: the VAE's training size; {DEFAULT_IMAGE_SIZE} for pretrained autoencoders)")
         q.add_argument("--data", default="deadleaves")
@@ -888,6 +961,10 @@ def validate(a):
             check_out_dir(os.path.dirname(os.path.abspath(a.make_ref_stats)), "--make-ref-stats folder")
     elif a.cmd == "compare":
         check_out_dir(a.out)
+    elif a.cmd == "export":
+        if a.private and not a.push_to_hub:
+            raise UserError("--private only applies with --push-to-hub REPO")
+        check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
     else:
         check_range(a, "image_size", 1, optional=True)
         if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
@@ -899,9 +976,9 @@ def validate(a):
 def main(argv=None):
     a = get_args(argv)
     validate(a)
-    d = setup_distributed(a.device)
+    d = setup_distributed(getattr(a, "device", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
-                "compare": cmd_compare}
+                "compare": cmd_compare, "export": cmd_export}
     commands[a.cmd](a, d)
 
 

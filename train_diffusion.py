@@ -481,14 +481,15 @@ def train(args, d):
         ema_update(ema, student.sit, args.ema_decay)
         phase = latents.phase(step)
         step += 1
-        stopping = loop.end_step(step, dict(phase=phase, **totals))
+        stopping = loop.end_step(step, dict(phase=phase, lr=opt.param_groups[0]["lr"], **totals))
         if args.val_every and loop.due(step, args.val_every):
             loop.check_finite(step)                 # on every rank: never a metric of a non-finite model
             if validation is not None:
                 loop.log.write(step=step, **validation(ema))
         if loop.due(step, args.sample_every) and d.main:
-            sample_grid(ema, latents, dataset.num_classes, args, d.device,
-                        os.path.join(args.out, f"samples_{step:07d}.png"))
+            grid = os.path.join(args.out, f"samples_{step:07d}.png")
+            sample_grid(ema, latents, dataset.num_classes, args, d.device, grid)
+            loop.log.grid(grid, step)                   # --log-to tensorboard: the grid as an image there too
         if loop.due(step, args.ckpt_every) or stopping:
             if d.main:
                 save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, latents, d))

@@ -262,13 +262,15 @@ def train(args, d):
         opt_d.zero_grad(set_to_none=True)
         ema_update(ema, model, args.ema_decay)
         step += 1
-        stopping = loop.end_step(step, dict(level=level, **totals))
+        stopping = loop.end_step(step, dict(level=level, lr=opt.param_groups[0]["lr"], **totals))
         if args.val_every and loop.due(step, args.val_every):
             loop.check_finite(step)                 # on every rank: never a metric of a non-finite model
             if val_x is not None:
                 loop.log.write(step=step, **validation_recon(ema, val_x, args))
         if step % args.sample_every == 0 and d.main:
-            save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, f"recon_{step:07d}.png"))
+            grid = os.path.join(args.out, f"recon_{step:07d}.png")
+            save_recon_grid(ema, fixed, args.mlsr_fractions, grid)
+            loop.log.grid(grid, step)                   # --log-to tensorboard: the grid as an image there too
         if loop.due(step, args.ckpt_every) or stopping:
             stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None
             if d.main:

@@ -331,6 +331,17 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
         ae.checkpoint = ck
         return ae
 
+    @classmethod
+    def from_export(cls, folder, device="cpu"):
+        """A Stage-1 export (evaluate.py export of a 'vae' checkpoint): the same EMA weights, MLSR fractions and
+        latent statistics, and the checkpoint's content hash, so Stage 2 and 3 see the same autoencoder."""
+        from common import read_export
+        cfg, weights = read_export(folder, ("vae",))
+        vae = ViTVAE(**cfg["model_config"])
+        vae.load_state_dict(weights)
+        name = f"ViT-VAE export {os.path.basename(os.path.abspath(folder))} (step {cfg['step']})"
+        return cls(vae.to(device), cfg["mlsr_fractions"], name, cfg["latent_stats"], cfg["content_hash"], folder)
+
     def check_image_size(self, size):
         if size != self.image_size:            # fixed sin-cos positions were only ever trained at this size
             raise UserError(f"{self.path or self.name} was trained on {self.image_size}-px images and cannot serve {size}-px "
@@ -502,12 +513,15 @@ def _first_line(e):
 
 
 def load_autoencoder(spec, device="cpu"):
-    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path, or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
+    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path, its exported folder (evaluate.py export),
+    or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
     if spec.startswith(DIFFUSERS_PREFIX):
         return DiffusersAutoencoder.from_pretrained(spec, device)
     if not os.path.exists(spec):
         raise UserError(f"no VAE at {spec}: train one with `python train_vae.py` (it writes runs/vae/last.pt), "
                         f"pass --vae PATH, or a pretrained one as --vae diffusers:HUB_ID_OR_FOLDER")
+    if os.path.isdir(spec):                                     # evaluate.py export of a Stage-1 checkpoint
+        return ViTVAEAutoencoder.from_export(spec, device)
     return ViTVAEAutoencoder.from_checkpoint(spec, device)
 
 
