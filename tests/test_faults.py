@@ -61,9 +61,9 @@ def test_fid_refuses_float_nchw_single_and_unreadable_inputs(tmp_path, capsys):
                          (["--samples", str(tmp_path / "good.npz"), "--ref", str(tmp_path / "one.npz")], "--ref"),
                          (["--samples", str(tmp_path / "nodir"), "--ref", str(tmp_path / "good.npz")], "neither an .npz")]:
         assert_cli_error(capsys, ev.main, ["fid", *argv], needle)
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(8), sigma=np.eye(8))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(8), sigma=np.eye(7))
     assert_cli_error(capsys, ev.main, ["fid", "--samples", str(tmp_path / "good.npz"), "--ref", str(tmp_path / "stats.npz")],
-                     "reference statistics must be finite mu (2048,)")
+                     "reference statistics must be finite mu (D,) and sigma (D, D), got (8,) and (7, 7)")
 
 
 class _Trunk(torch.nn.Module):
