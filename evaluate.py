@@ -238,7 +238,7 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-# ----------------------------------------------------------------------------- Inception (clean-fid file, two protocols)
+# ----------------------------------------------------------------------------- Inception: two protocols
 
 def find_inception(path=None):
     """Path of clean-fid's Inception torchscript file, or one clear error saying where to put it."""
@@ -523,7 +523,9 @@ class Reference:
             self.meta["source"] = "ADM reference batch (mu, sigma, mu_s, sigma_s from ADM's evaluator)"
 
     def describe(self):
-        return {"reference": self.src, "reference_kind": self.kind, **{f"reference_{k}": v for k, v in self.meta.items()}}
+        """The reference's name, kind and what it records, for the result."""
+        return {"reference": self.src, "reference_kind": self.kind,
+                **{f"reference_{k}": v for k, v in self.meta.items()}}
 
     def check(self, mode, side):
         """One line unless the reference can stand beside samples of side `side` measured in `mode`
@@ -905,7 +907,8 @@ def cmd_recon(a, d):
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    protocol = {"psnr_ssim_lpips": "on [-1, 1] float images" + (f"; LPIPS v0.1 VGG ({lp.net_file})" if lp else ""),
+    lpips_name = f" / LPIPS v0.1 VGG ({lp.net_file})" if lp else ""
+    protocol = {"image_metrics": f"PSNR / SSIM{lpips_name} on [-1, 1] images",
                 "hf_definition": HF_DEFINITION}
     if ext is not None:
         protocol.update(fid_mode=ext.mode, network=ext.name, network_hash=ext.network_hash,

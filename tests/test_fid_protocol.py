@@ -300,13 +300,13 @@ def lpips_vgg(tmp_path_factory):
     features = make_layers(cfgs["D"]).eval()                      # torchvision's vgg16().features
     path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-    return features, ev.load_lpips(str(path), torch.device("cpu"))
+    return features, ev.load_lpips(str(path), torch.device("cpu")), str(path)
 
 
 def test_lpips_is_the_lpips_vgg_formula_on_the_local_vgg(lpips_vgg):
     import os
     import lpips
-    features, net = lpips_vgg
+    features, net, _ = lpips_vgg
     rng = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=rng) * 2 - 1
     y = (x + 0.3 * torch.randn(2, 3, 32, 32, generator=rng)).clamp(-1, 1)
@@ -353,3 +353,15 @@ def test_recon_reports_rsfid_is_and_lpips_per_level(stand_in_inception, lpips_vg
     assert rows[3]["is"] == pytest.approx(ev.inception_score(ext(to_uint8(r3))[1], split_size=5000)[0], rel=1e-5)
     assert rows[3]["lpips"] == pytest.approx(net(r3, x).mean().item(), rel=1e-5)
     assert rows[3]["network_hash"] == ev.file_hash(stand_in_inception) and "adm protocol" in rows[3]["rfid_network"]
+
+
+def test_recon_command_line_records_mode_network_and_lpips_file(tmp_path, monkeypatch, stand_in_inception, lpips_vgg):
+    import json
+    from test_real_data import Pool
+    monkeypatch.setattr(ev, "load_autoencoder", lambda spec, device: Pool())
+    ev.main(["recon", "--vae", "pool", "--n-images", "12", "--n", "6", "--fid-mode", "clean", "--vgg-path",
+             lpips_vgg[2], "--out", str(tmp_path)])
+    rec = json.load(open(tmp_path / "recon.json"))
+    assert rec["fid_mode"] == "clean" and rec["network_hash"] == ev.file_hash(stand_in_inception)
+    assert ev.file_hash(lpips_vgg[2]) in rec["image_metrics"] and rec["rsfid"] == ev.RSFID_DEFINITION
+    assert all({"lpips", "rfid", "rsfid", "is"} <= set(r) and r["n_images"] == 6 for r in rec["rows"])
