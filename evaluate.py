@@ -351,23 +351,33 @@ class InceptionExtractor:
                f"unverified stand-in network {os.path.basename(path)} (its numbers are not FID / IS)")
         self.name = f"{net}, {mode} protocol"
         self.resize = build_resizer("clean")
-        f, _, sp = self(np.zeros((2, 32, 32, 3), np.uint8))          # feature sizes, (2048, 2023) for the real file
+        probe = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3), dtype=np.uint8)
+        f, p, sp = self(probe)                                  # feature sizes: (2048, 2023) for the real file
         self.dims = (f.shape[1], None if sp is None else sp.shape[1])
+        with torch.no_grad():                                   # the class head read from `output` is the forward's
+            own = self.base(self._input(probe).float(), no_output_bias=True)
+        if not np.allclose(p, own.double().cpu().numpy(), rtol=1e-3, atol=1e-5):
+            raise UserError(f"{path}: softmax(features x output.weight) is not its own no_output_bias forward")
 
     def _probs(self, feats, x):
         if hasattr(self.base, "output"):
             return torch.softmax(feats @ self.base.output.weight.t(), dim=1)
         return self.base(x.float(), no_output_bias=True)    # stand-ins without a class layer of that name
 
+    def _input(self, imgs):
+        """What goes into the network: adm, the uint8 images at their own size (B, 3, H, W); clean, float
+        images PIL-bicubic resized to 299 (B, 3, 299, 299)."""
+        if self.mode == "adm":
+            return torch.tensor(np.asarray(imgs)).permute(0, 3, 1, 2).to(self.device)
+        return torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
+
     @torch.no_grad()
     def __call__(self, imgs):
-        imgs = np.asarray(imgs)
+        x = self._input(imgs)
         if self.mode == "adm":
-            x = torch.tensor(imgs).permute(0, 3, 1, 2).to(self.device)          # uint8, native size
-            feats = self.base(x, return_features=True).reshape(len(x), -1)
+            feats = self.base(x, return_features=True).reshape(len(x), -1)     # resized inside the network
             h = None if self.sfid_missing else (tf_resize(x.float()) - 128) / 128
         else:
-            x = torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
             h = (x - 128) / 128
             feats = self.base.layers.forward(h).reshape(len(x), -1)            # clean-fid's InceptionV3W
         probs = self._probs(feats, x)
