@@ -340,7 +340,7 @@ class InceptionExtractor:
     not FID / IS. `name` carries the protocol, `network_hash` the file's sha256 prefix.
     """
 
-    def __init__(self, path, device, verify=True, mode="clean"):
+    def __init__(self, path, device, verify=True, mode="adm"):
         from cleanfid.resize import build_resizer
         if mode not in FID_MODES:
             raise UserError(f"--fid-mode must be one of {FID_MODES}, got {mode}")

@@ -99,7 +99,7 @@ def test_inception_file_is_checked_before_its_output_is_called_inception(tmp_pat
     (tmp_path / "junk.pt").write_bytes(b"\0" * 100)
     assert_cli_error(capsys, ev.main, fid + [str(tmp_path / "junk.pt")], "does not load as TorchScript")
     # in-process, a test may run the whole clean-fid pipeline on the stand-in: it is then never named Inception
-    ext = ev.InceptionExtractor(str(stand_in), torch.device("cpu"), verify=False)
+    ext = ev.InceptionExtractor(str(stand_in), torch.device("cpu"), verify=False, mode="clean")
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
     res = ev.generation_metrics(ext, a, real=b)
     assert "not FID" in res["network"] and "Inception" not in res["network"] and res["fid"] > 0

@@ -190,7 +190,7 @@ def test_inception_file_under_any_name(tmp_path):
     net = Net()
     path = tmp_path / "my-own-name.pt"
     torch.jit.script(net).save(str(path))
-    ext = ev.InceptionExtractor(str(path), torch.device("cpu"), verify=False)    # a stand-in: not Inception
+    ext = ev.InceptionExtractor(str(path), torch.device("cpu"), verify=False, mode="clean")   # a stand-in: not Inception
     imgs = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
     feats, probs, _ = ext(imgs)
     from cleanfid.resize import build_resizer
