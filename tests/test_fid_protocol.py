@@ -275,6 +275,13 @@ def test_adm_batch_statistics_in_adm_mode_and_pr_on_its_images(tmp_path, capsys,
                                         rel=1e-6)
     assert (res["precision"], res["recall"]) == pytest.approx(ev.precision_recall(rf, f, k=3))
     assert res["reference_kind"] == "adm-batch" and res["n_real"] == 12 and res["fid_mode"] == "adm"
+    # clean mode: the batch's statistics are refused, but clean statistics of its images can be made (stated)
+    ev.main(["fid", "--ref", str(tmp_path / "VIRTUAL.npz"), "--make-ref-stats", str(tmp_path / "clean.npz"),
+             "--fid-mode", "clean"])
+    z = np.load(tmp_path / "clean.npz")
+    assert (str(z["fid_mode"]), int(z["resolution"]), int(z["n_images"])) == ("clean", 16, 12)
+    clean = ev.InceptionExtractor(stand_in_inception, torch.device("cpu"), verify=False, mode="clean")
+    np.testing.assert_allclose(z["mu"], clean(batch["arr_0"])[0].mean(0), rtol=1e-6, atol=1e-9)
 
 
 def test_inception_score_in_adm_chunks_streamed():
