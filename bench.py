@@ -530,11 +530,11 @@ def bench_features(b, folder, n, res, rounds):
     import evaluate as ev
     path = os.path.join(ev.CLEANFID_CACHE, ev.INCEPTION_FILE)
     if os.path.isfile(path):
-        ext, label = ev.InceptionExtractor(path, b.device), "Inception-v3 (clean-fid)"
+        ext, label = ev.InceptionExtractor(path, b.device, mode="clean"), "Inception-v3 (clean-fid)"
     else:
         path = os.path.join(b.tmp, "stand-in.pt")
         torch.jit.script(StandInFeatures().eval()).save(path)
-        ext = ev.InceptionExtractor(path, b.device, verify=False)
+        ext = ev.InceptionExtractor(path, b.device, verify=False, mode="clean")
         label = "STAND-IN network, not Inception (its file is absent): data path and 299-px resize only"
     for workers in (0, 2):
         def features():

@@ -2,7 +2,8 @@
 
     python evaluate.py sample   --ckpt runs/sit-demo/last.pt --num-samples 100 --out runs/eval/samples   # CPU
     python evaluate.py fid      --samples runs/eval/samples.npz --ref REF_FOLDER_OR_STATS.npz
-    python evaluate.py fid      --make-ref-stats ref.npz --ref /data/imagenet/val_256           # reference stats
+    python evaluate.py fid      --samples runs/eval/samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # ADM batch
+    python evaluate.py fid      --make-ref-stats ref.npz --ref /data/imagenet/val --resolution 256  # reference stats
     python evaluate.py recon    --vae runs/vae-demo/last.pt --n 500
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
     python evaluate.py diagnose --vae diffusers:Wan-AI/Wan2.2-TI2V-5B-Diffusers#vae --image-size 512 --data VAL_FOLDER
@@ -14,10 +15,11 @@
 sample   : EMA weights, class-balanced labels (image i has class i mod K), indices sharded over ranks
            (rank r draws i = r, r + W, ...), noise seeded per image, PNGs written as they finish (a rerun
            skips existing ones), then an ADM-style .npz (uint8 NHWC `arr_0`).
-fid      : gFID with clean-fid's "clean" resize and its Inception network, Inception Score from the same
-           network, improved precision / recall (k = 3) on the same 2048-d features.
-recon    : PSNR, SSIM (and rFID with Inception) of D(S_l(z)) against x for each MLSR level, plus the latent
-           high-frequency energy ratio (Denoising-VAE Tables 1 and 4).
+fid      : gFID, sFID, Inception Score and improved precision / recall (k = 3) from clean-fid's Inception
+           file under one of two protocols: --fid-mode adm (default; ADM's evaluator, the protocol of the
+           published tables and of ADM reference batches) or clean (clean-fid's PIL-bicubic resize).
+recon    : PSNR, SSIM, LPIPS (and rFID, rsFID, IS with Inception) of D(S_l(z)) against x for each MLSR level,
+           plus the latent high-frequency energy ratio (Denoising-VAE Tables 1, 2 and 4).
 diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
            (F2) cumulative RGB spectral energy vs radius, (F3) latent high-frequency energy vs the RGB
            low-pass radius r0, and the radially averaged latent spectra per MLSR level; JSON + PNG figures.
@@ -41,13 +43,21 @@ import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
                     load_checkpoint, log0, read_export, run_main, setup_distributed, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
-from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, latent_stats, level_scores, load_autoencoder, locate_autoencoder,
-                 psnr, resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, VGG16_FILE, VGG16_URL, LatentSpace, latent_stats, level_scores, load_autoencoder,
+                 locate_autoencoder, psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 CLEANFID_CACHE = "/tmp"             # where clean-fid itself downloads the file on Linux
 INCEPTION_DIMS = (2048, 1008)       # pool features, class logits of the 2015-12-05 graph
+FID_MODES = ("adm", "clean")
+FID_MODE_HELP = ("adm: the ADM evaluator's pipeline (uint8 images at their own size, resized to 299 inside the "
+                 "network by TensorFlow's bilinear rule; clean-fid's 'legacy_tensorflow'), the protocol of the "
+                 "DiT / SiT / REPA / LightningDiT / Denoising-VAE tables and of ADM reference batches; "
+                 "clean: clean-fid's PIL-bicubic resize outside the network")
+SFID_CHANNELS = 7                   # ADM's sFID: mixed_6/conv (17 x 17 x 192), first 7 channels = 2023 dims
+IS_SPLIT = 5000                     # ADM's Inception Score: consecutive chunks of 5000 images
+RSFID_DEFINITION = "Frechet distance of ADM's sFID features (mixed_6/conv, 7 x 17 x 17) of D(S_l(z)) vs x"
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -239,15 +249,35 @@ def feature_stats(feats):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def inception_score(probs, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks."""
+def inception_score(probs, splits=10, split_size=None):
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` equal chunks, or over consecutive chunks of
+    `split_size` images (ADM: 5000, the last one shorter)."""
     probs = np.asarray(probs, dtype=np.float64)
+    parts = (np.array_split(probs, min(splits, len(probs))) if split_size is None else
+             [probs[i:i + split_size] for i in range(0, len(probs), split_size)])
     scores = []
-    for part in np.array_split(probs, min(splits, len(probs))):
+    for part in parts:
         py = part.mean(0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
         scores.append(math.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+class StreamedIS:
+    """inception_score(probs, split_size=IS_SPLIT) without keeping more than one chunk of probabilities."""
+
+    def __init__(self, split_size=IS_SPLIT):
+        self.size, self.buf, self.scores = split_size, np.zeros((0, 0)), []
+
+    def add(self, p):
+        self.buf = np.concatenate([self.buf.reshape(-1, p.shape[1]), np.asarray(p, dtype=np.float64)])
+        while len(self.buf) >= self.size:
+            self.scores.append(inception_score(self.buf[:self.size], splits=1)[0])
+            self.buf = self.buf[self.size:]
+
+    def result(self):
+        scores = self.scores + ([inception_score(self.buf, splits=1)[0]] if len(self.buf) else [])
+        return float(np.mean(scores)), float(np.std(scores))
 
 
 def knn_radii(feats, k=3, batch=1024):
@@ -274,7 +304,7 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-# ----------------------------------------------------------------------------- Inception (clean-fid)
+# ----------------------------------------------------------------------------- Inception: two protocols
 
 def find_inception(path=None):
     """Path of clean-fid's Inception torchscript file, or one clear error saying where to put it."""
@@ -310,27 +340,115 @@ def load_inception(path, verify=True):
     return net
 
 
-class InceptionExtractor:
-    """clean-fid 'clean' mode: PIL bicubic resize to 299, then the StyleGAN2-ADA Inception torchscript.
+def tf_resize(x, size=299):
+    """TensorFlow-1 ResizeBilinear (align_corners=False, no half-pixel centres) of float images (B, 3, H, W):
+    output pixel i reads the input at i * H / size, edges clamped. The Inception TorchScript does exactly
+    this inside its forward (affine_grid shifted by 1/H - 1/size, then grid_sample); sFID needs it here
+    because the network's forward returns no intermediate map. Checked against the network's own forward."""
+    B, _, H, W = x.shape
+    theta = torch.tensor([[1.0, 0.0, 1 / W - 1 / size], [0.0, 1.0, 1 / H - 1 / size]], device=x.device)
+    grid = F.affine_grid(theta.expand(B, 2, 3), [B, 3, size, size], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    __call__(uint8 (B, H, W, 3)) -> (pool features (B, 2048), class probabilities (B, 1008)).
-    The file is checked (load_inception) first; `verify=False` (tests only) accepts another TorchScript
-    network with the same interface, and then the name says its numbers are not FID / IS.
+
+def trunk_to_mixed_6(layers, x):
+    """The trunk's blocks in order, up to (not including) mixed_6."""
+    for name, block in layers.named_children():
+        if name == "mixed_6":
+            break
+        x = block(x)
+    return x
+
+
+def spatial_features(layers, x):
+    """ADM's sFID features: the mixed_6/conv map (B, 192, 17, 17) of normalised 299-px input x, first 7
+    channels, flattened in TensorFlow's NHWC order as ADM does -> (B, 17 * 17 * 7 = 2023)."""
+    m = layers.mixed_6.conv(trunk_to_mixed_6(layers, x))[:, :SFID_CHANNELS]
+    return m.permute(0, 2, 3, 1).reshape(len(m), -1)
+
+
+def check_sfid_path(net, verify):
+    """None if sFID can be read from this network, else why not. The blocks of `layers`, run one by one,
+    must give its own forward, and in adm mode tf_resize must be the network's own resize (probe batches
+    at 299 px and at 61 x 83 px); the real file must give a 17 x 17 map of at least 7 channels."""
+    if not hasattr(net.layers, "mixed_6") or not hasattr(net.layers.mixed_6, "conv"):
+        return "the network has no layers.mixed_6.conv"
+    try:
+        with torch.no_grad():
+            x = torch.randint(0, 256, (2, 3, 61, 83), generator=torch.Generator().manual_seed(0)).float()
+            h = (tf_resize(x) - 128) / 128
+            chained = h
+            for _, block in net.layers.named_children():
+                chained = block(chained)
+            whole = net.layers.forward(h)
+            own = net(x, return_features=True)
+            m = net.layers.mixed_6.conv(trunk_to_mixed_6(net.layers, h))
+    except Exception as e:
+        return f"probing its blocks failed ({type(e).__name__}: {str(e)[:80]})"
+    if not torch.allclose(chained, whole, rtol=1e-4, atol=1e-4):
+        return "its blocks run in order do not give its forward"
+    if not torch.allclose(whole.reshape(len(x), -1), own.reshape(len(x), -1), rtol=1e-3, atol=1e-3):
+        return "tf_resize is not the network's own resize"
+    if verify and (m.shape[-2:] != (17, 17) or m.shape[1] < SFID_CHANNELS):
+        return f"mixed_6.conv gives {tuple(m.shape[1:])}, not (192, 17, 17)"
+    return None
+
+
+class InceptionExtractor:
+    """clean-fid's Inception TorchScript (StyleGAN2-ADA's conversion of the 2015-12-05 TensorFlow graph).
+
+    __call__(uint8 (B, H, W, 3)) -> (pool features (B, 2048), class probabilities (B, 1008), sFID features
+    (B, 2023) or None). mode "adm": the uint8 images go into the network at their own size and it resizes
+    them itself (clean-fid's legacy_tensorflow, ADM's evaluator); "clean": PIL bicubic to 299 outside, then
+    the trunk. Probabilities: softmax of the pool features times the class weights without bias (ADM's
+    `softmax/logits/MatMul`). The file is checked (load_inception) first; `verify=False` (tests only)
+    accepts another TorchScript network with the same interface, and then the name says its numbers are
+    not FID / IS. `name` carries the protocol, `network_hash` the file's sha256 prefix.
     """
 
-    def __init__(self, path, device, verify=True):
+    def __init__(self, path, device, verify=True, mode="adm"):
         from cleanfid.resize import build_resizer
-        self.base = load_inception(path, verify).to(device)
-        self.name = ("Inception-v3 (clean-fid, inception-2015-12-05)" if verify else
-                     f"unverified stand-in network {os.path.basename(path)} (its numbers are not FID / IS)")
-        self.resize, self.device = build_resizer("clean"), device
+        if mode not in FID_MODES:
+            raise UserError(f"--fid-mode must be one of {FID_MODES}, got {mode}")
+        base = load_inception(path, verify)
+        self.sfid_missing = check_sfid_path(base, verify)
+        self.base, self.mode, self.network_hash, self.device = base.to(device), mode, file_hash(path), device
+        net = ("Inception-v3 (clean-fid, inception-2015-12-05)" if verify else
+               f"unverified stand-in network {os.path.basename(path)} (its numbers are not FID / IS)")
+        self.name = f"{net}, {mode} protocol"
+        self.resize = build_resizer("clean")
+        probe = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3), dtype=np.uint8)
+        f, p, sp = self(probe)                                  # feature sizes: (2048, 2023) for the real file
+        self.dims = (f.shape[1], None if sp is None else sp.shape[1])
+        with torch.no_grad():                                   # the class head read from `output` is the forward's
+            own = self.base(self._input(probe).float(), no_output_bias=True)
+        if not np.allclose(p, own.double().cpu().numpy(), rtol=1e-3, atol=1e-5):
+            raise UserError(f"{path}: softmax(features x output.weight) is not its own no_output_bias forward")
+
+    def _probs(self, feats, x):
+        if hasattr(self.base, "output"):
+            return torch.softmax(feats @ self.base.output.weight.t(), dim=1)
+        return self.base(x.float(), no_output_bias=True)    # stand-ins without a class layer of that name
+
+    def _input(self, imgs):
+        """What goes into the network: adm, the uint8 images at their own size (B, 3, H, W); clean, float
+        images PIL-bicubic resized to 299 (B, 3, 299, 299)."""
+        if self.mode == "adm":
+            return torch.tensor(np.asarray(imgs)).permute(0, 3, 1, 2).to(self.device)
+        return torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
 
     @torch.no_grad()
     def __call__(self, imgs):
-        x = torch.from_numpy(np.stack([self.resize(im) for im in imgs])).permute(0, 3, 1, 2).float().to(self.device)
-        feats = self.base.layers.forward((x - 128) / 128).reshape(len(x), -1)   # clean-fid's InceptionV3W
-        probs = self.base(x, no_output_bias=True)          # the IS head (StyleGAN2-ADA convention)
-        return feats.double().cpu().numpy(), probs.double().cpu().numpy()
+        x = self._input(imgs)
+        if self.mode == "adm":
+            feats = self.base(x, return_features=True).reshape(len(x), -1)     # resized inside the network
+            h = None if self.sfid_missing else (tf_resize(x.float()) - 128) / 128
+        else:
+            h = (x - 128) / 128
+            feats = self.base.layers.forward(h).reshape(len(x), -1)            # clean-fid's InceptionV3W
+        probs = self._probs(feats, x)
+        spatial = None if self.sfid_missing else spatial_features(self.base.layers, h).double().cpu().numpy()
+        return feats.double().cpu().numpy(), probs.double().cpu().numpy(), spatial
 
 
 class FeatureMoments:
@@ -351,14 +469,17 @@ class FeatureMoments:
         return mu, (self.ss - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 
-def extract(extractor, batches, keep=True):
-    """Features of a stream of uint8 batches (b, H, W, 3): (moments, features or None, probabilities)."""
+def extract(extractor, batches, keep=True, spatial=None):
+    """Features of a stream of uint8 batches (b, H, W, 3): (moments, features or None, probabilities);
+    sFID features (when the extractor gives them) go into the FeatureMoments `spatial`."""
     moments, fs, ps = FeatureMoments(), [], []
     for imgs in batches:
-        f, p = extractor(np.asarray(imgs))
+        f, p, *rest = extractor(np.asarray(imgs))
         moments.add(f), ps.append(p.astype(np.float32))
         if keep:
             fs.append(f.astype(np.float32))
+        if spatial is not None and rest and rest[0] is not None:
+            spatial.add(rest[0])
     return moments, (np.concatenate(fs) if keep else None), np.concatenate(ps)
 
 
@@ -426,42 +547,134 @@ def image_source(src, flag, resolution=None, batch=100, workers=0):
     return loader, len(files), files.resolution
 
 
-def load_npz(src, flag):
-    """The arrays of a small .npz file (statistics), or one line if it is missing or unreadable."""
-    if not os.path.isfile(src):
-        raise UserError(f"{flag} {src} does not exist")
+def npz_keys(path, flag):
+    """Names of the arrays in an .npz, from its zip directory alone (nothing is read)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} does not exist")
     try:
-        with np.load(src) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise UserError(f"{flag} {src} is not a readable .npz file ({type(e).__name__}: {str(e)[:100]})") from None
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{flag} {path} is not a readable .npz file ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def load_ref_stats(src):
-    """(mu, sigma) from a reference-statistics .npz, checked to be 2048-d and finite."""
-    z = load_npz(src, "--ref")
-    mu, sigma = z["mu"], z.get("sigma")
-    D = INCEPTION_DIMS[0]
-    if sigma is None or mu.shape != (D,) or sigma.shape != (D, D) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f"--ref {src}: reference statistics must be finite mu ({D},) and sigma ({D}, {D}), "
-                        f"got {mu.shape} and {None if sigma is None else sigma.shape}")
-    return mu, sigma
+def read_npz_array(path, key, flag):
+    """One array of an .npz, read from its own zip entry (a 2 GB ADM batch is not loaded for its mu)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise UserError(f"{flag} {path}: cannot read '{key}' ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def generation_metrics(extractor, fake, real=None, ref_stats=None, k=3):
-    """gFID, IS and (with real images) precision / recall, all from one feature network.
+ADM_BATCH_KEYS = {"arr_0", "mu", "sigma"}           # plus mu_s, sigma_s (sFID): ADM's reference batches
+REF_META = ("fid_mode", "resolution", "n_images", "source", "network", "network_hash")
 
-    fake, real: streams of uint8 batches (or arrays (N, H, W, 3)); ref_stats: (mu, sigma) instead of real.
+
+class Reference:
+    """What --ref holds, recognised by its keys; each array is read once, when first needed.
+
+    "adm-batch": an ADM reference batch (VIRTUAL_imagenet256_labeled.npz ...): arr_0 (its images, for
+        precision / recall) and ADM's evaluator's mu, sigma, mu_s, sigma_s of the training set: adm mode only.
+    "stats": statistics from --make-ref-stats, with the mode, resolution, image count, source and network
+        file they were made with; usable only with the same ones.
+    "images": an .npz with arr_0, or a folder (nested, any sizes: ADM centre crop at `resolution`).
     """
-    fm, ff, fp = extract(extractor, _batched(fake), keep=real is not None)
+
+    def __init__(self, src, resolution, flag="--ref", workers=0):
+        self.src, self.flag, self._cache, self.meta, self.keys, self.mode = src, flag, {}, {}, set(), None
+        self.kind = "images"
+        if src.endswith(".npz"):
+            self.keys = npz_keys(src, flag)
+            if ADM_BATCH_KEYS <= self.keys:
+                self.kind, self.mode = "adm-batch", "adm"
+            elif "mu" in self.keys:
+                self.kind = "stats"
+                self.meta = {k: read_npz_array(src, k, flag).item() for k in REF_META if k in self.keys}
+                self.resolution, self.mode = self.meta.get("resolution"), self.meta.get("fid_mode")
+        if self.kind != "stats":                                    # checked now, streamed later
+            self._images, n, self.resolution = image_source(src, flag, resolution, workers=workers)
+            self.meta["n_images"] = n
+        if self.kind == "adm-batch":
+            self.meta["source"] = "ADM reference batch (mu, sigma, mu_s, sigma_s from ADM's evaluator)"
+
+    def describe(self):
+        """The reference's name, kind and what it records, for the result."""
+        return {"reference": self.src, "reference_kind": self.kind,
+                **{f"reference_{k}": v for k, v in self.meta.items()}}
+
+    def check(self, mode, side):
+        """One line unless the reference can stand beside samples of side `side` measured in `mode`
+        (all it records is checked before any network is loaded)."""
+        where = f"{self.flag} {self.src}"
+        if self.kind == "stats":
+            self.stats()                                    # a foreign file says what it is first
+            if self.mode is None or self.resolution is None:
+                raise UserError(f"{where} records no protocol / resolution (older or foreign statistics): "
+                                f"rebuild it with fid --make-ref-stats")
+        if self.kind == "adm-batch" and mode != "adm":
+            raise UserError(f"{where} is an ADM reference batch: its mu / sigma come from ADM's evaluator and "
+                            f"stand only beside --fid-mode adm; for {mode} mode, make statistics of its "
+                            f"{self.meta['n_images']} images with --make-ref-stats OUT.npz --fid-mode {mode}")
+        if self.mode is not None and self.mode != mode:
+            raise UserError(f"{where} holds {self.mode}-mode statistics, the samples are measured in {mode} "
+                            f"mode: pass --fid-mode {self.mode} or a reference made in {mode} mode")
+        if self.resolution != side:
+            raise UserError(f"{where} is at {self.resolution} px, the samples at {side} px: FID across "
+                            f"resolutions is no number of either; use a reference made at {side} px")
+
+    def check_network(self, ext):
+        """One line unless statistics stored here were made by `ext`'s network (file and feature sizes)."""
+        where = f"{self.flag} {self.src}"
+        if self.kind == "stats" and self.meta.get("network_hash") not in (None, ext.network_hash):
+            raise UserError(f"{where} was made with network file {self.meta['network_hash']}, this run uses "
+                            f"{ext.network_hash} ({ext.name})")
+        for keys, dim in ((("mu", "sigma"), ext.dims[0]), (("mu_s", "sigma_s"), ext.dims[1])):
+            st = self.stats(*keys)
+            if st is not None and dim is not None and len(st[0]) != dim:
+                raise UserError(f"{where}: its {keys[0]} is {len(st[0])}-d, {ext.name} gives {dim}-d features")
+
+    def array(self, key):
+        if key not in self._cache:
+            self._cache[key] = read_npz_array(self.src, key, self.flag)
+        return self._cache[key]
+
+    def stats(self, mu_key="mu", sigma_key="sigma"):
+        """(mu, sigma) under those keys, checked to be finite and of matching sizes; None if absent."""
+        if mu_key not in self.keys:
+            return None
+        mu, sigma = self.array(mu_key), self.array(sigma_key) if sigma_key in self.keys else None
+        if not (sigma is not None and mu.ndim == 1 and sigma.shape == (len(mu), len(mu))
+                and np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise UserError(f"{self.flag} {self.src}: reference statistics must be finite {mu_key} (D,) and "
+                            f"{sigma_key} (D, D), got {mu.shape} and {None if sigma is None else sigma.shape}")
+        return mu, sigma
+
+    def images(self):
+        """Its images as a uint8 batch stream (None for statistics alone)."""
+        return None if self.kind == "stats" else self._images
+
+
+def generation_metrics(extractor, fake, real=None, ref_stats=None, ref_spatial=None, k=3, is_split=None):
+    """gFID, sFID, IS and (with real images) precision / recall, all from one feature network.
+
+    fake, real: streams of uint8 batches (or arrays (N, H, W, 3)); ref_stats / ref_spatial: (mu, sigma) of
+    the reference's pool / sFID features, used instead of those of `real` when given (an ADM batch: its
+    statistics for FID / sFID, its images for precision / recall, as ADM's evaluator does).
+    """
+    fs, rs = FeatureMoments(), FeatureMoments()
+    fm, ff, fp = extract(extractor, _batched(fake), keep=real is not None, spatial=fs)
     out = {"network": extractor.name, "n_fake": fm.n}
     if real is not None:
-        rm, rf, _ = extract(extractor, _batched(real))
-        ref_stats = rm.stats()
+        rm, rf, _ = extract(extractor, _batched(real), spatial=rs)
         out["n_real"] = rm.n
         out["precision"], out["recall"] = precision_recall(rf, ff, k)
+        if ref_stats is None:                                       # everything from the reference images
+            ref_stats, ref_spatial = rm.stats(), (rs.stats() if rs.n else None)
     out["fid"] = frechet_distance(*fm.stats(), *ref_stats)
-    out["is"], out["is_std"] = inception_score(fp)
+    if fs.n and ref_spatial is not None:
+        out["sfid"] = frechet_distance(*fs.stats(), *ref_spatial)
+    out["is"], out["is_std"] = inception_score(fp, split_size=is_split)
     return out
 
 
@@ -472,34 +685,54 @@ def _batched(images, batch=100):
     return images
 
 
+def inception(a, d):
+    return InceptionExtractor(find_inception(a.inception_path), d.device, mode=a.fid_mode)
+
+
+def make_ref_stats(a, d, samples_side=None):
+    """--make-ref-stats: pool and sFID statistics of --ref's images (a folder: ADM centre crop at
+    --resolution, else at the side of --samples), stored with what they were made with."""
+    src, n, side = image_source(a.ref, "--ref", a.resolution or samples_side, workers=a.workers)
+    if a.resolution and side != a.resolution:
+        raise UserError(f"--ref {a.ref} holds {side}-px images, not --resolution {a.resolution}")
+    ext = inception(a, d)
+    sm = FeatureMoments()
+    mu, sigma = extract(ext, src, keep=False, spatial=sm)[0].stats()
+    arrays = dict(mu=mu, sigma=sigma, fid_mode=ext.mode, resolution=side, n_images=n,
+                  source=os.path.abspath(a.ref), network=ext.name, network_hash=ext.network_hash)
+    if sm.n:
+        arrays["mu_s"], arrays["sigma_s"] = sm.stats()
+    with atomic_write(a.make_ref_stats) as f:
+        np.savez(f, **arrays)
+    how = "--resolution" if a.resolution else "its images' side" if a.ref.endswith(".npz") else "the side of --samples"
+    log0(f"wrote reference statistics {a.make_ref_stats}: {n} images of {a.ref} at {side} px ({how}), "
+         f"{ext.mode} mode, {ext.name} (file {ext.network_hash}){', with sFID' if sm.n else ''}")
+
+
 def cmd_fid(a, d):
     if a.features == "deadleaves":
         fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
         ext = DeadLeavesExtractor(side, d.device, n_train=a.dl_train_images, steps=a.dl_steps)
         res = deadleaves_metrics(ext, np.concatenate(list(fake)))
         return report_generation(a, res)
-    side = None
-    if a.samples and a.samples.endswith(".npz"):
-        shape, _ = npz_shape(a.samples, "--samples")
-        side = shape[1]
     if a.make_ref_stats:
-        ref, n, side = image_source(a.ref, "--ref", a.resolution or side, workers=a.workers)
-        ext = InceptionExtractor(find_inception(a.inception_path), d.device)
-        mu, sigma = extract(ext, ref, keep=False)[0].stats()
-        with atomic_write(a.make_ref_stats) as f:
-            np.savez(f, mu=mu, sigma=sigma)
-        log0(f"wrote reference statistics {a.make_ref_stats} of {n} images at {side} px ({ext.name})")
-        return
-    fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
-    if a.ref.endswith(".npz") and "mu" in load_npz(a.ref, "--ref"):
-        ref_stats, real = load_ref_stats(a.ref), None
-    else:
-        ref_stats, real = None, image_source(a.ref, "--ref", side, workers=a.workers)[0]
-    ext = InceptionExtractor(find_inception(a.inception_path), d.device)
-    if real is None:
-        res = generation_metrics(ext, fake, ref_stats=ref_stats)
-    else:
-        res = generation_metrics(ext, fake, real=real)
+        return make_ref_stats(a, d, image_source(a.samples, "--samples")[2] if a.samples else None)
+    fake, n_fake, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
+    if a.resolution and side != a.resolution:
+        raise UserError(f"--samples {a.samples} are {side}-px images, not --resolution {a.resolution}")
+    ref = Reference(a.ref, side, workers=a.workers)
+    ref.check(a.fid_mode, side)
+    ext = inception(a, d)
+    ref.check_network(ext)
+    if n_fake < 50000:
+        log0(f"note: {n_fake} samples; the papers' tables use 50 000 (FID is biased upwards with fewer)")
+    res = generation_metrics(ext, fake, real=ref.images(), ref_stats=ref.stats(),
+                             ref_spatial=ref.stats("mu_s", "sigma_s") if ref.kind != "images" else None,
+                             is_split=IS_SPLIT if ext.mode == "adm" else None)
+    res = {"fid_mode": ext.mode, "network": ext.name, "network_hash": ext.network_hash, "resolution": side,
+           **ref.describe(), **res}
+    if "sfid" not in res:
+        res["sfid_missing"] = ext.sfid_missing or "the reference has no sFID statistics (mu_s, sigma_s)"
     report_generation(a, res)
 
 
@@ -635,31 +868,80 @@ HF_DEFINITION = (f"{HF_NAME}: share of the latent's spectral energy at radius > 
                  f"per-channel mean (DC) removed first")
 
 
+def find_vgg(path=None):
+    """torchvision's VGG16 weights for LPIPS: `path`, else torchvision's hub cache; one line otherwise."""
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"--vgg-path {path} does not exist")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+    if not os.path.isfile(cached):
+        raise UserError(f"LPIPS needs VGG16 weights: download {VGG16_URL} to {cached} or pass --vgg-path FILE")
+    return cached
+
+
+def load_lpips(path, device):
+    """LPIPS v0.1, VGG (Zhang et al. 2018; Denoising-VAE Table 2): the `lpips` package's learned linear heads
+    (shipped inside it) on torchvision's VGG16 read from `path`; inputs in [-1, 1]. Nothing is downloaded."""
+    import warnings
+    import lpips
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # torchvision's deprecation note on `pretrained`
+        net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)   # pnet_rand: the trunk is not downloaded
+    try:
+        vgg = torch.load(path, map_location="cpu", weights_only=True)
+        # lpips keeps VGG's layer indices: its slice1.0.weight is torchvision's features.0.weight
+        net.net.load_state_dict({k: vgg["features." + k.split(".", 1)[1]] for k in net.net.state_dict()})
+    except Exception as e:
+        raise UserError(f"{path} is not torchvision's VGG16 weights {VGG16_FILE} ({type(e).__name__}: "
+                        f"{str(e)[:80]})") from None
+    net.net_file = f"{os.path.basename(path)} {file_hash(path)}"
+    return net.eval().requires_grad_(False).to(device)
+
+
 @torch.no_grad()
-def recon_table(ae, batches, extractor=None, hf_radius=HF_RADIUS):
-    """Per MLSR level l: PSNR / SSIM of D(S_l(z)) vs x, latent HF ratio of S_l(z), rFID if an extractor is given.
+def recon_table(ae, batches, extractor=None, hf_radius=HF_RADIUS, lpips=None):
+    """Per MLSR level l: PSNR / SSIM of D(S_l(z)) vs x, latent HF ratio of S_l(z); with an extractor rFID,
+    rsFID (sFID features) and the Inception Score of the reconstructions; with `lpips` LPIPS vs x.
 
     One pass over `batches` (float images (b, 3, H, W) in [-1, 1]): each batch is encoded once and decoded
-    at every level; only per-image scores and running feature moments are kept (Denoising-VAE Tables 1, 2).
+    at every level; only per-image scores, running feature moments and one IS chunk are kept
+    (Denoising-VAE Tables 1, 2).
     """
     L = len(ae.mlsr_fractions)
-    p, s, hf = ([[] for _ in range(L)] for _ in range(3))
-    real_m, fake_m = FeatureMoments(), [FeatureMoments() for _ in range(L)]
+    p, s, hf, lp = ([[] for _ in range(L)] for _ in range(4))
+    real_m, real_s = FeatureMoments(), FeatureMoments()
+    fake_m, fake_s, score = ([FeatureMoments() for _ in range(L)], [FeatureMoments() for _ in range(L)],
+                             [StreamedIS() for _ in range(L)])
     for x in batches:
         x = x.to(ae.device).float()
         if extractor is not None:
-            real_m.add(extractor(to_uint8(x))[0])
+            f, _, *sp = extractor(to_uint8(x))
+            real_m.add(f)
+            if sp and sp[0] is not None:
+                real_s.add(sp[0])
         for level, (r, ps, h) in enumerate(level_scores(ae, x, hf_radius)):   # encode once, decode per level
             p[level].append(ps), s[level].append(ssim(r, x)), hf[level].append(h)
+            if lpips is not None:
+                lp[level].append(lpips(r, x).flatten().cpu())
             if extractor is not None:
-                fake_m[level].add(extractor(to_uint8(r))[0])
+                f, pr, *sp = extractor(to_uint8(r))
+                fake_m[level].add(f), score[level].add(pr)
+                if sp and sp[0] is not None:
+                    fake_s[level].add(sp[0])
     rows = []
     for level in range(L):
         row = {"level": level, "psnr": torch.cat(p[level]).mean().item(), "ssim": torch.cat(s[level]).mean().item(),
                f"latent_hf_ratio@{hf_radius}": torch.cat(hf[level]).mean().item(), "n_images": sum(map(len, p[level]))}
+        if lpips is not None:
+            row["lpips"] = torch.cat(lp[level]).mean().item()
         if extractor is not None:
             row["rfid"] = frechet_distance(*fake_m[level].stats(), *real_m.stats())
+            if real_s.n:
+                row["rsfid"] = frechet_distance(*fake_s[level].stats(), *real_s.stats())
+            row["is"], row["is_std"] = score[level].result()
             row["rfid_network"] = extractor.name
+            row["network_hash"] = getattr(extractor, "network_hash", None)
         rows.append(row)
     return rows
 
@@ -678,11 +960,18 @@ def cmd_recon(a, d):
     ae = load_autoencoder(a.vae, d.device)
     if a.mlsr_fractions:
         ae.mlsr_fractions = tuple(a.mlsr_fractions)
-    ext = None
+    ext = lp = None
     try:
-        ext = InceptionExtractor(find_inception(a.inception_path), d.device)
+        ext = inception(a, d)
     except UserError as e:
         log0(f"rFID skipped: {e}")
+    vgg = find_vgg(a.vgg_path) if a.vgg_path else None             # an explicit file must exist
+    try:
+        lp = load_lpips(vgg or find_vgg(), d.device)
+    except UserError as e:
+        if vgg:
+            raise
+        log0(f"LPIPS skipped: {e}")
     batches, n = eval_batches(a, ae, resolve_image_size(ae, a.image_size), "all" if ext is not None else 1000, d)
     if ext is not None and n < 2048:
         log0(f"WARNING: rFID from {n} images (fewer than the 2048 feature dimensions) is heavily biased; "
@@ -690,16 +979,23 @@ def cmd_recon(a, d):
     if ext is not None and n < 2:
         ext = None
         log0(f"rFID skipped: it needs at least 2 images, got {n}")
-    rows = recon_table(ae, batches, extractor=ext)
+    rows = recon_table(ae, batches, extractor=ext, lpips=lp)
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    log0(f"reconstruction of {ae.name} on {n} random images of {a.data} (seed {a.seed}); PSNR/SSIM computed "
-         f"directly on [-1, 1] images; {HF_DEFINITION}:\n" + "\n".join(lines))
+    lpips_name = f" / LPIPS v0.1 VGG ({lp.net_file})" if lp else ""
+    protocol = {"image_metrics": f"PSNR / SSIM{lpips_name} on [-1, 1] images",
+                "hf_definition": HF_DEFINITION}
+    if ext is not None:
+        protocol.update(fid_mode=ext.mode, network=ext.name, network_hash=ext.network_hash,
+                        rsfid=RSFID_DEFINITION if ext.sfid_missing is None else f"skipped: {ext.sfid_missing}",
+                        inception_score=f"of the reconstructions, chunks of {IS_SPLIT} images (ADM)")
+    log0(f"reconstruction of {ae.name} on {n} random images of {a.data} (seed {a.seed}); "
+         + "; ".join(f"{k}: {v}" for k, v in protocol.items()) + ":\n" + "\n".join(lines))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         write_json(os.path.join(a.out, "recon.json"), {"autoencoder": ae.name, "data": a.data, "n_images": n,
-                                                       "seed": a.seed, "hf_definition": HF_DEFINITION, "rows": rows})
+                                                       "seed": a.seed, **protocol, "rows": rows})
 
 
 # ----------------------------------------------------------------------------- frequency diagnosis (FreqWarm)
@@ -895,12 +1191,14 @@ def get_args(argv=None):
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     s.add_argument("--out", default="runs/eval/samples")
-    f = sub.add_parser("fid", help="gFID / IS / precision-recall with clean-fid's Inception")
+    f = sub.add_parser("fid", help="gFID / sFID / IS / precision-recall with clean-fid's Inception")
     f.add_argument("--samples", help="generated images: .npz (arr_0 uint8 NHWC) or folder")
-    f.add_argument("--ref", help="reference images (.npz, or a folder, nested, any sizes: ADM centre crop at the "
-                                 "samples' size), or .npz statistics (mu, sigma)")
+    f.add_argument("--ref", help="reference: an ADM reference batch (.npz with arr_0, mu, sigma, mu_s, sigma_s; adm "
+                                 "mode), statistics from --make-ref-stats, or images (.npz arr_0, or a folder, "
+                                 "nested, any sizes: ADM centre crop at the samples' size)")
     f.add_argument("--resolution", type=int, default=None,
-                   help="side of the reference crop (default: the samples' side)")
+                   help="side of the samples and of the reference crop (default: the samples' side; "
+                        "--make-ref-stats of a folder needs it or --samples)")
     f.add_argument("--make-ref-stats", default=None, help="write reference statistics of --ref to this .npz")
     f.add_argument("--features", default="inception", choices=("inception", "deadleaves"),
                    help="inception: FID / IS; deadleaves: the offline fd_dl and class_acc_dl (a small network "
@@ -917,7 +1215,7 @@ def get_args(argv=None):
     c = sub.add_parser("compare", help="validation curves and final metrics of several runs (mean ± std over seeds)")
     c.add_argument("runs", nargs="+", help="run folders (each with last.pt and metrics.jsonl)")
     c.add_argument("--out", default="runs/compare")
-    r = sub.add_parser("recon", help="PSNR / SSIM / rFID per MLSR level")
+    r = sub.add_parser("recon", help="PSNR / SSIM / LPIPS / rFID / rsFID / IS per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
         q.add_argument("--vae", required=True, help="Stage-1 checkpoint (kind 'vae'), its export folder, or "
@@ -938,6 +1236,8 @@ def get_args(argv=None):
         q.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
     for q in (f, r):
         q.add_argument("--inception-path", default=None, help="local Inception torchscript file (any name)")
+        q.add_argument("--fid-mode", default="adm", choices=FID_MODES, help=FID_MODE_HELP)
+    r.add_argument("--vgg-path", default=None, help=f"local VGG16 weights for LPIPS (torchvision's {VGG16_FILE})")
     return p.parse_args(argv)
 
 
@@ -959,6 +1259,9 @@ def validate(a):
                             "(or --ref FOLDER --make-ref-stats OUT.npz)")
         if a.make_ref_stats:
             check_out_dir(os.path.dirname(os.path.abspath(a.make_ref_stats)), "--make-ref-stats folder")
+            if a.features == "inception" and os.path.isdir(a.ref) and not (a.resolution or a.samples):
+                raise UserError("--make-ref-stats of a folder needs --resolution (the side of the ADM centre crop, "
+                                "e.g. 256) or --samples (their side): the statistics stand only beside that size")
     elif a.cmd == "compare":
         check_out_dir(a.out)
     elif a.cmd == "export":

@@ -96,6 +96,7 @@ def test_sharding_covers_every_index_once_and_balances_classes():
 class StandIn:
     """A small random conv net in place of Inception (tests only; its numbers are not FID)."""
     name = "stand-in random conv net (test only)"
+    mode, network_hash, dims, sfid_missing = "clean", "stand-in", (32, None), "a stand-in without mixed_6"
 
     def __init__(self):
         torch.manual_seed(0)

@@ -61,9 +61,9 @@ def test_fid_refuses_float_nchw_single_and_unreadable_inputs(tmp_path, capsys):
                          (["--samples", str(tmp_path / "good.npz"), "--ref", str(tmp_path / "one.npz")], "--ref"),
                          (["--samples", str(tmp_path / "nodir"), "--ref", str(tmp_path / "good.npz")], "neither an .npz")]:
         assert_cli_error(capsys, ev.main, ["fid", *argv], needle)
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(8), sigma=np.eye(8))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(8), sigma=np.eye(7))
     assert_cli_error(capsys, ev.main, ["fid", "--samples", str(tmp_path / "good.npz"), "--ref", str(tmp_path / "stats.npz")],
-                     "reference statistics must be finite mu (2048,)")
+                     "reference statistics must be finite mu (D,) and sigma (D, D), got (8,) and (7, 7)")
 
 
 class _Trunk(torch.nn.Module):
@@ -99,7 +99,7 @@ def test_inception_file_is_checked_before_its_output_is_called_inception(tmp_pat
     (tmp_path / "junk.pt").write_bytes(b"\0" * 100)
     assert_cli_error(capsys, ev.main, fid + [str(tmp_path / "junk.pt")], "does not load as TorchScript")
     # in-process, a test may run the whole clean-fid pipeline on the stand-in: it is then never named Inception
-    ext = ev.InceptionExtractor(str(stand_in), torch.device("cpu"), verify=False)
+    ext = ev.InceptionExtractor(str(stand_in), torch.device("cpu"), verify=False, mode="clean")
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
     res = ev.generation_metrics(ext, a, real=b)
     assert "not FID" in res["network"] and "Inception" not in res["network"] and res["fid"] > 0

@@ -93,7 +93,7 @@ def test_recon_and_diagnose_draw_a_random_subset_and_default_to_all(folder):
 def test_rfid_below_2048_images_warns(folder, tmp_path, monkeypatch, capsys):
     from test_evaluate import StandIn
     monkeypatch.setattr(ev, "find_inception", lambda path=None: "stand-in")
-    monkeypatch.setattr(ev, "InceptionExtractor", lambda path, device: StandIn())
+    monkeypatch.setattr(ev, "InceptionExtractor", lambda path, device, **mode: StandIn())
     monkeypatch.setattr(ev, "load_autoencoder", lambda spec, device: Pool())
     ev.main(["recon", "--vae", "x", "--data", str(folder), "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -190,9 +190,9 @@ def test_inception_file_under_any_name(tmp_path):
     net = Net()
     path = tmp_path / "my-own-name.pt"
     torch.jit.script(net).save(str(path))
-    ext = ev.InceptionExtractor(str(path), torch.device("cpu"), verify=False)    # a stand-in: not Inception
+    ext = ev.InceptionExtractor(str(path), torch.device("cpu"), verify=False, mode="clean")   # a stand-in: not Inception
     imgs = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
-    feats, probs = ext(imgs)
+    feats, probs, _ = ext(imgs)
     from cleanfid.resize import build_resizer
     resized = torch.from_numpy(np.stack([build_resizer("clean")(im) for im in imgs])).permute(0, 3, 1, 2).float()
     with torch.no_grad():
@@ -258,7 +258,7 @@ def test_reference_folder_nested_any_size_gets_the_adm_crop(folder, tmp_path, mo
     samples = np.random.default_rng(1).integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=samples)
     monkeypatch.setattr(ev, "find_inception", lambda path=None: "stand-in")
-    monkeypatch.setattr(ev, "InceptionExtractor", lambda path, device: StandIn())
+    monkeypatch.setattr(ev, "InceptionExtractor", lambda path, device, **mode: StandIn())
     ev.main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(folder), "--make-ref-stats",
              str(tmp_path / "ref.npz")])
     st = np.load(tmp_path / "ref.npz")
