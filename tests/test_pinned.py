@@ -1,0 +1,290 @@
+"""Behaviours that change a published number, each against an independent reference: the samplers' last
+step, guidance on every channel, gradient clipping, EMA order, validation at the run's level, the ADM
+Inception Score, and the flags of the three stages that nothing else pins."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import evaluate as ev
+import fft_ops
+import train_diffusion as td
+import train_vae
+from common import load_checkpoint, save_checkpoint
+from data import DeadLeaves, train_val_split
+from dit import build_denoiser, guided_velocity, sample_ode
+from helpers import read_metrics
+from vae import load_autoencoder, load_vae
+
+
+CPU = type("D", (), dict(device=torch.device("cpu"), rank=0, world_size=1, main=True))()
+
+
+def smoke(models, out, *extra):
+    return ["--preset", "smoke", "--vae", str(models / "vae" / "last.pt"), "--out", str(out), *extra]
+
+
+def perturbed(name, channels, classes=5, size=4):
+    """A denoiser whose zero-initialised layers are randomised, so it depends on x, t and y."""
+    torch.manual_seed(1)
+    m = build_denoiser(name, size, channels, classes)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- 1. samplers
+
+def hand_heun(f, x, n):
+    """Heun (trapezoid) from t = 1 to 0 on n uniform steps, every step including the last one to t = 0."""
+    for k in range(n):
+        t, t_next = 1 - k / n, 1 - (k + 1) / n
+        v = f(x, t)
+        x_pred = x + (t_next - t) * v
+        x = x + 0.5 * (t_next - t) * (v + f(x_pred, t_next))
+    return x
+
+
+def hand_euler(f, x, n):
+    for k in range(n):
+        t, t_next = 1 - k / n, 1 - (k + 1) / n
+        x = x + (t_next - t) * f(x, t)
+    return x
+
+
+def test_heun_is_exact_on_a_field_linear_in_t_down_to_t0():
+    """dx/dt = 2t + 1 from t = 1 to 0: x(0) = x(1) - 2 exactly, and the trapezoid rule of every Heun step (the
+    last one included) is exact for a linear integrand; an Euler step anywhere misses by (2t+1 - mean) dt."""
+    x1 = torch.randn(3, 2)
+    f = lambda x, t: torch.full_like(x, 2 * t + 1)
+    for n in (1, 2, 3, 5):
+        torch.testing.assert_close(sample_ode(f, x1, n, "heun"), x1 - 2, atol=1e-6, rtol=0)
+        euler_err = (sample_ode(f, x1, n, "euler") - (x1 - 2)).abs().max().item()
+        assert euler_err == pytest.approx(1 / n, rel=1e-5)                  # sum_k 2 t_k dt - 1 = 1/n
+
+
+def test_samplers_equal_hand_loops_and_evaluate_at_the_grid_times():
+    calls = []
+
+    def f(x, t):
+        calls.append(round(t, 6))
+        return torch.sin(3 * x) * (1 + t ** 2) - x * t
+
+    x1 = torch.randn(4, 3)
+    for method, hand, times in (("heun", hand_heun, [1, 2 / 3, 2 / 3, 1 / 3, 1 / 3, 0]),
+                                ("euler", hand_euler, [1, 2 / 3, 1 / 3])):
+        calls.clear()
+        out = sample_ode(f, x1, 3, method)
+        assert calls == [round(t, 6) for t in times], method              # 2 evaluations per Heun step, to t = 0
+        torch.testing.assert_close(out, hand(lambda x, t: torch.sin(3 * x) * (1 + t ** 2) - x * t, x1, 3),
+                                   atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 2. guidance on every channel
+
+@pytest.mark.parametrize("name,channels", [("smoke/1", 4), ("smoke/1", 8), ("uvit-smoke/1", 4)])
+def test_guidance_moves_every_latent_channel(name, channels):
+    """uncond + s (cond - uncond) on all C channels (not DiT's first 3 of 4), for t inside the closed interval."""
+    m = perturbed(name, channels)
+    x, y = torch.randn(3, channels, 4, 4), torch.tensor([0, 2, 4])
+    for t in (0.3, 0.45, 0.6):
+        tb = torch.full((3,), t)
+        with torch.no_grad():
+            cond, uncond = m(x, tb, y), m(x, tb, torch.full_like(y, 5))
+            out = guided_velocity(m, y, 2.5, (0.3, 0.6))(x, t)
+        expected = uncond + 2.5 * (cond - uncond)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        per_channel = (out - cond).abs().amax(dim=(0, 2, 3))                 # (C,): guidance changed each channel
+        assert (per_channel > 1e-3).all(), per_channel
+    with torch.no_grad():                                                     # just outside: conditional only
+        for t in (0.29, 0.61):
+            torch.testing.assert_close(guided_velocity(m, y, 2.5, (0.3, 0.6))(x, t), m(x, torch.full((3,), t), y))
+
+
+# ----------------------------------------------------------------------------- 3. gradient clipping
+
+def spy_optimizers(monkeypatch, module):
+    """Record, for every optimizer the trainer builds, the gradients after the last backward of each step
+    (raw) and those the optimizer steps with; the real adamw builds the optimizer."""
+    records = []
+
+    def adamw(params, device, **kw):
+        params = list(params)
+        opt = common.adamw(params, device, **kw)
+        raw, rec = {}, {"params": params, "steps": []}
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: raw.__setitem__(p, p.grad.detach().clone()))
+
+        def pre(*_):
+            ps = [p for p in params if p.grad is not None]
+            rec["steps"].append(([raw[p] for p in ps], [p.grad.detach().clone() for p in ps]))
+            raw.clear()
+        opt.register_step_pre_hook(pre)
+        records.append(rec)
+        return opt
+    monkeypatch.setattr(module, "adamw", adamw)
+    return records
+
+
+def assert_clipped(steps, clip, logged=None):
+    """Each step's gradients are torch's clip_grad_norm_(., clip) of the accumulated raw gradients."""
+    active = 0
+    for i, (raw, used) in enumerate(steps):
+        copies = [torch.nn.Parameter(torch.zeros_like(g)) for g in raw]     # a copy of the model's gradients
+        for c, g in zip(copies, raw):
+            c.grad = g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(copies, clip)
+        active += norm > clip
+        for c, u in zip(copies, used):
+            torch.testing.assert_close(u, c.grad, atol=1e-7, rtol=1e-5)
+        if logged is not None:
+            assert logged[i] == pytest.approx(norm.item(), rel=1e-5)         # grad_norm: the norm before clipping
+    assert active == len(steps) > 0
+
+
+def test_stage2_clips_the_accumulated_gradient_of_sit_and_projector(smoke_models, tmp_path, monkeypatch):
+    records = spy_optimizers(monkeypatch, td)
+    td.main(smoke(smoke_models, tmp_path, "--steps", "3", "--grad-clip", "0.05", "--micro-batch", "4", "--fda",
+                  "--fda-depth", "1", "--sample-every", "100", "--ckpt-every", "100", "--val-every", "0"))
+    (rec,) = records
+    assert any("projector" in n for n, _ in td.Student(td.build_denoiser("smoke/1", 4, 4, 10), 1).named_parameters())
+    assert len(rec["params"]) == len(list(load_checkpoint(str(tmp_path / "last.pt"), "sit")["model"]))
+    assert_clipped(rec["steps"], 0.05, [r["grad_norm"] for r in read_metrics(tmp_path / "metrics.jsonl")])
+
+
+def test_stage1_clips_the_vae_gradient(tmp_path, monkeypatch):
+    records = spy_optimizers(monkeypatch, train_vae)
+    train_vae.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "3", "--gan-start", "1",
+                    "--grad-clip", "0.02", "--micro-batch", "4", "--sample-every", "100", "--val-every", "0"])
+    vae_rec = records[0]
+    assert_clipped(vae_rec["steps"], 0.02, [r["grad_norm"] for r in read_metrics(tmp_path / "metrics.jsonl")])
+
+
+# ----------------------------------------------------------------------------- 4. EMA after the optimizer step
+
+def assert_ema_follows_the_stepped_model(ck1, ck2, decay, prefix=""):
+    """ema_2 = d ema_1 + (1 - d) w_2 with w_2 the weights after step 2's update (not w_1: the model before it)."""
+    moved = 0
+    for k, e2 in ck2["ema"].items():
+        e1, w1, w2 = ck1["ema"][k], ck1["model"][prefix + k], ck2["model"][prefix + k]
+        if not e2.is_floating_point():
+            continue
+        torch.testing.assert_close(e2, decay * e1 + (1 - decay) * w2, atol=1e-6, rtol=1e-5)
+        moved += not torch.allclose(w1, w2)
+    assert moved > 0
+
+
+def test_stage2_ema_is_updated_after_the_optimizer_step(smoke_models, tmp_path):
+    base = smoke(smoke_models, tmp_path, "--ema-decay", "0.7", "--ckpt-every", "1", "--sample-every", "100")
+    td.main(base + ["--steps", "1"])
+    ck1 = load_checkpoint(str(tmp_path / "last.pt"), "sit")
+    td.main(base + ["--steps", "2"])
+    ck2 = load_checkpoint(str(tmp_path / "last.pt"), "sit")
+    assert (ck1["step"], ck2["step"]) == (1, 2)
+    assert_ema_follows_the_stepped_model(ck1, ck2, 0.7, prefix="sit.")
+
+
+def test_stage1_ema_is_updated_after_the_optimizer_step(tmp_path):
+    base = ["--preset", "smoke", "--out", str(tmp_path), "--ema-decay", "0.6", "--ckpt-every", "1",
+            "--sample-every", "100", "--gan-weight", "0"]
+    train_vae.main(base + ["--steps", "1"])
+    ck1 = load_checkpoint(str(tmp_path / "last.pt"), "vae")
+    train_vae.main(base + ["--steps", "2"])
+    assert_ema_follows_the_stepped_model(ck1, load_checkpoint(str(tmp_path / "last.pt"), "vae"), 0.6)
+
+
+# ----------------------------------------------------------------------------- 5. validation at the run's level
+
+class XOverT(torch.nn.Module):
+    """v(x_t, t) = x_t / t = eps + (1 - t) / t z: its velocity error is z / t exactly, whatever the noise."""
+
+    def forward(self, x, t, y):
+        return x / t.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("level,renorm", [(2, False), (1, True)])
+def test_stage2_validation_is_at_the_run_level_on_full_frequency_held_out_latents(smoke_models, tmp_path, level, renorm):
+    """val_loss_t = mean(z_val^(l)^2) / t^2 for the model x / t, with z_val^(l) = S_l((E(x) - mean) / std) of the
+    held-out images at full frequency (FreqWarm warming up), divided by the level's std with --renorm-level."""
+    vae_path = str(smoke_models / "vae" / "last.pt")
+    args = td.get_args(smoke(smoke_models, tmp_path, "--denoise-level", str(level), "--freqwarm", "--r0", "0.1",
+                             "--warmup-steps", "100", *(["--renorm-level"] if renorm else [])))
+    d = CPU
+    ae, ds, _, _, _ = td.build(args, d)
+    stats = td.training_stats(ae, ds, args, d)
+    latents = td.Latents(ae, stats, args, 100, d.device)
+    assert latents.warming(0)
+    _, val_idx = train_val_split(len(ds), args.val_images, args.seed)
+    res = td.Validation(latents, ds, val_idx, args, d.device)(XOverT())
+    vae, ck = load_vae(vae_path)
+    x = torch.stack([DeadLeaves(n=64, resolution=16)[i][0] for i in val_idx])
+    with torch.no_grad():
+        z = (vae.encode(x).mean - stats["mean"].view(1, -1, 1, 1)) / stats["std"].view(1, -1, 1, 1)
+    zl = fft_ops.attenuate(z, level, ck["config"]["mlsr_fractions"])
+    if renorm:
+        zl = zl / stats["level_std"][level].view(1, -1, 1, 1)
+    power = zl.pow(2).mean().item()
+    for t in td.VAL_TS:
+        assert res[f"val_loss_t{t:.4f}"] == pytest.approx(power / t ** 2, rel=1e-4), t
+    assert res["val_loss"] == pytest.approx(np.mean([power / t ** 2 for t in td.VAL_TS]), rel=1e-4)
+    wrong = fft_ops.attenuate(z, 0 if not renorm else level, ck["config"]["mlsr_fractions"]).pow(2).mean().item()
+    assert abs(power - wrong) > 0.05 * wrong               # level 0 (or S_l without renorm) differs at this size
+
+
+# ----------------------------------------------------------------------------- 6. Inception Score as ADM
+
+def adm_inception_score(preds, split_size=5000):
+    """guided-diffusion evaluations/evaluator.py compute_inception_score: consecutive chunks of 5000 samples,
+    each with its own marginal p(y); the mean of exp(E KL(p(y|x) || p(y))) over the chunks."""
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def drifting_probabilities(n=50000, k=12, seed=0):
+    """Class probabilities whose class mix changes along the sample order (so every split has its own p(y))."""
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.standard_normal((n, k))
+    logits[np.arange(n), (np.arange(n) * k // n)] += 3.0
+    p = np.exp(logits)
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def test_inception_score_is_the_adm_formula_over_ten_splits_of_50000():
+    p = drifting_probabilities()
+    mean, std = ev.inception_score(p)
+    ref_mean, ref_std = adm_inception_score(p.astype(np.float64))
+    assert mean == pytest.approx(ref_mean, rel=1e-6) and std == pytest.approx(ref_std, rel=1e-4)
+    whole = adm_inception_score(p.astype(np.float64), split_size=len(p))[0]          # one split
+    py = p.astype(np.float64).mean(0)                                              # p(y) over all samples
+    shared = np.mean([np.exp(np.mean(np.sum(c * (np.log(c) - np.log(py)), 1))) for c in np.split(p.astype(np.float64), 10)])
+    assert abs(whole - ref_mean) > 0.05 * ref_mean and abs(shared - ref_mean) > 0.05 * ref_mean
+
+
+class IndexedProbabilities:
+    """A stand-in network (not Inception): image i carries i in its pixels; returns features and P[i]."""
+
+    name = "stand-in (not Inception)"
+
+    def __init__(self, probs):
+        self.probs, self.feats = probs, np.random.default_rng(1).standard_normal((len(probs), 3))
+
+    def __call__(self, imgs):
+        idx = (imgs[:, 0, 0, 0].astype(np.int64) << 16) | (imgs[:, 0, 0, 1].astype(np.int64) << 8) | imgs[:, 0, 0, 2]
+        return self.feats[idx], self.probs[idx].astype(np.float64)
+
+
+def test_reported_inception_score_uses_the_adm_splits():
+    p = drifting_probabilities()
+    i = np.arange(len(p))
+    imgs = np.stack([(i >> 16) & 255, (i >> 8) & 255, i & 255], 1).astype(np.uint8).reshape(-1, 1, 1, 3)
+    res = ev.generation_metrics(IndexedProbabilities(p), imgs, ref_stats=(np.zeros(3), np.eye(3)))
+    assert res["n_fake"] == len(p)
+    assert res["is"] == pytest.approx(adm_inception_score(p.astype(np.float64))[0], rel=1e-6)
