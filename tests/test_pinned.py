@@ -288,3 +288,71 @@ def test_reported_inception_score_uses_the_adm_splits():
     res = ev.generation_metrics(IndexedProbabilities(p), imgs, ref_stats=(np.zeros(3), np.eye(3)))
     assert res["n_fake"] == len(p)
     assert res["is"] == pytest.approx(adm_inception_score(p.astype(np.float64))[0], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- sampling flags, end to end
+
+def hand_guided(model, y, scale, lo, hi, classes):
+    """Classifier-free guidance written out: two separate forwards, guided for t in [lo, hi]."""
+    def v(x, t):
+        tb = torch.full((len(x),), t)
+        cond = model(x, tb, y)
+        if not lo <= t <= hi:
+            return cond
+        uncond = model(x, tb, torch.full_like(y, classes))
+        return uncond + scale * (cond - uncond)
+    return v
+
+
+@pytest.fixture(scope="module")
+def renorm_sit(smoke_models, tmp_path_factory):
+    """A smoke SiT at denoise level 1 with --renorm-level: sampling must undo the level's std before decoding."""
+    out = tmp_path_factory.mktemp("sit-renorm")
+    td.main(smoke(smoke_models, out, "--denoise-level", "1", "--renorm-level", "--steps", "3",
+                  "--sample-every", "100", "--val-every", "0"))
+    ck = load_checkpoint(str(out / "last.pt"), "sit")
+    torch.manual_seed(2)                              # move the EMA off its near-zero start: outputs depend on x, t, y
+    ck["ema"] = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ck["ema"].items()}
+    save_checkpoint(str(out / "last.pt"), ck)
+    return out / "last.pt"
+
+
+@pytest.mark.parametrize("sampler,steps,hand", [("euler", 3, hand_euler), ("heun", 2, hand_heun)])
+def test_sample_images_equal_a_hand_written_sampler(smoke_models, renorm_sit, tmp_path, sampler, steps, hand):
+    """Image i of `evaluate.py sample` = D(z * level_std * std + mean) of the hand-written sampler from image i's
+    noise (seed --seed) with label i mod K, guided with --cfg-scale inside --cfg-interval."""
+    from dit import denoiser_from_config
+    ck = load_checkpoint(str(renorm_sit), "sit")
+    out = tmp_path / "s"
+    ev.main(["sample", "--ckpt", str(renorm_sit), "--num-samples", "3", "--batch", "2", "--sample-steps", str(steps),
+             "--sampler", sampler, "--cfg-scale", "2.0", "--cfg-interval", "0.4", "1.0", "--seed", "3", "--out", str(out)])
+    pngs = np.load(str(out) + ".npz")["arr_0"].astype(np.float64)
+    ema = denoiser_from_config(ck["model_config"])
+    ema.load_state_dict(ck["ema"])
+    vae, _ = load_vae(str(smoke_models / "vae" / "last.pt"))
+    st = ck["latent_stats"]
+    K, C, h = ema.num_classes, ema.in_channels, ema.config["input_size"]
+    idx = [0, 1, 2]
+    y = torch.tensor([i % K for i in idx])
+    with torch.no_grad():
+        z = hand(hand_guided(ema.eval(), y, 2.0, 0.4, 1.0, K), ev.image_noise(idx, (C, h, h), 3), steps)
+        z_ae = z * st["level_std"][1].view(1, -1, 1, 1) * st["std"].view(1, -1, 1, 1) + st["mean"].view(1, -1, 1, 1)
+        img = (vae.decode(z_ae).clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5
+    assert np.abs(pngs - img).max() <= 0.51 + 1e-3                      # rounding to uint8 only
+    other_seed = (vae.decode(hand(hand_guided(ema, y, 2.0, 0.4, 1.0, K), ev.image_noise(idx, (C, h, h), 0), steps)
+                             .mul(st["level_std"][1].view(1, -1, 1, 1) * st["std"].view(1, -1, 1, 1))
+                             .add(st["mean"].view(1, -1, 1, 1))).clamp(-1, 1).permute(0, 2, 3, 1).detach().numpy() + 1) * 127.5
+    assert np.abs(pngs - other_seed).max() > 5                           # the seed matters at this size
+
+
+def test_training_grids_use_the_grid_sampler_flags(smoke_models, tmp_path, monkeypatch):
+    seen = []
+    real = td.sample_ode
+
+    def spy(velocity, noise, steps=50, method="heun"):
+        seen.append((steps, method))
+        return real(velocity, noise, steps, method)
+    monkeypatch.setattr(td, "sample_ode", spy)
+    td.main(smoke(smoke_models, tmp_path, "--steps", "2", "--sample-every", "1", "--sample-steps", "3",
+                  "--sampler", "euler", "--val-every", "0"))
+    assert seen == [(3, "euler"), (3, "euler")]
