@@ -356,3 +356,89 @@ def test_training_grids_use_the_grid_sampler_flags(smoke_models, tmp_path, monke
     td.main(smoke(smoke_models, tmp_path, "--steps", "2", "--sample-every", "1", "--sample-steps", "3",
                   "--sampler", "euler", "--val-every", "0"))
     assert seen == [(3, "euler"), (3, "euler")]
+
+
+# ----------------------------------------------------------------------------- Stage 1: the loss's flags, the GAN start
+
+def test_stage1_loss_follows_every_weight_sigma_and_fraction_flag():
+    """Eq. 2 written out: w_pix MSE(D(S_l(z)), G_l(x)) + w_kl KL + w_perc d_perc + w_gan (-D(recon)) from --gan-start,
+    with S_l from --mlsr-fractions and G_l from --mlsr-sigmas (none of them the defaults)."""
+    from vae import PatchDiscriminator, ViTVAE
+    fr, sig = [0.0, 0.1, 0.3, 0.6], [0.0, 0.3, 0.7, 1.1]
+    args = train_vae.get_args(["--preset", "smoke", "--pixel-weight", "0.5", "--kl-weight", "0.01",
+                               "--perceptual-weight", "0.2", "--gan-weight", "0.3", "--gan-start", "5",
+                               "--mlsr-fractions", *map(str, fr), "--mlsr-sigmas", *map(str, sig)])
+    torch.manual_seed(0)
+    vae, disc = ViTVAE(image_size=16, patch=4, width=32, depth=1, heads=2, latent_dim=4), PatchDiscriminator(16, 2)
+    x, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 4, 4)
+    perc = lambda a, b: (a - b).abs().mean()                             # a stand-in perceptual distance
+    for step, gan in ((4, False), (5, True)):
+        loss, parts, target, recon = train_vae.generator_loss(vae, disc, perc, x, noise, 2, args, step)
+        with torch.no_grad():
+            post = vae.encode(x)
+            ref_recon = vae.decode(fft_ops.attenuate(post.sample(noise), 2, fr))
+            ref_target = fft_ops.gaussian_blur(x, sig[2])
+            ref = 0.5 * (ref_recon - ref_target).pow(2).mean() + 0.01 * post.kl() + 0.2 * perc(ref_recon, ref_target)
+            if gan:
+                ref = ref - 0.3 * disc(ref_recon).mean()
+        torch.testing.assert_close(target, ref_target)
+        torch.testing.assert_close(recon, ref_recon)
+        torch.testing.assert_close(loss.detach(), ref, atol=1e-6, rtol=1e-5)
+        assert ("g_gan" in parts) == gan
+
+
+def test_stage1_optimizer_and_discriminator_flags(tmp_path):
+    """--weight-decay, --lr / --disc-lr, --disc-channels / --disc-layers reach the optimizers and the PatchGAN;
+    the discriminator first steps at --gan-start."""
+    from vae import PatchDiscriminator
+    base = ["--preset", "smoke", "--out", str(tmp_path), "--weight-decay", "0.03", "--lr", "2e-3", "--disc-lr", "7e-4",
+            "--disc-channels", "8", "--disc-layers", "1", "--gan-start", "1", "--ckpt-every", "1", "--val-every", "0"]
+    train_vae.main(base + ["--steps", "1"])
+    ck = load_checkpoint(str(tmp_path / "last.pt"), "vae")
+    assert ck["opt_d"]["state"] == {} and ck["opt"]["state"]                  # step 0 < --gan-start: D untouched
+    g, gd = ck["opt"]["param_groups"][0], ck["opt_d"]["param_groups"][0]
+    assert (g["lr"], g["weight_decay"], gd["lr"]) == (2e-3, 0.03, 7e-4)       # a fresh run, then a resumed one
+    train_vae.main(base + ["--steps", "2"])
+    ck = load_checkpoint(str(tmp_path / "last.pt"), "vae")
+    assert ck["opt_d"]["state"] and all(int(s["step"]) == 1 for s in ck["opt_d"]["state"].values())
+    g, gd = ck["opt"]["param_groups"][0], ck["opt_d"]["param_groups"][0]
+    assert (g["lr"], g["weight_decay"], gd["lr"]) == (2e-3, 0.03, 7e-4)
+    assert {k: v.shape for k, v in ck["disc"].items()} == {k: v.shape for k, v in PatchDiscriminator(8, 1).state_dict().items()}
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert [("d_gan" in r, "g_gan" in r) for r in lines] == [(False, False), (True, True)]
+
+
+def test_stage2_optimizer_flags(smoke_models, tmp_path):
+    td.main(smoke(smoke_models, tmp_path, "--steps", "1", "--weight-decay", "0.05", "--lr", "3e-3", "--val-every", "0",
+                  "--sample-every", "100"))
+    g = load_checkpoint(str(tmp_path / "last.pt"), "sit")["opt"]["param_groups"][0]
+    assert (g["lr"], g["weight_decay"]) == (3e-3, 0.05)
+
+
+# ----------------------------------------------------------------------------- Stage 1: augmentation and training set
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_stage1_trains_on_training_images_with_flips_only_when_asked(tmp_path, monkeypatch, hflip):
+    """Every image Stage 1 trains on is a training image (never a held-out one), mirrored only with --hflip; the
+    first epoch visits each training image once."""
+    seen, real = [], train_vae.generator_loss
+
+    def spy(model, disc, perceptual, x, *rest):
+        seen.append(x.clone())
+        return real(model, disc, perceptual, x, *rest)
+    monkeypatch.setattr(train_vae, "generator_loss", spy)
+    train_vae.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "7", "--gan-weight", "0", "--val-every", "0",
+                    "--sample-every", "100", "--ckpt-every", "100", "--hflip" if hflip else "--no-hflip"])
+    ds = DeadLeaves(n=64, resolution=16)
+    imgs = torch.stack([ds[i][0] for i in range(64)])
+    bank = torch.cat([imgs, imgs.flip(-1)]).flatten(1)                         # keys 0..127 as in FlipView
+    x = torch.cat(seen).flatten(1)
+    assert len(x) == 56
+    d = torch.cdist(x, bank)
+    keys = d.argmin(1)
+    two = d.topk(2, dim=1, largest=False).values
+    assert (two[:, 0] < 0.1).all() and (two[:, 1] > 1.0).all()               # each row is one image of the set
+    train_idx, val_idx = train_val_split(64, 8, 0)
+    assert sorted((keys % 64).tolist()) == train_idx                           # 56 = one epoch of the training set
+    n_flipped = int((keys >= 64).sum())
+    assert (n_flipped > 10) if hflip else n_flipped == 0
