@@ -442,3 +442,57 @@ def test_stage1_trains_on_training_images_with_flips_only_when_asked(tmp_path, m
     assert sorted((keys % 64).tolist()) == train_idx                           # 56 = one epoch of the training set
     n_flipped = int((keys >= 64).sum())
     assert (n_flipped > 10) if hflip else n_flipped == 0
+
+
+# ----------------------------------------------------------------------------- compare: which lines, which runs
+
+def fake_run(folder, seed, lr, lines, step=4):
+    """A run folder as the trainers leave it: last.pt (config, step) and metrics.jsonl."""
+    folder.mkdir()
+    save_checkpoint(str(folder / "last.pt"), {"kind": "sit", "config": {"seed": seed, "lr": lr, "out": str(folder),
+                                                                        "steps": 4}, "step": step})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(folder)
+
+
+def test_compare_takes_each_run_last_validation_line_and_groups_by_setting(tmp_path):
+    a = fake_run(tmp_path / "a", 0, 1e-3, [{"step": 2, "val_loss": 5.0}, {"step": 2, "loss": 9.0},
+                                           {"step": 4, "val_loss": 1.0}, {"step": 4, "loss": 0.1}])
+    b = fake_run(tmp_path / "b", 1, 1e-3, [{"step": 2, "val_loss": 6.0}, {"step": 4, "val_loss": 2.0}])
+    c = fake_run(tmp_path / "c", 0, 2e-3, [{"step": 4, "val_loss": 3.0}, {"step": 4, "loss": 0.5}])
+    ev.main(["compare", a, c, b, "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    assert table[2:] == [f"| lr=0.001 | 0,1 | 4 | 1.5000 ± {np.std([1.0, 2.0], ddof=1):.4f} |", "| lr=0.002 | 0 | 4 | 3.0000 |"]
+
+
+def test_compare_refuses_seeds_of_one_setting_at_different_steps(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0, 1e-3, [{"step": 4, "val_loss": 1.0}])
+    b = fake_run(tmp_path / "b", 1, 1e-3, [{"step": 2, "val_loss": 6.0}], step=2)        # stopped early
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: ev.main(["compare", a, b, "--out", str(tmp_path / "cmp")]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "steps 2 and 4" in err
+    assert not (tmp_path / "cmp" / "compare.md").exists()
+
+
+# ----------------------------------------------------------------------------- recon: the evaluated levels
+
+def test_recon_evaluates_the_mlsr_fractions_it_is_given(smoke_models, tmp_path):
+    """recon --mlsr-fractions: PSNR of D(S_l(z)) with those p_l on --seed's random subset of --n images."""
+    from data import random_subset
+    vae_path = str(smoke_models / "vae" / "last.pt")
+    fr = [0.0, 0.2, 0.4, 0.9]
+    ev.main(["recon", "--vae", vae_path, "--n", "5", "--n-images", "64", "--seed", "1", "--mlsr-fractions",
+             *map(str, fr), "--out", str(tmp_path), "--inception-path", str(tmp_path / "none.pt")])
+    rows = json.loads((tmp_path / "recon.json").read_text())["rows"]
+    vae, _ = load_vae(vae_path)
+    ds = DeadLeaves(n=64, resolution=16)
+    x = torch.stack([ds[i][0] for i in random_subset(64, 5, 1)])
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        for level in (2, 3):
+            r = vae.decode(fft_ops.attenuate(z, level, fr)).clamp(-1, 1)
+            ref = (10 * torch.log10(4 / (r - x).pow(2).mean(dim=(1, 2, 3)))).mean().item()
+            assert rows[level]["psnr"] == pytest.approx(ref, rel=1e-5), level
+            assert rows[level]["n_images"] == 5
