@@ -496,3 +496,67 @@ def test_recon_evaluates_the_mlsr_fractions_it_is_given(smoke_models, tmp_path):
             ref = (10 * torch.log10(4 / (r - x).pow(2).mean(dim=(1, 2, 3)))).mean().item()
             assert rows[level]["psnr"] == pytest.approx(ref, rel=1e-5), level
             assert rows[level]["n_images"] == 5
+
+
+# ----------------------------------------------------------------------------- Stage 2: what one step trains on
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_stage2_steps_pair_each_training_latent_with_its_label_and_draw_t_uniformly(smoke_models, tmp_path,
+                                                                                 monkeypatch, cache):
+    """Each row of a step's z is (E(x_k) - mean) / std of a training key k (flips allowed, never a held-out image)
+    with the label of image k; t ~ U[0, 1) and eps ~ N(0, I), fresh each step."""
+    from scipy import stats as sps
+    seen, real = [], td.diffusion_loss
+
+    def spy(student, ema, z, y, t, eps, *rest):
+        seen.append((z.clone(), y.clone(), t.clone(), eps.clone()))
+        return real(student, ema, z, y, t, eps, *rest)
+    monkeypatch.setattr(td, "diffusion_loss", spy)
+    td.main(smoke(smoke_models, tmp_path, "--steps", "7", "--class-dropout", "0", "--val-every", "0",
+                  "--sample-every", "100", "--ckpt-every", "100", *(["--cache-latents"] if cache else [])))
+    ck = load_checkpoint(str(tmp_path / "last.pt"), "sit")
+    vae, _ = load_vae(str(smoke_models / "vae" / "last.pt"))
+    ds = DeadLeaves(n=64, resolution=16)
+    x = torch.stack([ds[i][0] for i in range(64)])
+    st = ck["latent_stats"]
+    with torch.no_grad():
+        bank = (vae.encode(torch.cat([x, x.flip(-1)])).mean - st["mean"].view(1, -1, 1, 1)) / st["std"].view(1, -1, 1, 1)
+    z = torch.cat([s[0] for s in seen]).flatten(1)
+    d = torch.cdist(z, bank.flatten(1))
+    two = d.topk(2, dim=1, largest=False)
+    assert (two.values[:, 0] < 0.05).all() and (two.values[:, 1] > 0.2).all()  # float16 cache: close, not equal
+    keys = two.indices[:, 0]
+    train_idx, _ = train_val_split(64, 8, 0)
+    assert sorted((keys % 64).tolist()) == train_idx                           # the first epoch of training keys
+    labels = torch.tensor([ds.label(int(k) % 64) for k in keys])
+    assert torch.equal(torch.cat([s[1] for s in seen]), labels)
+    t, eps = torch.cat([s[2] for s in seen]), torch.cat([s[3] for s in seen]).flatten()
+    assert sps.kstest(t.numpy(), "uniform").pvalue > 1e-3 and sps.kstest(eps.numpy(), "norm").pvalue > 1e-3
+    assert not torch.equal(seen[0][2], seen[1][2]) and not torch.equal(seen[0][3], seen[1][3])
+
+
+# ----------------------------------------------------------------------------- fid: precision is of the samples
+
+def test_precision_is_the_samples_inside_the_reference_and_recall_the_converse():
+    """Samples packed in the middle of the reference cloud: all inside the real manifold (precision 1), covering
+    little of it (recall small); brute force over k = 3 nearest-neighbour balls."""
+    rng = np.random.default_rng(4)
+    real = rng.integers(0, 256, (80, 1, 1, 3)).astype(np.uint8)
+    fake = rng.integers(118, 138, (60, 1, 1, 3)).astype(np.uint8)
+
+    class Pixels:
+        name = "stand-in: raw pixels (not Inception)"
+
+        def __call__(self, imgs):
+            f = imgs.reshape(len(imgs), -1).astype(np.float64)
+            return f, np.full((len(imgs), 4), 0.25)
+
+    res = ev.generation_metrics(Pixels(), fake, real=real)
+
+    def brute(ref, query, k=3):
+        ref, query = ref.reshape(len(ref), -1).astype(float), query.reshape(len(query), -1).astype(float)
+        radii = [np.sort(np.linalg.norm(ref - r, axis=1))[k] for r in ref]
+        return np.mean([any(np.linalg.norm(q - r) <= radii[j] for j, r in enumerate(ref)) for q in query])
+    precision, recall = brute(real, fake), brute(fake, real)
+    assert (res["precision"], res["recall"]) == (pytest.approx(precision), pytest.approx(recall))
+    assert precision > 0.9 > 0.5 > recall
