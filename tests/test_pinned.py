@@ -560,3 +560,43 @@ def test_precision_is_the_samples_inside_the_reference_and_recall_the_converse()
     precision, recall = brute(real, fake), brute(fake, real)
     assert (res["precision"], res["recall"]) == (pytest.approx(precision), pytest.approx(recall))
     assert precision > 0.9 > 0.5 > recall
+
+
+# ----------------------------------------------------------------------------- Stage 2: FDA depth, FreqWarm filter
+
+def test_fda_aligns_the_output_of_block_fda_depth_in_student_and_teacher(smoke_models, tmp_path):
+    """--fda-depth k (1-based) of a 4-block SiT: L_align = mean((proj(h_k(student)) - h_k(teacher))^2), with h_k
+    read here by forward hooks on block k of each network."""
+    args = td.get_args(smoke(smoke_models, tmp_path, "--model", "tiny/1", "--fda", "--fda-depth", "2"))
+    ae, ds, student, ema, _ = td.build(args, CPU)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in list(student.parameters()) + list(ema.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    assert len(student.sit.blocks) == 4
+    hs = {}
+    hooks = [net.blocks[1].register_forward_hook(lambda m, i, o, n=n: hs.__setitem__(n, o))
+             for n, net in (("student", student.sit), ("teacher", ema))]
+    z, eps, y, t = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 2, 3]), torch.rand(4)
+    _, parts = td.diffusion_loss(student, ema, z, y, t, eps, args, 0)
+    for h in hooks:
+        h.remove()
+    ref = (student.projector(hs["student"]) - hs["teacher"]).pow(2).mean()
+    torch.testing.assert_close(parts["align"], ref)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "butterworth"])
+def test_freqwarm_warmup_latents_use_the_lowpass_kind(smoke_models, tmp_path, kind):
+    args = td.get_args(smoke(smoke_models, tmp_path, "--freqwarm", "--r0", "0.15", "--lowpass-kind", kind,
+                             "--warmup-steps", "2"))
+    ae, ds, _, _, _ = td.build(args, CPU)
+    stats = td.training_stats(ae, ds, args, CPU)
+    lat = td.Latents(ae, stats, args, 2, CPU.device)
+    x = torch.stack([ds[i][0] for i in range(6)])
+    vae, _ = load_vae(str(smoke_models / "vae" / "last.pt"))
+    mean, std = stats["mean"].view(1, -1, 1, 1), stats["std"].view(1, -1, 1, 1)
+    with torch.no_grad():
+        ref = (vae.encode(fft_ops.lowpass(x, 0.15, kind)).mean - mean) / std
+        ideal = (vae.encode(fft_ops.lowpass(x, 0.15)).mean - mean) / std
+    torch.testing.assert_close(lat.get(1, images=x), ref, atol=1e-5, rtol=1e-5)
+    assert (ref - ideal).abs().max() > 1e-2
