@@ -600,3 +600,66 @@ def test_freqwarm_warmup_latents_use_the_lowpass_kind(smoke_models, tmp_path, ki
         ideal = (vae.encode(fft_ops.lowpass(x, 0.15)).mean - mean) / std
     torch.testing.assert_close(lat.get(1, images=x), ref, atol=1e-5, rtol=1e-5)
     assert (ref - ideal).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- Stage 1 validation, diagnose, fid flags
+
+def test_stage1_validation_uses_the_run_mlsr_fractions(tmp_path):
+    fr = [0.0, 0.1, 0.3, 0.6]
+    train_vae.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "1", "--gan-weight", "0",
+                    "--mlsr-fractions", *map(str, fr)])
+    val = read_metrics(tmp_path / "metrics.jsonl", "val")[-1]
+    vae, _ = load_vae(str(tmp_path / "last.pt"))                               # EMA weights
+    _, val_idx = train_val_split(64, 8, 0)
+    ds = DeadLeaves(n=64, resolution=16)
+    x = torch.stack([ds[i][0] for i in val_idx])
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        for level in (1, 3):
+            r = vae.decode(fft_ops.attenuate(z, level, fr)).clamp(-1, 1)
+            ref = (10 * torch.log10(4 / (r - x).pow(2).mean(dim=(1, 2, 3)))).mean().item()
+            assert val[f"val_psnr_l{level}"] == pytest.approx(ref, rel=1e-5), level
+
+
+def test_diagnose_spectra_use_the_given_mlsr_fractions(smoke_models, tmp_path):
+    fr = [0.0, 0.2, 0.45, 0.8]
+    ev.main(["diagnose", "--vae", str(smoke_models / "vae" / "last.pt"), "--n", "4", "--n-images", "64",
+             "--mlsr-fractions", *map(str, fr), "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "diagnosis.json").read_text())
+    ae = load_autoencoder(str(smoke_models / "vae" / "last.pt"))
+    from data import random_subset
+    ds = DeadLeaves(n=64, resolution=16)
+    x = torch.stack([ds[i][0] for i in random_subset(64, 4, 0)])
+    st = ae.stats
+    with torch.no_grad():
+        zn = (ae.encode(x) - st["mean"].view(1, -1, 1, 1)) / st["std"].view(1, -1, 1, 1)
+    for level in (2, 3):
+        _, p = fft_ops.radial_power_spectrum(fft_ops.attenuate(zn, level, fr))
+        np.testing.assert_allclose(res["spectra"][str(level)], p.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_fid_record_keeps_one_entry_per_network(tmp_path):
+    import argparse
+    a = argparse.Namespace(samples="s.npz", record=str(tmp_path))
+    ev.report_generation(a, {"network": "DL-net", "fd_dl": 3.0})
+    ev.report_generation(a, {"network": "Inception", "fid": 7.0})
+    ev.report_generation(a, {"network": "DL-net", "fd_dl": 2.0})               # a later evaluation replaces its own
+    rec = json.loads((tmp_path / "generation_metrics.json").read_text())
+    assert rec == {"DL-net": {"samples": "s.npz", "network": "DL-net", "fd_dl": 2.0},
+                   "Inception": {"samples": "s.npz", "network": "Inception", "fid": 7.0}}
+
+
+def test_fid_deadleaves_network_flags_reach_the_network(tmp_path, monkeypatch):
+    class Built(Exception):
+        pass
+    seen = {}
+
+    def spy(resolution, device="cpu", cache_dir=None, n_train=1000, steps=300):
+        seen.update(resolution=resolution, n_train=n_train, steps=steps)
+        raise Built
+    monkeypatch.setattr(ev, "DeadLeavesExtractor", spy)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 24, 24, 3), np.uint8))
+    with pytest.raises(Built):
+        ev.main(["fid", "--features", "deadleaves", "--samples", str(tmp_path / "s.npz"), "--dl-train-images", "50",
+                 "--dl-steps", "7"])
+    assert seen == dict(resolution=24, n_train=50, steps=7)
