@@ -428,7 +428,7 @@ def cmd_fid(a, d):
     if a.ref.endswith(".npz") and "mu" in load_npz(a.ref, "--ref"):
         ref_stats, real = load_ref_stats(a.ref), None
     else:
-        ref_stats, real = None, image_source(a.ref, "--ref", side, workers=a.workers)[0]
+        ref_stats, real = None, image_source(a.ref, "--ref", a.resolution or side, workers=a.workers)[0]
     ext = InceptionExtractor(find_inception(a.inception_path), d.device)
     if real is None:
         res = generation_metrics(ext, fake, ref_stats=ref_stats)
