@@ -663,3 +663,29 @@ def test_fid_deadleaves_network_flags_reach_the_network(tmp_path, monkeypatch):
         ev.main(["fid", "--features", "deadleaves", "--samples", str(tmp_path / "s.npz"), "--dl-train-images", "50",
                  "--dl-steps", "7"])
     assert seen == dict(resolution=24, n_train=50, steps=7)
+
+
+def test_fid_reference_crop_follows_resolution(tmp_path, monkeypatch):
+    """--resolution sets the side of the reference crop (default: the samples' side), with .npz samples too."""
+    from PIL import Image
+    rng = np.random.default_rng(5)
+    (tmp_path / "ref" / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "ref" / "a" / f"{i}.png")
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    sides = []
+
+    class Shapes:
+        name = "stand-in: pixel means (not Inception)"
+
+        def __call__(self, imgs):
+            imgs = np.asarray(imgs)
+            sides.append(imgs.shape[1:3])
+            f = np.stack([imgs.mean((1, 2, 3)), imgs[..., 0].mean((1, 2)), imgs[..., 1].std((1, 2))], 1)
+            return f.astype(np.float64), np.full((len(imgs), 4), 0.25)
+    monkeypatch.setattr(ev, "find_inception", lambda path=None: "stand-in")
+    monkeypatch.setattr(ev, "InceptionExtractor", lambda path, device: Shapes())
+    for extra, ref_side in (([], 16), (["--resolution", "24"], 24)):
+        sides.clear()
+        ev.main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref"), *extra])
+        assert sorted(set(sides)) == sorted({(16, 16), (ref_side, ref_side)}), (extra, sides)
