@@ -619,6 +619,15 @@ def test_stage1_validation_uses_the_run_mlsr_fractions(tmp_path):
             r = vae.decode(fft_ops.attenuate(z, level, fr)).clamp(-1, 1)
             ref = (10 * torch.log10(4 / (r - x).pow(2).mean(dim=(1, 2, 3)))).mean().item()
             assert val[f"val_psnr_l{level}"] == pytest.approx(ref, rel=1e-5), level
+    # the per-level std that --renorm-level divides by is that of S_l with these fractions too
+    from data import random_subset
+    st = load_checkpoint(str(tmp_path / "last.pt"), "vae")["latent_stats"]
+    with torch.no_grad():
+        mu = vae.encode(torch.stack([ds[i][0] for i in random_subset(64, 32, 0)])).mean
+    zn = (mu - st["mean"].view(1, -1, 1, 1)) / st["std"].view(1, -1, 1, 1)
+    for level in (1, 3):
+        ref = fft_ops.attenuate(zn, level, fr).transpose(0, 1).flatten(1).std(1, unbiased=False)
+        torch.testing.assert_close(st["level_std"][level], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_diagnose_spectra_use_the_given_mlsr_fractions(smoke_models, tmp_path):
