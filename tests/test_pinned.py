@@ -698,3 +698,27 @@ def test_fid_reference_crop_follows_resolution(tmp_path, monkeypatch):
         sides.clear()
         ev.main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref"), *extra])
         assert sorted(set(sides)) == sorted({(16, 16), (ref_side, ref_side)}), (extra, sides)
+
+
+def test_stage1_discriminator_sees_real_images_as_real_and_reconstructions_as_fake(tmp_path, monkeypatch):
+    """hinge_d_loss(D(x), D(recon)) with x the training batch (not G_l(x)) and recon the generator's output."""
+    import copy
+    seen, real_g, real_d = [], train_vae.generator_loss, train_vae.hinge_d_loss
+
+    def spy_g(model, disc, perceptual, x, *rest):
+        out = real_g(model, disc, perceptual, x, *rest)
+        seen.append({"x": x.clone(), "recon": out[3].detach().clone(), "disc": copy.deepcopy(common.unwrap(disc))})
+        return out
+
+    def spy_d(real_logits, fake_logits):
+        seen[-1]["logits"] = (real_logits.detach().clone(), fake_logits.detach().clone())
+        return real_d(real_logits, fake_logits)
+    monkeypatch.setattr(train_vae, "generator_loss", spy_g)
+    monkeypatch.setattr(train_vae, "hinge_d_loss", spy_d)
+    train_vae.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "2", "--gan-start", "1", "--val-every", "0",
+                    "--sample-every", "100", "--ckpt-every", "100"])
+    assert "logits" not in seen[0]                                             # before --gan-start
+    s = seen[1]
+    with torch.no_grad():
+        torch.testing.assert_close(s["logits"][0], s["disc"](s["x"]))
+        torch.testing.assert_close(s["logits"][1], s["disc"](s["recon"]))
