@@ -2,7 +2,6 @@
 step, guidance on every channel, gradient clipping, EMA order, validation at the run's level, the ADM
 Inception Score, and the flags of the three stages that nothing else pins."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -151,8 +150,8 @@ def test_stage2_clips_the_accumulated_gradient_of_sit_and_projector(smoke_models
     td.main(smoke(smoke_models, tmp_path, "--steps", "3", "--grad-clip", "0.05", "--micro-batch", "4", "--fda",
                   "--fda-depth", "1", "--sample-every", "100", "--ckpt-every", "100", "--val-every", "0"))
     (rec,) = records
-    assert any("projector" in n for n, _ in td.Student(td.build_denoiser("smoke/1", 4, 4, 10), 1).named_parameters())
-    assert len(rec["params"]) == len(list(load_checkpoint(str(tmp_path / "last.pt"), "sit")["model"]))
+    model = load_checkpoint(str(tmp_path / "last.pt"), "sit")["model"]
+    assert any(k.startswith("projector.") for k in model) and len(rec["params"]) == len(model)   # SiT + projector
     assert_clipped(rec["steps"], 0.05, [r["grad_norm"] for r in read_metrics(tmp_path / "metrics.jsonl")])
 
 
@@ -213,13 +212,12 @@ def test_stage2_validation_is_at_the_run_level_on_full_frequency_held_out_latent
     vae_path = str(smoke_models / "vae" / "last.pt")
     args = td.get_args(smoke(smoke_models, tmp_path, "--denoise-level", str(level), "--freqwarm", "--r0", "0.1",
                              "--warmup-steps", "100", *(["--renorm-level"] if renorm else [])))
-    d = CPU
-    ae, ds, _, _, _ = td.build(args, d)
-    stats = td.training_stats(ae, ds, args, d)
-    latents = td.Latents(ae, stats, args, 100, d.device)
+    ae, ds, _, _, _ = td.build(args, CPU)
+    stats = td.training_stats(ae, ds, args, CPU)
+    latents = td.Latents(ae, stats, args, 100, CPU.device)
     assert latents.warming(0)
     _, val_idx = train_val_split(len(ds), args.val_images, args.seed)
-    res = td.Validation(latents, ds, val_idx, args, d.device)(XOverT())
+    res = td.Validation(latents, ds, val_idx, args, CPU.device)(XOverT())
     vae, ck = load_vae(vae_path)
     x = torch.stack([DeadLeaves(n=64, resolution=16)[i][0] for i in val_idx])
     with torch.no_grad():
@@ -334,14 +332,15 @@ def test_sample_images_equal_a_hand_written_sampler(smoke_models, renorm_sit, tm
     K, C, h = ema.num_classes, ema.in_channels, ema.config["input_size"]
     idx = [0, 1, 2]
     y = torch.tensor([i % K for i in idx])
-    with torch.no_grad():
-        z = hand(hand_guided(ema.eval(), y, 2.0, 0.4, 1.0, K), ev.image_noise(idx, (C, h, h), 3), steps)
-        z_ae = z * st["level_std"][1].view(1, -1, 1, 1) * st["std"].view(1, -1, 1, 1) + st["mean"].view(1, -1, 1, 1)
-        img = (vae.decode(z_ae).clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5
-    assert np.abs(pngs - img).max() <= 0.51 + 1e-3                      # rounding to uint8 only
-    other_seed = (vae.decode(hand(hand_guided(ema, y, 2.0, 0.4, 1.0, K), ev.image_noise(idx, (C, h, h), 0), steps)
-                             .mul(st["level_std"][1].view(1, -1, 1, 1) * st["std"].view(1, -1, 1, 1))
-                             .add(st["mean"].view(1, -1, 1, 1))).clamp(-1, 1).permute(0, 2, 3, 1).detach().numpy() + 1) * 127.5
+    scale = st["level_std"][1].view(1, -1, 1, 1) * st["std"].view(1, -1, 1, 1)
+
+    def draw(seed):                                               # uint8-scale images (B, H, W, 3), unrounded
+        with torch.no_grad():
+            z = hand(hand_guided(ema.eval(), y, 2.0, 0.4, 1.0, K), ev.image_noise(idx, (C, h, h), seed), steps)
+            x = vae.decode(z * scale + st["mean"].view(1, -1, 1, 1)).clamp(-1, 1)
+        return (x.permute(0, 2, 3, 1).numpy() + 1) * 127.5
+    assert np.abs(pngs - draw(3)).max() <= 0.51 + 1e-3                  # rounding to uint8 only
+    other_seed = draw(0)
     assert np.abs(pngs - other_seed).max() > 5                           # the seed matters at this size
 
 
