@@ -721,3 +721,22 @@ def test_stage1_discriminator_sees_real_images_as_real_and_reconstructions_as_fa
     with torch.no_grad():
         torch.testing.assert_close(s["logits"][0], s["disc"](s["x"]))
         torch.testing.assert_close(s["logits"][1], s["disc"](s["recon"]))
+
+
+def test_inception_score_is_of_the_samples_not_the_reference():
+    p_fake, p_real = drifting_probabilities(200, 6, seed=1), drifting_probabilities(300, 6, seed=2) ** 4
+    probs = np.concatenate([p_fake, p_real / p_real.sum(1, keepdims=True)])
+
+    def carrying(i):                                    # images (N, 1, 1, 3) that carry their index i in R, G
+        return np.stack([i % 256, i // 256, 0 * i], 1).reshape(-1, 1, 1, 3).astype(np.uint8)
+
+    class ByIndex:
+        """Stand-in (not Inception): returns the class probabilities of the index an image carries."""
+        name = "stand-in (not Inception)"
+
+        def __call__(self, imgs):
+            i = imgs[:, 0, 0, 0].astype(np.int64) + 256 * imgs[:, 0, 0, 1].astype(np.int64)
+            return np.stack([np.sin(i), np.cos(i), np.sin(2 * i)], 1), probs[i].astype(np.float64)
+    res = ev.generation_metrics(ByIndex(), carrying(np.arange(200)), real=carrying(200 + np.arange(300)))
+    assert res["is"] == pytest.approx(ev.inception_score(p_fake)[0], rel=1e-6)
+    assert abs(ev.inception_score(probs[200:])[0] - res["is"]) > 0.1
