@@ -740,3 +740,19 @@ def test_inception_score_is_of_the_samples_not_the_reference():
     res = ev.generation_metrics(ByIndex(), carrying(np.arange(200)), real=carrying(200 + np.arange(300)))
     assert res["is"] == pytest.approx(ev.inception_score(p_fake)[0], rel=1e-6)
     assert abs(ev.inception_score(probs[200:])[0] - res["is"]) > 0.1
+
+
+def test_stage2_measures_its_own_statistics_on_other_data_over_stats_images(smoke_models, tmp_path):
+    """The smoke VAE's statistics were taken on 64 dead-leaves images; on 48 Stage 2 measures its own, over a
+    seeded random subset of --stats-images of them, and stores them."""
+    from data import random_subset
+    td.main(smoke(smoke_models, tmp_path, "--n-images", "48", "--stats-images", "20", "--steps", "1", "--seed", "2",
+                  "--val-every", "0", "--sample-every", "100"))
+    st = load_checkpoint(str(tmp_path / "last.pt"), "sit")["latent_stats"]
+    vae, _ = load_vae(str(smoke_models / "vae" / "last.pt"))
+    ds = DeadLeaves(n=48, resolution=16, seed=2)
+    with torch.no_grad():
+        mu = vae.encode(torch.stack([ds[i][0] for i in random_subset(48, 20, 2)])).mean
+    assert st["n_images"] == 20
+    torch.testing.assert_close(st["mean"], mu.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(st["std"], mu.transpose(0, 1).flatten(1).std(1, unbiased=False), atol=1e-5, rtol=1e-4)
