@@ -1150,6 +1150,10 @@ def cmd_compare(a, d):
     cols = [k for k in FINAL_KEYS if any(k in r["final"] for r in runs)]
     lines = ["| runs | seeds | step | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
     for label, rs in groups.items():
+        steps = sorted({r["step"] for r in rs})
+        if len(steps) > 1:                          # a mean over seeds is only a number at one step
+            raise UserError(f"runs '{label}' differ only in seed but stand at steps {' and '.join(map(str, steps))} "
+                            f"({', '.join(r['dir'] for r in rs)}): finish them, or compare them separately")
         cells = [mean_spread([r["final"][k] for r in rs if k in r["final"]]) if any(k in r["final"] for r in rs)
                  else "-" for k in cols]
         seeds = ",".join(str(r["config"].get("seed")) for r in rs)
