@@ -43,8 +43,8 @@ import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
                     load_checkpoint, log0, read_export, run_main, setup_distributed, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
-from vae import (DEFAULT_IMAGE_SIZE, VGG16_FILE, VGG16_URL, LatentSpace, latent_stats, level_scores, load_autoencoder,
-                 locate_autoencoder, psnr, resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, VGG16_FILE, LatentSpace, find_vgg_weights, latent_stats, level_scores,
+                 load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -870,14 +870,7 @@ HF_DEFINITION = (f"{HF_NAME}: share of the latent's spectral energy at radius > 
 
 def find_vgg(path=None):
     """torchvision's VGG16 weights for LPIPS: `path`, else torchvision's hub cache; one line otherwise."""
-    if path:
-        if not os.path.isfile(path):
-            raise UserError(f"--vgg-path {path} does not exist")
-        return path
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
-    if not os.path.isfile(cached):
-        raise UserError(f"LPIPS needs VGG16 weights: download {VGG16_URL} to {cached} or pass --vgg-path FILE")
-    return cached
+    return find_vgg_weights(path, flag="--vgg-path", needed_by="LPIPS", otherwise="")
 
 
 def load_lpips(path, device):

@@ -227,18 +227,18 @@ def hinge_g_loss(fake_logits):
 
 # ----------------------------------------------------------------------------- perceptual distance
 
-def find_vgg_weights(path=None):
-    """Path to torchvision's VGG16 weights: `path` if given, else torchvision's hub cache."""
+def find_vgg_weights(path=None, flag="--perceptual-weights", needed_by="perceptual loss",
+                     otherwise=", or set --perceptual-weight 0"):
+    """Path to torchvision's VGG16 weights: `path` if given, else torchvision's hub cache; one line otherwise."""
     if path:
         if not os.path.isfile(path):
-            raise UserError(f"--perceptual-weights {path} does not exist")
+            raise UserError(f"{flag} {path} does not exist")
         return path
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
     if os.path.isfile(cached):
         return cached
-    raise UserError(
-        f"perceptual loss needs VGG16 weights: download {VGG16_URL} to {cached} "
-        f"(or pass --perceptual-weights PATH), or set --perceptual-weight 0")
+    raise UserError(f"{needed_by} needs VGG16 weights: download {VGG16_URL} to {cached} "
+                    f"(or pass {flag} PATH){otherwise}")
 
 
 class VGGPerceptual(nn.Module):

@@ -340,7 +340,7 @@ def test_lpips_is_the_lpips_vgg_formula_on_the_local_vgg(lpips_vgg):
 
 def test_lpips_without_vgg_weights_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    with pytest.raises(UserError, match="LPIPS needs VGG16 weights: download .* or pass --vgg-path FILE"):
+    with pytest.raises(UserError, match="LPIPS needs VGG16 weights: download .*or pass --vgg-path PATH"):
         ev.find_vgg()
     with pytest.raises(UserError, match="--vgg-path .* does not exist"):
         ev.find_vgg(str(tmp_path / "nope.pth"))
