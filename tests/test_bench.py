@@ -1,5 +1,8 @@
 """bench.py --quick runs on CPU and prints its table (a smoke run of the benchmark, not a timing check)."""
+import os
 import re
+
+import pytest
 
 from helpers import assert_one_line_error, run
 
@@ -97,6 +100,8 @@ def test_gpu_check_smoke_size_on_cpu_passes_and_reruns_in_the_same_folder(tmp_pa
     assert_one_line_error(p, "gpu-check INCOMPLETE", "study stopped at its budget of 2 s")
     rep = json.loads((out / "gpu-check.json").read_text())
     assert rep["verdict"] == "INCOMPLETE" and list(rep["phases"]) == ["study"]
+    with pytest.raises(ProcessLookupError):                         # nothing of the stopped phase still runs
+        os.killpg(rep["phases"]["study"]["pid"], 0)
     assert not (out / "work" / "run-a").exists() and not (out / "phases" / "equivalence.json").exists()
 
 
