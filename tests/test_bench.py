@@ -108,3 +108,55 @@ def test_gpu_check_smoke_size_on_cpu_passes_and_reruns_in_the_same_folder(tmp_pa
 def test_gpu_check_needs_a_gpu_unless_smoke():
     p = run(["bench.py", "--gpu-check", "--device", "cpu"], timeout=120)
     assert_one_line_error(p, "--gpu-check needs a CUDA GPU")
+
+
+def test_gpu_check_compiled_throughput_row_reuses_the_eager_flops(tmp_path):
+    """The compiled throughput row (run on a GPU only by --gpu-check) at smoke size on CPU with aot_eager: it
+    times the compiled step and takes the FLOP count of the eager row, which the official SiT matches."""
+    import types
+
+    import torch
+
+    import bench
+    a = types.SimpleNamespace(smoke=True, budget_scale=1.0, out=str(tmp_path))
+    os.makedirs(tmp_path / "phases")
+    ph = bench.Phase(a, "throughput", torch.device("cpu"))
+    flops = {}
+    eager, _, prof = bench.throughput_row(ph, "smoke/1", 8, 4, 4, "eager", "ours", flops)
+    assert prof["clock"] == "CPU op" and 0 < sum(t["share"] for t in prof["top"]) <= 1 + 1e-9
+    official = bench.throughput_row(ph, "smoke/1", 8, 4, 4, "eager", "official", flops)[0]
+    assert abs(official["gflop_img"] - eager["gflop_img"]) <= 0.05 * eager["gflop_img"]
+    compiled, config, _ = bench.throughput_row(ph, "smoke/1", 8, 4, 4, "compiled", "ours", flops)
+    assert compiled["img_s"] > 0 and compiled["gflop_img"] == eager["gflop_img"] and "SiT-smoke/1" in config
+    assert compiled["tflop_s"] == pytest.approx(compiled["gflop_img"] * compiled["img_s"] / 1e3)
+
+
+def test_gpu_check_report_of_a_gpu_run():
+    """The report's GPU lines from a phase record shaped as a GPU run writes it: the ratio to the official SiT
+    per model and mode, MFU in %, the peak it assumes, the 800 img/s target met or missed."""
+    import types
+
+    import bench
+    a = types.SimpleNamespace(smoke=False, budget_scale=1.0)
+    m = dict(device="cuda", name="NVIDIA H100 80GB HBM3", capability="sm_90", memory_gib=79.2, cuda="13.0",
+             cudnn=91000, torch="2.14.1", python="3.11", cpus=16, dist_backend="nccl", compile_backend="inductor",
+             peak_flops=bench.GPU_PEAK["H100"])
+
+    def row(who, mode, img_s):
+        return dict(model="SiT-XL/1", who=who, mode=mode, dtype="bf16 autocast", batch=32, tokens=256,
+                    latents="16x16x32", img_s=img_s, step_ms=32e3 / img_s, gflop_img=711.0,
+                    tflop_s=0.711 * img_s, mfu=0.711 * img_s / 989, mem_mib=30000.0, mem_kind="CUDA alloc",
+                    profile=None)
+    for best, verdict in ((700.0, "missed (700 img/s, compiled)"), (820.0, "met (820 img/s, compiled)")):
+        items = [row("ours", "eager", 400.0), row("official", "eager", 320.0), row("ours", "compiled", best),
+                 row("official", "compiled", 500.0)]
+        rec = dict(items=items, checks=[], notes=[], status="done", seconds=200.0, budget_s=220.0)
+        rep = bench.assemble(a, ["--gpu-check"], m, {"throughput": rec}, 230.0)
+        text = "\n".join(rep["text"])
+        assert rep["verdict"] == "PASS" and rep["budget_bound_s"] == bench.CHECK_PHASES["throughput"][0]
+        assert [round(r["ours_over_official"], 6) for r in rep["ratios_ours_over_official"]] == [
+            round(400 / 320, 6), round(best / 500, 6)]
+        assert "dense bf16 peak of 989 TFLOP/s assumed for NVIDIA H100 80GB HBM3" in text
+        assert f"| {100 * 0.711 * best / 989:.1f} % |" in text
+        assert f"target 800 img/s for SiT-XL/1 at 256 tokens in bf16 on one GPU: {verdict}" in text
+        assert rep["target"]["met"] == (best >= 800)
