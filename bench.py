@@ -915,7 +915,7 @@ def throughput_row(ph, name, side, ch, batch, mode, who, flops):
 
 
 def phase_throughput(ph):
-    dev, cuda, s = ph.dev, ph.dev.type == "cuda", ph.sizes
+    cuda, s = ph.dev.type == "cuda", ph.sizes
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainers set it
     modes = ["eager", "compiled"] if cuda else ["eager"]
     if not cuda:
@@ -1058,6 +1058,11 @@ def gpu_check(a, argv):
     if unknown:
         raise UserError(f"--phases: unknown {sorted(unknown)}; use a subset of {','.join(CHECK_PHASES)}")
     machine = preflight(a, dev)
+    ours = {"gpu-check.json", "gpu-check.txt", "phases", "work"}
+    other = sorted(set(os.listdir(a.out)) - ours)
+    if other:                                               # only a check's own folder is cleared and reused
+        raise UserError(f"--out {a.out} holds files that are not a GPU check's ({', '.join(other[:3])}); "
+                        f"use an empty or new folder")
     for f in ("gpu-check.json", "gpu-check.txt"):          # a rerun leaves nothing of an earlier one
         if os.path.exists(os.path.join(a.out, f)):
             os.remove(os.path.join(a.out, f))

@@ -1,4 +1,5 @@
-"""bench.py --quick runs on CPU and prints its table (a smoke run of the benchmark, not a timing check)."""
+"""bench.py --quick runs on CPU and prints its table (a smoke run of the benchmark, not a timing check); bench.py
+--gpu-check at smoke size on CPU: its phases, budgets, checks and report."""
 import os
 import re
 
@@ -105,9 +106,15 @@ def test_gpu_check_smoke_size_on_cpu_passes_and_reruns_in_the_same_folder(tmp_pa
     assert not (out / "work" / "run-a").exists() and not (out / "phases" / "equivalence.json").exists()
 
 
-def test_gpu_check_needs_a_gpu_unless_smoke():
+def test_gpu_check_needs_a_gpu_unless_smoke_and_its_own_folder(tmp_path):
     p = run(["bench.py", "--gpu-check", "--device", "cpu"], timeout=120)
     assert_one_line_error(p, "--gpu-check needs a CUDA GPU")
+    import bench
+    from common import UserError
+    (tmp_path / "notes.txt").write_text("a user's file")
+    with pytest.raises(UserError, match=r"holds files that are not a GPU check's \(notes.txt\)"):
+        bench.main(["--gpu-check", "--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
 def test_gpu_check_compiled_throughput_row_reuses_the_eager_flops(tmp_path):
