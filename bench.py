@@ -680,21 +680,21 @@ class Phase:
         write_json(self.path, self.rec)
 
     def run(self, args, torchrun=False, what=None):
-        """A project command (`python SCRIPT ...`, or under torchrun with one process); its output goes to
-        OUT/phases/PHASE.log. Returns (ok, seconds, last output line)."""
+        """A project command (`python SCRIPT ...`, or under torchrun with one process), its output streamed to
+        OUT/phases/PHASE.log (kept up to where it was, should the phase be stopped); a failure is a failed
+        check. Returns (ok, seconds, the command as shown)."""
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
                                   if torchrun else []) + [str(x) for x in args]
         shown = ("torchrun --standalone --nproc_per_node=1 " if torchrun else "python ") + " ".join(map(str, args))
         print(f"$ {shown}", flush=True)
         t0 = time.time()
-        p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **OFFLINE))
-        with open(os.path.join(self.a.out, "phases", f"{self.name}.log"), "a") as f:
-            f.write(f"$ {shown}\n{p.stdout}{p.stderr}\n")
-        lines = [l for l in (p.stderr + p.stdout).strip().splitlines() if l.strip()]
-        tail = lines[-1] if lines else ""
-        if p.returncode != 0:
-            self.check(what or shown, False, f"exit {p.returncode}: {tail[-300:]}")
-        return p.returncode == 0, time.time() - t0, shown
+        log = os.path.join(self.a.out, "phases", f"{self.name}.log")
+        with open(log, "a") as f:
+            rc = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **OFFLINE)).returncode
+        if rc != 0:
+            self.check(what or shown, False, f"exit {rc}: {last_line(log)}")
+        return rc == 0, time.time() - t0, shown
 
 
 def device_flags(dev):
@@ -833,8 +833,8 @@ def phase_train_resume(ph):
     equal, detail = same_run(f"{w}/run-a", f"{w}/run-b")
     ph.check("resume is bit-exact (run of 2 + 2 steps == run of 4 steps)", equal, detail)
     if not equal and ph.fits("control run", 30):    # is it the resume, or are the kernels not deterministic?
-        ph.run(flags + ["--steps", 4, "--out", f"{w}/run-c"], torchrun=True, what="control: a second 4-step run")
-        same, d2 = same_run(f"{w}/run-a", f"{w}/run-c")
+        done = ph.run(flags + ["--steps", 4, "--out", f"{w}/run-c"], torchrun=True, what="control: a second 4-step run")[0]
+        same, d2 = same_run(f"{w}/run-a", f"{w}/run-c") if done else (False, "the control run failed")
         ph.note(f"control, two uninterrupted 4-step runs: {'equal' if same else 'differ too: ' + d2} (if they "
                 f"differ, the kernels are not deterministic here and resume cannot be bit-exact)")
     n = 8
