@@ -4,6 +4,9 @@
     python bench.py                         # this machine's table (CPU: SiT-S/2 on 32x32x4 latents, batch 16)
     python bench.py --compile               # the same with torch.compile (SiT, the official reference, FDA teacher)
     python bench.py --rows sit,sit-official --repeats 7
+    python bench.py --gpu-check             # one GPU, < 10 min, no network: correctness, throughput, cache, study;
+                                            # report in runs/gpu-check/gpu-check.{json,txt} (see "the GPU check")
+    python bench.py --gpu-check --smoke --device cpu    # the same at smoke size on a CPU (CI runs it)
 
 Rows (each on whatever device is present, bf16 autocast on CUDA unless --no-bf16):
     vae-step        one Stage-1 step: MLSR generator loss (pixel + KL + hinge GAN), backward, discriminator
@@ -29,11 +32,16 @@ attention, forward and backward); MFU = FLOP/s / the GPU's dense bf16 peak, on k
 """
 import argparse
 import contextlib
+import importlib
+import json
 import math
 import os
 import platform
 import resource
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +50,14 @@ import types
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import fft_ops
 import train_diffusion as td
 import train_vae
-from common import StepLoop, adamw, autocast, ema_update, global_rand, global_randn
+from common import (StepLoop, UserError, adamw, atomic_write, autocast, check_device, ema_update, global_rand,
+                    global_randn, load_checkpoint, run_main, write_json)
 from data import ImageFolder, image_batches
 from dit import build_denoiser, build_sit, guided_velocity, sample_ode
 from vae import PatchDiscriminator, ViTVAEAutoencoder, build_vae, sincos_2d
@@ -59,8 +69,9 @@ STAGE2 = {
     "U-ViT": lambda name, side, ch, ncls: build_denoiser("uvit-" + name.replace("XL/", "H/"), side, ch, ncls),
 }
 
-# Dense bf16 peak (FLOP/s) of the GPUs we know, for MFU.
-GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+# Dense bf16 peak (FLOP/s) of the GPUs we know, for MFU (datasheet figures; the first name contained in the
+# device's name wins, so the PCIe and NVL cards come before the SXM "H100").
+GPU_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
 # Settings: (quick, CPU, GPU)
 CONFIGS = {
@@ -140,18 +151,23 @@ def gpu_peak(device):
 
 
 class Bench:
-    def __init__(self, a, device):
+    def __init__(self, a, device, tmp=None, backend="inductor"):
         self.a, self.device, self.rows = a, device, []
         self.mem = PeakMemory(device)
         self.notes = []
-        self.tmp = tempfile.mkdtemp(prefix="freqldm-bench-")
+        self.tmp = tmp or tempfile.mkdtemp(prefix="freqldm-bench-")
         self.bf16 = device.type == "cuda" and not a.no_bf16
+        self.backend = backend                     # torch.compile backend (the GPU check uses aot_eager on CPU)
 
-    def measure(self, row, config, fn, images, flops_fn=None, warmup=None, repeats=None, iters=None, note=""):
-        """Time fn (one call = `images` images), record a table row."""
+    def compiled(self, model):
+        return torch.compile(model, backend=self.backend)
+
+    def measure(self, row, config, fn, images, flops_fn=None, warmup=None, repeats=None, iters=None, note="",
+                flops=None):
+        """Time fn (one call = `images` images), record a table row. `flops`: FLOPs of one call, if known."""
         c = self.a
         self.mem.reset()
-        flops = train_flops(flops_fn) if flops_fn is not None else None
+        flops = train_flops(flops_fn) if flops_fn is not None else flops
         med, lo, hi = timed(fn, self.device, c.warmup if warmup is None else warmup,
                             c.repeats if repeats is None else repeats, c.iters if iters is None else iters)
         peak = gpu_peak(self.device)
@@ -230,13 +246,14 @@ def stage2_step(b, model_name, build, fda=False):
     dev, ncls = b.device, 1000
     args = diffusion_args(b, name, side, ch, batch, *(["--fda", "--denoise-level", "1"] if fda else []))
     torch.manual_seed(0)
-    net = build(name, side, ch, ncls).to(dev)
+    with dev:                                      # initialised on the device (SiT-XL on a CPU takes seconds)
+        net = build(name, side, ch, ncls).to(dev)
+        ema = build(name, side, ch, ncls).to(dev).requires_grad_(False).eval()
     student = td.Student(net, args.fda_depth if fda else None).to(dev)
-    ema = build(name, side, ch, ncls).to(dev).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
     opt = adamw(student.parameters(), dev, lr=args.lr, weight_decay=0.0)
-    train_model = torch.compile(student) if b.a.compile else student
-    teacher = torch.compile(ema) if b.a.compile and fda else ema
+    train_model = b.compiled(student) if b.a.compile else student
+    teacher = b.compiled(ema) if b.a.compile and fda else ema
     z = torch.randn(batch, ch, side, side, device=dev)
     y = torch.randint(0, ncls, (batch,), device=dev)
     loop = quiet_loop(args, dev)
@@ -378,11 +395,12 @@ def official_step(b):
     depth, dim, heads = SIZES[size]
     dev = b.device
     torch.manual_seed(0)
-    model = RefSiT(side, int(patch), ch, dim, depth, heads).to(dev)
-    ema = RefSiT(side, int(patch), ch, dim, depth, heads).to(dev).requires_grad_(False).eval()
+    with dev:
+        model = RefSiT(side, int(patch), ch, dim, depth, heads).to(dev)
+        ema = RefSiT(side, int(patch), ch, dim, depth, heads).to(dev).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    train_model = torch.compile(model) if b.a.compile else model
+    train_model = b.compiled(model) if b.a.compile else model
     x1 = torch.randn(batch, ch, side, side, device=dev)
     y = torch.randint(0, 1000, (batch,), device=dev)
     ema_params, model_params = dict(ema.named_parameters()), dict(model.named_parameters())
@@ -544,6 +562,624 @@ def bench_features(b, folder, n, res, rounds):
                   features, n, warmup=0, repeats=rounds, iters=1)
 
 
+# ----------------------------------------------------------------------------- the GPU check (--gpu-check)
+#
+# One prepared command for a GPU lent for minutes, without network: it checks the machine, then runs each phase
+# below in a process of its own with its own time budget. A phase skips what would not fit in what is left of its
+# budget; one that still runs past it is stopped (its process group ended) and reported as such, with the items
+# it finished (each phase rewrites OUT/phases/PHASE.json after every item). The report is OUT/gpu-check.json,
+# every figure named, with the same report as text in OUT/gpu-check.txt (and on stdout).
+
+# phase -> (budget in seconds on a GPU, budget at --smoke), run in this order. On a GPU they sum to 535 s: with the
+# start-up and the checks before them (~10 s) and at most 5 + 5 s to end each phase that runs past its budget,
+# the whole command stays under 10 minutes. The smoke budgets leave room for a CPU shared with other jobs.
+# GPU sizing, estimated (no GPU has run this version): SiT-XL/1 at batch 32 took 105 ms a step eager and 75 ms
+# compiled on an H100 (305 / 429 img/s), so a timed row (3 + 25 steps) takes seconds and the four eager rows with
+# start-up about 30 s; compiling an XL model (forward and backward) is estimated at 1-2 minutes, which leaves
+# room for the two XL/1 compiled rows; a tiny model compiles in an estimated 20-30 s.
+CHECK_PHASES = {"equivalence": (95, 90), "train-resume": (120, 150), "throughput": (240, 60),
+                "cache-encode": (30, 60), "study": (50, 90)}
+CHECK_PACKAGES = ("numpy", "scipy", "PIL", "tqdm", "torchvision", "diffusers", "cleanfid")
+TARGET_IMG_S = 800           # SiT-XL/1 at 256 tokens, bf16, one H100 (LightningDiT publishes about 660 per GPU)
+# Tolerances of the equivalence check, relative to the float32 eager step: |loss - loss_ref| / |loss_ref| and
+# ||grad - grad_ref|| / ||grad_ref|| over all parameters. bf16 keeps 8 mantissa bits (2^-8 = 0.4 % per rounding).
+CHECK_TOL = {"float32": (1e-4, 1e-3), "bf16": (2e-2, 6e-2)}
+# Sizes. equiv: (model, name, latent side, channels, batch); throughput: (name, latent side, channels, batch),
+# SiT-XL/1 on 16x16x32 (f16d32 at 256 px) and SiT-XL/2 on 32x32x4 (f8 at 256 px): 256 tokens each.
+# cache: (JPEGs, width, height, side, autoencoder stand-in); study: the study.py setting, steps per command.
+CHECK_SIZES = {
+    "gpu": dict(equiv=[("SiT", "tiny/1", 16, 32, 8), ("U-ViT", "tiny/1", 16, 32, 8)],
+                throughput=[("XL/1", 16, 32, 32), ("XL/2", 32, 4, 32)], warmup=3, repeats=5, iters=5,
+                cache=(256, 500, 375, 256, "SD-VAE"), workers=8, study="gpu", study_steps=30),
+    "smoke": dict(equiv=[("SiT", "smoke/1", 8, 4, 4), ("U-ViT", "smoke/1", 8, 4, 4)],
+                  throughput=[("smoke/1", 8, 4, 4), ("smoke/2", 16, 4, 4)], warmup=1, repeats=2, iters=2,
+                  cache=(8, 40, 30, 32, "tiny"), workers=0, study="smoke", study_steps=3),
+}
+HERE = os.path.dirname(os.path.abspath(__file__))
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def pick_device(a):
+    if a.device:
+        return check_device(a.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def preflight(a, dev):
+    """The machine, checked before any phase starts: one line naming the first thing missing."""
+    if dev.type != "cuda" and not a.smoke:
+        raise UserError("--gpu-check needs a CUDA GPU, and torch sees none here; add --smoke for the CPU size")
+    missing = []
+    for m in CHECK_PACKAGES + (("triton",) if dev.type == "cuda" else ()):   # triton: torch.compile on CUDA
+        try:
+            importlib.import_module(m)
+        except Exception as e:                      # noqa: BLE001 - any import failure is the answer
+            missing.append(f"{m} ({type(e).__name__})")
+    if missing:
+        raise UserError(f"--gpu-check: these packages do not import: {', '.join(missing)}; "
+                        f"pip install -r requirements.txt")
+    if dev.type == "cuda":          # triton builds a small C launcher per kernel: a C compiler and Python.h
+        import sysconfig
+        if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+            raise UserError("--gpu-check: torch.compile (triton) needs a C compiler (cc, gcc or clang; or set CC)")
+        if not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+            raise UserError("--gpu-check: torch.compile (triton) needs Python's headers (Python.h; python3-dev)")
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_available() or not getattr(dist, f"is_{backend}_available")():
+        raise UserError(f"--gpu-check: this torch has no torch.distributed {backend} backend (torchrun needs it)")
+    os.makedirs(a.out, exist_ok=True)
+    free = shutil.disk_usage(a.out).free / 2 ** 30
+    if free < 2:
+        raise UserError(f"--gpu-check: only {free:.1f} GiB free under {a.out}; the check needs 2 GiB")
+    m = dict(device=str(dev), torch=torch.__version__, python=platform.python_version(), cpus=os.cpu_count(),
+             dist_backend=backend, compile_backend="inductor" if dev.type == "cuda" else "aot_eager",
+             c_compiler=shutil.which("gcc") or shutil.which("cc"))
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        m.update(name=p.name, capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2 ** 30, 1),
+                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), peak_flops=gpu_peak(dev))
+    else:
+        m.update(name=platform.processor() or platform.machine(), peak_flops=None)
+    return m
+
+
+class Phase:
+    """One phase's record and clock; the record is rewritten atomically after every item and check."""
+
+    def __init__(self, a, name, dev):
+        self.name, self.dev, self.a = name, dev, a
+        self.budget = CHECK_PHASES[name][a.smoke] * a.budget_scale
+        self.t0 = time.time()
+        self.sizes = CHECK_SIZES["smoke" if a.smoke else "gpu"]
+        self.work = os.path.join(a.out, "work")
+        self.path = os.path.join(a.out, "phases", f"{name}.json")
+        self.rec = dict(phase=name, items=[], checks=[], notes=[])
+        self.save()
+
+    def left(self):
+        return self.budget - (time.time() - self.t0)
+
+    def fits(self, what, need):
+        """Whether `what` (about `need` s) fits in what is left of the budget; a note when it does not."""
+        if self.left() >= need:
+            return True
+        self.note(f"skipped {what}: {max(0, self.left()):.0f} s left of the phase budget, it needs about {need:.0f} s")
+        return False
+
+    def item(self, **kw):
+        self.rec["items"].append(kw)
+        self.save()
+
+    def check(self, name, ok, detail):
+        self.rec["checks"].append(dict(name=name, ok=bool(ok), detail=detail))
+        print(f"[{'ok' if ok else 'FAILED'}] {name}: {detail}", flush=True)
+        self.save()
+
+    def note(self, text):
+        self.rec["notes"].append(text)
+        print(f"note: {text}", flush=True)
+        self.save()
+
+    def save(self):
+        write_json(self.path, self.rec)
+
+    def run(self, args, torchrun=False, what=None):
+        """A project command (`python SCRIPT ...`, or under torchrun with one process), its output streamed to
+        OUT/phases/PHASE.log (kept up to where it was, should the phase be stopped); a failure is a failed
+        check. Returns (ok, seconds, the command as shown)."""
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+                                  if torchrun else []) + [str(x) for x in args]
+        shown = ("torchrun --standalone --nproc_per_node=1 " if torchrun else "python ") + " ".join(map(str, args))
+        print(f"$ {shown}", flush=True)
+        t0 = time.time()
+        log = os.path.join(self.a.out, "phases", f"{self.name}.log")
+        with open(log, "a") as f:
+            rc = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **OFFLINE)).returncode
+        if rc != 0:
+            self.check(what or shown, False, f"exit {rc}: {last_line(log)}")
+        return rc == 0, time.time() - t0, shown
+
+
+def device_flags(dev):
+    return ["--device", "cpu"] if dev.type == "cpu" else []
+
+
+# ---- phase 1: one training step in float32, bf16 autocast and compiled
+
+def one_step(model_name, name, side, ch, batch, dev, bf16, backend=None):
+    """One Stage-2 step of a freshly seeded model: (loss, flat gradient on the CPU, largest AdamW update).
+
+    The weights are moved off their zero init (adaLN-Zero, zero output layer) so that every path carries
+    gradient; the inputs are drawn on the CPU from fixed seeds, so every variant sees the same numbers."""
+    torch.manual_seed(0)
+    with dev:
+        net = STAGE2[model_name](name, side, ch, 1000)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g).to(dev))
+    student = td.Student(net, None)
+    model = torch.compile(student, backend=backend) if backend else student
+    z, eps = (torch.randn(batch, ch, side, side, generator=g).to(dev) for _ in range(2))
+    t, y = torch.rand(batch, generator=g).to(dev), torch.randint(0, 1000, (batch,), generator=g).to(dev)
+    args = types.SimpleNamespace(denoise_level=0, fda=False)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):   # on CUDA: common.autocast
+        loss, _ = td.diffusion_loss(model, None, z, y, t, eps, args, 0)  # Eq. 5 at level 0: velocity MSE
+    loss.backward()
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
+                      for p in net.parameters()]).cpu()
+    before = [p.detach().clone() for p in net.parameters()]
+    adamw(net.parameters(), dev, lr=1e-3, weight_decay=0.0).step()      # fused on CUDA
+    move = max((p.detach() - q).abs().max().item() for p, q in zip(net.parameters(), before))
+    return loss.item(), grad, move
+
+
+def phase_equivalence(ph):
+    dev, cuda = ph.dev, ph.dev.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # a float32 reference
+    backend = "inductor" if cuda else "aot_eager"
+    cdtype = "bf16" if cuda else "float32"
+    if not cuda:
+        ph.note("compiled step on CPU: torch.compile with backend aot_eager (TorchDynamo graph capture and "
+                "AOTAutograd, no generated code); inductor's code generation runs on the GPU only")
+    need = 45 if cuda else 5                       # seconds, until the first model is measured
+    for model_name, name, side, ch, batch in ph.sizes["equiv"]:
+        label = f"{model_name}-{name} on {side}x{side}x{ch}, batch {batch}"
+        if not ph.fits(label, need):
+            continue
+        t_model = time.time()
+        ref = one_step(model_name, name, side, ch, batch, dev, False)
+        variants = [("bf16 autocast", "bf16", dict(bf16=True)),
+                    (f"compiled ({backend}, {cdtype})", cdtype, dict(bf16=cuda, backend=backend))]
+        for what, kind, kw in variants:
+            t0 = time.time()
+            loss, grad, move = one_step(model_name, name, side, ch, batch, dev, **kw)
+            tl, tg = CHECK_TOL[kind]
+            el = abs(loss - ref[0]) / abs(ref[0])
+            eg = ((grad - ref[1]).norm() / ref[1].norm()).item()
+            ph.item(model=label, variant=what, loss=loss, loss_float32=ref[0], loss_rel_err=el, grad_rel_err=eg,
+                    tol_loss=tl, tol_grad=tg, adamw_max_update=move, seconds=time.time() - t0)
+            ok = el <= tl and eg <= tg and math.isfinite(loss) and 0 < move <= 1e-3 * 1.01
+            ph.check(f"{label}: {what} vs float32 eager", ok,
+                     f"loss {loss:.6f} vs {ref[0]:.6f} (rel err {el:.1e}, tol {tl:.0e}); gradient rel err {eg:.1e} "
+                     f"(tol {tg:.0e}); first AdamW update max {move:.2e} (<= lr 1e-3)")
+        need = 1.2 * (time.time() - t_model)
+
+
+# ---- phase 2: FreqWarm + FDA smoke run under torchrun, resumed; sampling to an npz
+
+def checkpoint_tensors(ck):
+    """(name, tensor) of the trained state of a Stage-2 checkpoint: model, EMA and optimizer."""
+    out = [(f"model.{k}", v) for k, v in ck["model"].items()] + [(f"ema.{k}", v) for k, v in ck["ema"].items()]
+    for i, st in ck["opt"]["state"].items():
+        out += [(f"opt.{i}.{k}", v) for k, v in st.items() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def same_run(dir_a, dir_b):
+    """(equal, what differs): losses of every step and every tensor of the final checkpoints, bit for bit."""
+    la, lb = ([json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l] for d in (dir_a, dir_b))
+    if [r["loss"] for r in la] != [r["loss"] for r in lb]:
+        return False, f"losses {[r['loss'] for r in la]} vs {[r['loss'] for r in lb]}"
+    ta, tb = (checkpoint_tensors(load_checkpoint(os.path.join(d, "last.pt"), "sit")) for d in (dir_a, dir_b))
+    if [k for k, _ in ta] != [k for k, _ in tb]:
+        return False, "the checkpoints hold different tensors"
+    diff = [(k, (x.double() - y.double()).abs().max().item()) for (k, x), (_, y) in zip(ta, tb) if not torch.equal(x, y)]
+    if diff:
+        k, m = max(diff, key=lambda kv: kv[1])
+        return False, f"{len(diff)} of {len(ta)} tensors differ (largest: {k}, {m:.2e})"
+    return True, f"{len(la)} losses and all {len(ta)} tensors (model, EMA, optimizer) equal"
+
+
+def probe_backend(ph, backend):
+    """init_process_group + all_reduce + broadcast with one process: the collective backend itself runs."""
+    store = os.path.join(ph.work, "pg-store")
+    try:
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        x = torch.arange(4.0, device=ph.dev)
+        dist.all_reduce(x)
+        dist.broadcast(x, 0)
+        ok = torch.equal(x.cpu(), torch.arange(4.0))
+        return ok, f"init_process_group, all_reduce and broadcast of a 4-vector on {ph.dev}: {'equal' if ok else 'changed'}"
+    except Exception as e:                          # noqa: BLE001 - reported as a failed check, the phase goes on
+        return False, f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def phase_train_resume(ph):
+    dev, cuda, w = ph.dev, ph.dev.type == "cuda", ph.work
+    backend = "nccl" if cuda else "gloo"
+    os.makedirs(w, exist_ok=True)
+    ph.check(f"{backend} process group, 1 process", *probe_backend(ph, backend))
+    ok, sec, _ = ph.run(["train_vae.py", "--preset", "smoke", "--out", f"{w}/vae", "--gan-weight", "0", "--steps", "3",
+                         "--val-every", "0", *device_flags(dev)], what="smoke VAE for the Stage-2 run")
+    if not ok:
+        return
+    flags = ["train_diffusion.py", "--preset", "smoke", "--vae", f"{w}/vae/last.pt", "--freqwarm", "--r0", "0.2",
+             "--warmup-steps", "2", "--fda", "--cache-latents", "--val-every", "0", "--sample-every", "100",
+             *device_flags(dev), *(["--compile"] if cuda else [])]
+    if not cuda:
+        ph.note("the torchrun run on CPU runs eager float32 (the trainers' CPU path); on a GPU it adds --compile")
+    ph.note(f"under torchrun with 1 process the trainer runs without DDP (a process group is made only for 2+ "
+            f"ranks); the {backend} check above runs the backend itself")
+    runs = [("uninterrupted, 4 steps", "run-a", 4), ("first 2 steps", "run-b", 2), ("resumed to 4 steps", "run-b", 4)]
+    for what, d, steps in runs:
+        ok, sec, shown = ph.run(flags + ["--steps", steps, "--out", f"{w}/{d}"], torchrun=True,
+                                what=f"FreqWarm + FDA + --cache-latents under torchrun: {what}")
+        ph.item(run=what, command=shown, seconds=sec, ok=ok)
+        if not ok:
+            return
+    phases = [json.loads(l).get("phase") for l in open(f"{w}/run-b/metrics.jsonl") if '"loss"' in l]
+    ph.check("resumed run's FreqWarm phases", phases == ["warmup", "warmup", "full", "full"], f"per step: {phases}")
+    equal, detail = same_run(f"{w}/run-a", f"{w}/run-b")
+    ph.check("resume is bit-exact (run of 2 + 2 steps == run of 4 steps)", equal, detail)
+    if not equal and ph.fits("control run", 30):    # is it the resume, or are the kernels not deterministic?
+        done = ph.run(flags + ["--steps", 4, "--out", f"{w}/run-c"], torchrun=True, what="control: a second 4-step run")[0]
+        same, d2 = same_run(f"{w}/run-a", f"{w}/run-c") if done else (False, "the control run failed")
+        ph.note(f"control, two uninterrupted 4-step runs: {'equal' if same else 'differ too: ' + d2} (if they "
+                f"differ, the kernels are not deterministic here and resume cannot be bit-exact)")
+    n = 8
+    ok, sec, shown = ph.run(["evaluate.py", "sample", "--ckpt", f"{w}/run-a/last.pt", "--num-samples", n, "--batch", 4,
+                             "--sample-steps", 3, "--sampler", "euler", "--out", f"{w}/samples", *device_flags(dev)],
+                            what="evaluate.py sample")
+    ph.item(run="evaluate.py sample", command=shown, seconds=sec, ok=ok)
+    if ok:
+        from PIL import Image
+        ck = load_checkpoint(f"{w}/run-a/last.pt", "sit")
+        with np.load(f"{w}/samples.npz") as f:
+            arr = f["arr_0"]
+        side = ck["config"]["image_size"]
+        first = np.asarray(Image.open(f"{w}/samples/000000.png").convert("RGB"))
+        good = (arr.dtype == np.uint8 and arr.shape == (n, side, side, 3) and np.array_equal(arr[0], first)
+                and arr.std() > 0)
+        ph.check("evaluate.py sample wrote a valid npz", good,
+                 f"arr_0 {arr.dtype} {tuple(arr.shape)} (want uint8 ({n}, {side}, {side}, 3)), image 0 equal to "
+                 f"000000.png: {np.array_equal(arr[0], first)}, pixel std {arr.std():.1f}")
+
+
+# ---- phase 3: throughput of SiT-XL/1 and SiT-XL/2 at 256 tokens, ours and the official SiT
+
+def profile_step(step, dev, n=3):
+    """Where one step's time goes: on CUDA the 8 costliest GPU kernels and how busy the GPU was over the profiled
+    wall time (well below 100 %: the host, not the GPU, limits the step); on CPU the 8 costliest ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(dev)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync(dev)
+    wall = time.perf_counter() - t0
+    if cuda:      # kernels only: an op's device time is its kernels' again
+        ev = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        ev = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    ev = [(k, us) for k, us in ev if us > 0]
+    total = sum(us for _, us in ev) or 1e-9
+    top = sorted(ev, key=lambda kv: kv[1], reverse=True)[:8]
+    return dict(clock="GPU kernel" if cuda else "CPU op", wall_ms_per_step=wall / n * 1e3,
+                busy=total / 1e6 / wall if cuda else None,
+                top=[dict(op=k[:80], ms_per_step=us / 1e3 / n, share=us / total) for k, us in top])
+
+
+def throughput_row(ph, name, side, ch, batch, mode, who, flops):
+    """Time one step of ours or the official SiT (a Bench row); FLOPs counted on the eager step and reused for
+    the compiled one. Returns (row, configuration, profile or None); the models go with this frame."""
+    dev, s, cuda = ph.dev, ph.sizes, ph.dev.type == "cuda"
+    ns = types.SimpleNamespace(compile=mode == "compiled", no_bf16=False, warmup=s["warmup"], repeats=s["repeats"],
+                               iters=s["iters"])
+    b = Bench(ns, dev, tmp=ph.work, backend="inductor" if cuda else "aot_eager")
+    b.cfg = {"dit": (name, side, ch, batch)}
+    loop = None
+    try:
+        if who == "ours":
+            step, images, _, config, _, loop = stage2_step(b, "SiT", STAGE2["SiT"])
+        else:
+            step, images, _, config = official_step(b)
+        known = flops.get((who, name))
+        r = b.measure(f"{who} SiT-{name} {mode}", config, step, images,
+                      flops_fn=step if known is None and mode == "eager" else None,
+                      flops=known * images if known else None)
+        if r["gflop_img"]:
+            flops[(who, name)] = r["gflop_img"] * 1e9
+        prof = None
+        if (who == "ours" and name == s["throughput"][0][0] and mode == ("compiled" if cuda else "eager")
+                and (not cuda or r["img_s"] < TARGET_IMG_S) and ph.left() > 20):
+            prof = profile_step(step, dev)
+        return r, config, prof
+    finally:
+        if loop is not None:
+            loop.close()
+
+
+def phase_throughput(ph):
+    cuda, s = ph.dev.type == "cuda", ph.sizes
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainers set it
+    modes = ["eager", "compiled"] if cuda else ["eager"]
+    if not cuda:
+        ph.note("compiled rows: not run on CPU (inductor on CPU compiles C++ for minutes; the equivalence phase "
+                "runs the compiled step); CPU rows time the smoke sizes only")
+    need = {"eager": 30 if cuda else 3, "compiled": 150}       # seconds, until one item of the kind is measured
+    flops = {}
+    os.makedirs(ph.work, exist_ok=True)
+    for mode in modes:                             # every eager row first: compiling is what may not fit
+        for name, side, ch, batch in s["throughput"]:
+            for who in ("ours", "official"):
+                label = f"{who} SiT-{name} {mode}"
+                if not ph.fits(label, need[mode]):
+                    continue
+                t0 = time.time()
+                try:
+                    r, config, prof = throughput_row(ph, name, side, ch, batch, mode, who, flops)
+                except torch.OutOfMemoryError as e:
+                    ph.note(f"{label}: out of memory at batch {batch} ({str(e)[:120]})")
+                    continue
+                finally:
+                    torch._dynamo.reset()                  # drop compiled graphs (and the models they hold)
+                    if cuda:
+                        torch.cuda.empty_cache()
+                need[mode] = 1.2 * (time.time() - t0)
+                ph.item(model=f"SiT-{name}", who=who, mode=mode, dtype="bf16 autocast" if cuda else "float32",
+                        batch=batch, tokens=(side // int(name.split("/")[1])) ** 2, latents=f"{side}x{side}x{ch}",
+                        config=config, img_s=r["img_s"], step_ms=r["step_ms"], spread_ms=[r["lo_ms"], r["hi_ms"]],
+                        gflop_img=r["gflop_img"], tflop_s=r["tflop_s"], mfu=r["mfu"], mem_mib=r["mem_mib"],
+                        mem_kind=r["mem_kind"], seconds=time.time() - t0, profile=prof)
+
+
+# ---- phase 4: latent-cache encoding with a diffusers autoencoder stand-in
+
+def standin_autoencoder(kind):
+    """A randomly initialised diffusers AutoencoderKL: the SD-VAE architecture (f8, 4 channels, 84M parameters)
+    or a tiny one for the smoke size. Its latents mean nothing; its encoding speed is that of the architecture."""
+    import diffusers
+    torch.manual_seed(0)
+    if kind == "SD-VAE":
+        return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                       down_block_types=("DownEncoderBlock2D",) * 4,
+                                       up_block_types=("UpDecoderBlock2D",) * 4)
+    return diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4)
+
+
+def phase_cache_encode(ph):
+    from vae import load_autoencoder
+    dev, (n, w, h, res, kind), workers = ph.dev, ph.sizes["cache"], ph.sizes["workers"]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    folder, ae_dir = os.path.join(ph.work, "jpegs"), os.path.join(ph.work, "ae-standin")
+    make_jpegs(folder, n, w, h)
+    standin_autoencoder(kind).save_pretrained(ae_dir)
+    spec = "diffusers:" + ae_dir
+    ae = load_autoencoder(spec, dev)                    # the path a run takes with --vae diffusers:FOLDER
+    ds = ImageFolder(folder, res)
+    C = ae.latent_dim
+    stats = {"mean": torch.zeros(C), "std": torch.ones(C), "level_std": torch.ones(4, C)}
+    args = td.get_args(["--out", ph.work, "--image-size", str(res), "--workers", str(workers), "--vae", spec])
+    d = types.SimpleNamespace(rank=0, world_size=1, main=True)
+    count = {"i": 0}
+
+    def encode():
+        count["i"] += 1                                 # a fresh cache folder each time: every call encodes
+        lat = td.Latents(ae, stats, args, 0, dev)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            lat.build_cache(ds, os.path.join(ph.work, f"cache-{count['i']}"), d)
+    ns = types.SimpleNamespace(compile=False, no_bf16=False, warmup=1, repeats=2, iters=1)
+    b = Bench(ns, dev, tmp=ph.work)
+    label = (f"diffusers AutoencoderKL STAND-IN ({kind} architecture, random weights), {n} JPEGs {w}x{h} -> "
+             f"{res} px, both flips ({2 * n} latents {C}x{res // ae.downsample}x{res // ae.downsample}), "
+             f"float32 encode, {workers} workers")
+    r = b.measure("cache-encode", label, encode, 2 * n)
+    ph.item(what=label, latents_per_s=r["img_s"], seconds_per_cache=r["step_ms"] / 1e3, mem_mib=r["mem_mib"],
+            mem_kind=r["mem_kind"])
+
+
+# ---- phase 5: the study's setting, each of its training commands for a few steps
+
+def phase_study(ph):
+    import study
+    import train_vae as tv
+    dev, setting, steps = ph.dev, ph.sizes["study"], ph.sizes["study_steps"]
+    s, w = study.SETTINGS[setting], ph.work
+    short = ["--steps", steps, "--log-every", max(1, steps // 2), "--ckpt-every", steps, "--val-every", 0,
+             "--sample-every", 10 ** 6, "--n-images", 1000 if setting == "gpu" else 64, *device_flags(dev)]
+    cmds = [("VAE", "train_vae.py", tv.get_args, [*s["vae"], *short, "--stats-images", 256, "--out", f"{w}/study-vae"]),
+            ("SiT", "train_diffusion.py", td.get_args,
+             [*s["sit"], *short, "--vae", f"{w}/study-vae/last.pt", "--out", f"{w}/study-sit"])]
+    for what, script, parse, args in cmds:
+        full = parse([str(x) for x in s["vae" if what == "VAE" else "sit"]])
+        if not ph.fits(f"the study's {what} command", 5):
+            continue
+        ok, sec, shown = ph.run([script, *args], what=f"study setting {setting}: {what} command")
+        if not ok:
+            continue
+        lines = [json.loads(l) for l in open(os.path.join(args[args.index("--out") + 1], "metrics.jsonl"))
+                 if '"loss"' in l]
+        rate = lines[-1]["img_per_s"]                    # the last window: after start-up and compilation
+        ph.item(setting=setting, model=what, command=shown, seconds=sec, img_s=rate, batch=full.global_batch,
+                steps_in_study=full.steps, minutes_per_study_run=full.steps * full.global_batch / rate / 60)
+
+
+PHASE_FNS = {"equivalence": phase_equivalence, "train-resume": phase_train_resume, "throughput": phase_throughput,
+             "cache-encode": phase_cache_encode, "study": phase_study}
+
+
+def run_phase(a):
+    dev = pick_device(a)
+    ph = Phase(a, a.gpu_check_phase, dev)
+    PHASE_FNS[a.gpu_check_phase](ph)
+
+
+def stop_group(p):
+    """End a phase's process group (the phase, its torchrun and trainers): SIGTERM (a trainer saves and stops),
+    then SIGKILL to whatever is left after 5 s. Returns whether the whole group has ended."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return True
+        t0 = time.time()
+        while time.time() - t0 < 5:
+            time.sleep(0.1)
+            if p.poll() is None:                   # the phase itself first (reaped here), then its children
+                continue
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                return True
+    return False
+
+
+def gpu_check(a, argv):
+    t_start = time.time()
+    dev = pick_device(a)
+    phases = a.phases.split(",")
+    unknown = set(phases) - set(CHECK_PHASES)
+    if unknown:
+        raise UserError(f"--phases: unknown {sorted(unknown)}; use a subset of {','.join(CHECK_PHASES)}")
+    machine = preflight(a, dev)
+    ours = {"gpu-check.json", "gpu-check.txt", "phases", "work"}
+    other = sorted(set(os.listdir(a.out)) - ours)
+    if other:                                               # only a check's own folder is cleared and reused
+        raise UserError(f"--out {a.out} holds files that are not a GPU check's ({', '.join(other[:3])}); "
+                        f"use an empty or new folder")
+    for f in ("gpu-check.json", "gpu-check.txt"):          # a rerun leaves nothing of an earlier one
+        if os.path.exists(os.path.join(a.out, f)):
+            os.remove(os.path.join(a.out, f))
+    for d in ("phases", "work"):
+        shutil.rmtree(os.path.join(a.out, d), ignore_errors=True)
+    os.makedirs(os.path.join(a.out, "phases"))
+    results = {}
+    for name in [p for p in CHECK_PHASES if p in phases]:
+        budget = CHECK_PHASES[name][a.smoke] * a.budget_scale
+        cmd = [sys.executable, os.path.abspath(__file__), "--gpu-check-phase", name, "--out", a.out,
+               "--budget-scale", str(a.budget_scale)] + ["--smoke"] * a.smoke + (["--device", a.device] if a.device else [])
+        print(f"phase {name} (budget {budget:.0f} s) ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        log = os.path.join(a.out, "phases", f"{name}.log")
+        with open(log, "a") as f:
+            p = subprocess.Popen(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env=dict(os.environ, **OFFLINE))
+            try:
+                rc = p.wait(timeout=budget)
+                status = "done" if rc == 0 else f"failed (exit {rc}): {last_line(log)}"
+            except subprocess.TimeoutExpired:
+                status = f"stopped at its budget of {budget:.0f} s" + ("" if stop_group(p) else
+                                                                         " (some of its processes did not end)")
+        path = os.path.join(a.out, "phases", f"{name}.json")
+        rec = json.load(open(path)) if os.path.isfile(path) else dict(phase=name, items=[], checks=[], notes=[])
+        rec.update(status=status, seconds=round(time.time() - t0, 1), budget_s=budget, pid=p.pid)
+        results[name] = rec
+    report = assemble(a, argv, machine, results, time.time() - t_start)
+    write_json(os.path.join(a.out, "gpu-check.json"), report)
+    with atomic_write(os.path.join(a.out, "gpu-check.txt"), text=True) as f:
+        f.write("\n".join(report["text"]) + "\n")
+    print("\n".join(report["text"]))
+    if report["verdict"] != "PASS":
+        raise UserError(f"gpu-check {report['verdict']}: {report['why']}; see {os.path.join(a.out, 'gpu-check.txt')}")
+
+
+def last_line(path):
+    lines = [l for l in open(path).read().splitlines() if l.strip()]
+    return lines[-1][-300:] if lines else ""
+
+
+def fmt(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def assemble(a, argv, m, results, total):
+    """The report: verdict, machine, every phase's checks, tables and notes, as json and as text."""
+    failed = [f"{n}: {c['name']}" for n, r in results.items() for c in r["checks"] if not c["ok"]]
+    failed += [f"{n} {r['status']}" for n, r in results.items() if r["status"].startswith("failed")]
+    stopped = [f"{n} {r['status']}" for n, r in results.items() if r["status"].startswith("stopped")]
+    verdict = "FAIL" if failed else "INCOMPLETE" if stopped else "PASS"
+    bound = sum(CHECK_PHASES[n][a.smoke] * a.budget_scale for n in results)
+    peak = m["peak_flops"]
+    peak_line = (f"MFU = counted FLOP/s over a dense bf16 peak of {peak / 1e12:.0f} TFLOP/s assumed for {m['name']} "
+                 f"(datasheet)" if peak else f"MFU: none (no peak FLOP/s is known for {m['name']})")
+    text = [f"FreqLDM GPU check: {verdict}" + (f" ({'; '.join(failed or stopped)})" if verdict != "PASS" else ""),
+            f"command: python bench.py {' '.join(argv)}",
+            f"machine: {m['device']} ({m['name']}" + (f", {m['capability']}, {m['memory_gib']} GiB, CUDA {m['cuda']}, "
+                                                        f"cuDNN {m['cudnn']}" if 'cuda' in m else "")
+            + f"), {m['cpus']} CPUs; torch {m['torch']}, Python {m['python']}; collectives {m['dist_backend']}; "
+              f"torch.compile backend {m['compile_backend']}",
+            peak_line, f"time: {total:.0f} s in all; the phases' budgets sum to {bound:.0f} s", ""]
+    ratios, target = [], None
+    for name, r in results.items():
+        text.append(f"## {name}: {r['status']} ({r['seconds']:.0f} s used of its {r['budget_s']:.0f} s budget)")
+        text += [f"- [{'ok' if c['ok'] else 'FAILED'}] {c['name']}: {c['detail']}" for c in r["checks"]]
+        if name == "throughput" and r["items"]:
+            text += ["", "| model | who | mode | dtype | batch | tokens | img/s | step ms (median) | GFLOP/img | "
+                         "TFLOP/s | MFU | peak mem MiB |", "|---" * 12 + "|"]
+            for i in r["items"]:
+                text.append(f"| {i['model']} on {i['latents']} | {i['who']} | {i['mode']} | {i['dtype']} | {i['batch']} "
+                            f"| {i['tokens']} | {i['img_s']:.1f} | {i['step_ms']:.1f} | {fmt(i['gflop_img'], '.3g')} "
+                            f"| {fmt(i['tflop_s'], '.3g')} | {'-' if i['mfu'] is None else format(100 * i['mfu'], '.1f') + ' %'} "
+                            f"| {i['mem_mib']:.0f} ({i['mem_kind']}) |")
+            by = {(i["model"], i["mode"], i["who"]): i for i in r["items"]}
+            for (model, mode, who), i in by.items():
+                ref = by.get((model, mode, "official"))
+                if who == "ours" and ref:
+                    ratios.append(dict(model=model, mode=mode, ours_over_official=i["img_s"] / ref["img_s"]))
+            text += [""] + [f"- img/s ours / official SiT, {x['model']} {x['mode']}: {x['ours_over_official']:.3f}"
+                            for x in ratios]
+            first = CHECK_SIZES["gpu"]["throughput"][0][0]
+            best = max((i for i in r["items"] if i["who"] == "ours" and i["model"] == f"SiT-{first}"
+                        and "cuda" in m["device"]), key=lambda i: i["img_s"], default=None)
+            target = dict(img_s=TARGET_IMG_S, model=f"SiT-{first}", measured=best and best["img_s"],
+                          met=None if best is None else best["img_s"] >= TARGET_IMG_S)
+            text.append(f"- target {TARGET_IMG_S} img/s for SiT-{first} at 256 tokens in bf16 on one GPU: " + (
+                "not measured (no GPU row of it here)" if best is None else
+                f"{'met' if target['met'] else 'missed'} ({best['img_s']:.0f} img/s, {best['mode']})"))
+            for i in r["items"]:
+                if i.get("profile"):
+                    pr = i["profile"]
+                    text.append(f"- profile of {i['who']} {i['model']} {i['mode']}: {pr['wall_ms_per_step']:.1f} ms "
+                                f"per step" + (f", device busy {100 * pr['busy']:.0f} % of it" if pr["busy"] else "")
+                                + f"; the costliest by own time ({pr['clock']}): " + ", ".join(
+                                    f"{t['op']} {t['ms_per_step']:.2f} ms ({100 * t['share']:.0f} %)" for t in pr["top"][:6]))
+        if name == "cache-encode":
+            text += [f"- {i['what']}: {i['latents_per_s']:.1f} latents/s ({i['seconds_per_cache']:.2f} s per cache), "
+                     f"peak mem {i['mem_mib']:.0f} MiB ({i['mem_kind']})" for i in r["items"]]
+        if name == "study":
+            text += [f"- study setting {i['setting']}, {i['model']}: {i['img_s']:.1f} img/s at batch {i['batch']} "
+                     f"(last metrics window of `{i['command']}`); its {i['steps_in_study']} steps take about "
+                     f"{i['minutes_per_study_run']:.3g} min per run at that rate" for i in r["items"]]
+        if name == "train-resume":
+            text += [f"- {i['run']}: {'ok' if i['ok'] else 'FAILED'} in {i['seconds']:.0f} s: `{i['command']}`"
+                     for i in r["items"]]
+        text += [f"- note: {n}" for n in r["notes"]] + [""]
+    why = "; ".join(failed or stopped)
+    return dict(verdict=verdict, why=why, command=f"python bench.py {' '.join(argv)}", machine=m, seconds=total,
+                budget_bound_s=bound, tolerances=CHECK_TOL, ratios_ours_over_official=ratios, target=target,
+                phases=results, text=text)
+
+
 # ----------------------------------------------------------------------------- table
 
 def table(b, argv):
@@ -576,12 +1212,28 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
     p.add_argument("--iters", type=int, default=None, help="steps per timed repeat")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
-    return p.parse_args(argv)
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the GPU check instead of the table: correctness, throughput, cache, study (one GPU, < 10 min)")
+    p.add_argument("--smoke", action="store_true", help="--gpu-check at the smoke size (CPU or GPU, CI)")
+    p.add_argument("--out", default="runs/gpu-check", help="--gpu-check: folder of the report and its work files")
+    p.add_argument("--phases", default=",".join(CHECK_PHASES), help="--gpu-check: comma-separated subset of phases")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="--gpu-check: multiply every phase's time budget")
+    p.add_argument("--gpu-check-phase", default=None, choices=tuple(CHECK_PHASES),
+                   help="run one phase of --gpu-check (what --gpu-check starts for each phase)")
+    a = p.parse_args(argv)
+    if a.budget_scale <= 0:
+        p.error("--budget-scale must be positive")
+    a.out = os.path.abspath(a.out)
+    return a
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = get_args(argv)
+    if a.gpu_check_phase:
+        return run_phase(a)
+    if a.gpu_check:
+        return gpu_check(a, argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -619,4 +1271,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
