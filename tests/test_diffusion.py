@@ -300,9 +300,11 @@ def test_keep_every_keeps_exactly_those_steps_and_resumes_right(vae_ckpt, tmp_pa
     stale step 6 of a longer attempt) resumes from 3: the kept files past 3 are replaced by the resumed run's,
     and a resume with --steps 5 leaves none past 5. Kept files are never resumed from."""
     common = ["--ckpt-every", "3", "--sample-every", "100", "--keep-every", "2"]
-    td.main(smoke(vae_ckpt, tmp_path / "a", *common, "--steps", "7"))
+    td.main(smoke(vae_ckpt, tmp_path / "a", *common, "--steps", "7", "--sampler", "sde", "--sample-steps", "3"))
     a = tmp_path / "a"
-    assert kept_steps(a) == [2, 4, 6]
+    assert kept_steps(a) == [2, 4, 6] and (a / "samples_0000007.png").is_file()    # the last grid by the SDE
+    with pytest.raises(UserError, match="--sampler sde needs --sample-steps >= 2"):
+        td.get_args(smoke(vae_ckpt, a, "--sampler", "sde", "--sample-steps", "1"))
     ema = {s: load_checkpoint(str(a / "keep" / f"ema_{s:07d}.pt"), "sit") for s in (2, 4, 6)}
     for s, k in ema.items():
         assert k["step"] == s and k["ema_only"] and not {"model", "opt", "rng"} & set(k)
