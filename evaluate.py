@@ -68,7 +68,8 @@ def sample_labels(n, num_classes, mode, seed):
     sample_ddp.py draw them; here one seeded draw for the whole set, so independent of ranks and batches)."""
     if mode == "balanced":
         return balanced_labels(range(n), num_classes)
-    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed * 1_000_003 + 999_983))
+    g = torch.Generator().manual_seed(2 ** 40 + seed)          # above every per-image seed (image_generators)
+    return torch.randint(num_classes, (n,), generator=g)
 
 
 def image_generators(indices, seed):
