@@ -896,6 +896,17 @@ def kept_checkpoints(run_dir):
     return [(int(f[4:-3]), os.path.join(folder, f)) for f in names]
 
 
+def check_curve_reference(a):
+    """Before any sampling: the Inception file (its path) and a --ref this clean-mode network may stand beside."""
+    if not os.path.exists(a.ref):
+        raise UserError(f"--ref {a.ref} does not exist")
+    keys = set(zipfile.ZipFile(a.ref).namelist()) if a.ref.endswith(".npz") else set()
+    if {"arr_0.npy", "mu.npy"} <= keys:                      # ADM's batch: statistics of another pipeline
+        raise UserError(f"--ref {a.ref} is an ADM reference batch: its statistics were taken by ADM's "
+                        f"evaluator, not by this clean-mode network; make statistics with `fid --make-ref-stats`")
+    return find_inception(a.inception_path)
+
+
 def sample_set_metrics(a, npz, d, cache):
     """The curve's metric of one sample .npz: the offline dead-leaves metric, or gFID / IS against --ref.
 
@@ -909,12 +920,8 @@ def sample_set_metrics(a, npz, d, cache):
         fake = np.concatenate(list(npz_batches(npz)))
         return deadleaves_metrics(ext, fake, labels=sample_set_labels(npz), ref_moments=ref)
     if "ext" not in cache:
-        keys = set(zipfile.ZipFile(a.ref).namelist()) if a.ref.endswith(".npz") and os.path.isfile(a.ref) else set()
-        if {"arr_0.npy", "mu.npy"} <= keys:                  # ADM's batch: statistics of another pipeline
-            raise UserError(f"--ref {a.ref} is an ADM reference batch: its statistics were taken by ADM's "
-                            f"evaluator, not by this clean-mode network; make statistics with `fid --make-ref-stats`")
-        cache["ext"] = InceptionExtractor(find_inception(a.inception_path), d.device)
-        if "mu.npy" in keys:
+        cache["ext"] = InceptionExtractor(check_curve_reference(a), d.device)
+        if a.ref.endswith(".npz") and "mu" in load_npz(a.ref, "--ref"):
             cache["ref"] = load_ref_stats(a.ref)
         else:
             side = npz_shape(npz, "--samples")[0][1]
@@ -927,6 +934,8 @@ def cmd_curve(a, d):
     """Sample every kept checkpoint of every run (OUT/samples/RUN-ID/step_STEP, resumable as `sample`), score
     each sample set, and tabulate the metric against the step: runs that differ only in --seed form one column
     (mean ± sample std over seeds), the others stand side by side."""
+    if a.features == "inception":
+        check_curve_reference(a)
     runs = []
     for run_dir in a.runs:
         kept = kept_checkpoints(run_dir)

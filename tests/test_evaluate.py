@@ -187,6 +187,12 @@ def test_curve_of_two_seeds_writes_table_json_and_figure(smoke_models, tmp_path,
     with pytest.raises(ev.UserError, match="labels: random there, balanced now"):   # a set of other labels
         ev.main(["sample", "--ckpt", point["checkpoint"], "--num-samples", "6", "--sample-steps", "2",
                  "--sampler", "sde", "--out", str(npz.with_suffix(""))])
+    adm = tmp_path / "VIRTUAL_adm.npz"                          # refused before anything is sampled
+    np.savez(adm, arr_0=np.zeros((2, 16, 16, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(2048))
+    for ref, msg in ((adm, "is an ADM reference batch"), (tmp_path / "no.npz", "does not exist")):
+        with pytest.raises(ev.UserError, match=msg):
+            ev.main(["curve", str(runs[0]), "--features", "inception", "--ref", str(ref), "--out", str(tmp_path / "c2")])
+    assert not (tmp_path / "c2" / "samples").exists()
 
 
 class IdentityAE:
