@@ -370,8 +370,9 @@ SDE_LAST_STEP = 0.04        # SiT's --last-step-size: the final noise-free step 
 
 @torch.no_grad()
 def sample_sde(velocity, noise, steps=250, last_step=SDE_LAST_STEP, generator=None):
-    """Euler-Maruyama on the reverse SDE of the linear interpolant, SiT's SDE sampler (its defaults: diffusion
-    form 'sigma', norm 1, last step 'Mean' of size 0.04, `steps` network evaluations in all).
+    """Euler-Maruyama on the reverse SDE of the linear interpolant: SiT's SDE sampler with the defaults of its
+    sample.py / sample_ddp.py (diffusion form 'sigma', norm 1, last step 'Mean' of size 0.04), `steps`
+    network evaluations in all (SiT's --num-sampling-steps).
 
     Every SDE  dx = [v - w(t) grad log p_t(x)] dt + sqrt(2 w(t)) dW,  run from t = 1 down to t = 0, has the
     marginals p_t of the probability-flow ODE dx/dt = v. SiT's 'sigma' form is w = sigma_t, the noise
