@@ -5,15 +5,17 @@
 #   bash demo.sh --smoke [OUT]    # smoke presets: about a minute (what CI runs)
 #
 # Stage 1 trains the ViT VAE with MLSR; Stage 2 trains SiT three times on its latents: baseline,
-# FreqWarm (r0 = 0.2) and denoised latents (level 1) with FDA. Stage 3 samples each, scores the samples
-# with the offline dead-leaves metric, compares the runs (table + figure of the validation loss),
-# measures reconstruction per MLSR level, runs the frequency diagnosis, and computes FID only if
-# clean-fid's Inception weights are on disk.
+# FreqWarm (r0 = 0.2) and denoised latents (level 1) with FDA, keeping the EMA every KEEP steps. Stage 3
+# samples each, scores the samples with the offline dead-leaves metric, draws the metric against the training
+# step over the kept checkpoints (a coarse curve: few samples, Euler), compares the runs (table + figure of the
+# validation loss), measures reconstruction per MLSR level, runs the frequency diagnosis, and computes FID
+# only if clean-fid's Inception weights are on disk.
 set -euo pipefail
 cd "$(dirname "$0")"
-PRESET=cpu-demo; N_SAMPLES=200; N_EVAL=128; SAMPLE_STEPS=25; DL=()
+PRESET=cpu-demo; N_SAMPLES=200; N_EVAL=128; SAMPLE_STEPS=25; DL=(); KEEP=500; N_CURVE=100; CURVE_STEPS=10
 if [ "${1:-}" = "--smoke" ]; then
     PRESET=smoke; N_SAMPLES=10; N_EVAL=16; SAMPLE_STEPS=4; DL=(--dl-train-images 200 --dl-steps 30); shift
+    KEEP=3; N_CURVE=6; CURVE_STEPS=2
 fi
 OUT=${1:-demo_out}
 PY=${PYTHON:-.venv/bin/python}
@@ -34,12 +36,16 @@ for RUN in "${RUNS[@]}"; do
     [ "$RUN" = freqwarm ] && FLAGS=(--freqwarm --r0 0.2)
     [ "$RUN" = dvae ] && FLAGS=(--denoise-level 1 --fda)
     step "stage 2: SiT, $RUN ${FLAGS[*]:-} ($PRESET)"
-    "$PY" train_diffusion.py --preset "$PRESET" --vae "$OUT/vae/last.pt" --out "$OUT/sit-$RUN" "${FLAGS[@]}"
+    "$PY" train_diffusion.py --preset "$PRESET" --vae "$OUT/vae/last.pt" --out "$OUT/sit-$RUN" --keep-every "$KEEP" "${FLAGS[@]}"
     step "stage 3: $N_SAMPLES samples from the $RUN SiT, and the offline dead-leaves metric (fd_dl, class_acc_dl)"
     "$PY" evaluate.py sample --ckpt "$OUT/sit-$RUN/last.pt" --num-samples "$N_SAMPLES" --batch 50 --sample-steps "$SAMPLE_STEPS" \
         --cfg-scale 2.0 --out "$OUT/samples-$RUN"
     "$PY" evaluate.py fid --features deadleaves --samples "$OUT/samples-$RUN.npz" --record "$OUT/sit-$RUN" "${DL[@]}"
 done
+
+step "stage 3: convergence curves: fd_dl of $N_CURVE samples (Euler, $CURVE_STEPS steps) from the EMA kept every $KEEP steps"
+"$PY" evaluate.py curve "$OUT/sit-baseline" "$OUT/sit-freqwarm" "$OUT/sit-dvae" --num-samples "$N_CURVE" --batch 100 \
+    --sampler euler --sample-steps "$CURVE_STEPS" --cfg-scale 2.0 --out "$OUT/curve" "${DL[@]}"
 
 step "stage 3: the runs side by side (validation loss of the EMA on held-out latents, offline metrics)"
 "$PY" evaluate.py compare "$OUT/sit-baseline" "$OUT/sit-freqwarm" "$OUT/sit-dvae" --out "$OUT/compare"
@@ -69,6 +75,7 @@ Done. Look at:
   $OUT/sit-baseline/samples_*.png         SiT samples during training (one column per class)
   $OUT/sit-freqwarm/samples_*.png         the same with FreqWarm (r0 = 0.2)
   $OUT/samples-{baseline,freqwarm,dvae}.npz   ADM-style sample arrays
+  $OUT/curve/curve.md, curve.png          fd_dl against the training step, the runs side by side
   $OUT/compare/compare.md, compare.png    the runs side by side: validation loss, fd_dl, class_acc_dl
   $OUT/recon/recon.json                  PSNR / SSIM / latent HF ratio per MLSR level
   $OUT/diagnosis/*.png                   F1-F3 figures and latent spectra

@@ -7,7 +7,9 @@
 Time convention (DESIGN.md section 2) -- the OPPOSITE of SiT's released code:
     x_t = (1 - t) x0 + t eps,  t in [0, 1],  t = 0 is data, t = 1 is pure noise,
     the network predicts the velocity v = d x_t / dt = eps - x0,
-    samplers integrate dx/dt = v from t = 1 down to t = 0 (Euler or Heun).
+    samplers integrate dx/dt = v from t = 1 down to t = 0 (Euler or Heun), or the reverse SDE (sample_sde).
+SiT's released code runs the same linear interpolant with t_SiT = 1 - t (t_SiT = 1 is data) and
+predicts v_SiT = x0 - eps = -v; sample_sde is SiT's Euler-Maruyama sampler written in our t.
 The Denoising-VAE paper writes its objective in DDPM form (Eq. 5); with a linear
 interpolant the same latents z^(l) simply take the place of x0 here.
 
@@ -344,6 +346,54 @@ def sample_ode(velocity, noise, steps=50, method="heun"):
         else:
             raise ValueError(f"unknown sampler {method!r}; use euler or heun")
     return x
+
+
+def score_from_velocity(x, v, t):
+    """grad log p_t(x) from the velocity of the linear interpolant (t > 0): x_t = eps - (1 - t)(eps - x0) and
+    v = E[eps - x0 | x_t], so E[eps | x_t] = x_t + (1 - t) v and the score is -E[eps | x_t] / t
+    (SiT's ICPlan.get_score_from_velocity, in its time t_SiT = 1 - t)."""
+    return -(x + (1 - t) * v) / t
+
+
+def _gaussian(x, generator):
+    """Standard normal like x (B, ...): from one torch.Generator, or row b from generator[b] (per-image noise
+    that does not depend on the batch split), or torch's global stream when generator is None."""
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generator]).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+
+
+SDE_LAST_STEP = 0.04        # SiT's --last-step-size: the final noise-free step goes from t = 0.04 to t = 0
+
+
+@torch.no_grad()
+def sample_sde(velocity, noise, steps=250, last_step=SDE_LAST_STEP, generator=None):
+    """Euler-Maruyama on the reverse SDE of the linear interpolant: SiT's SDE sampler with the defaults of its
+    sample.py / sample_ddp.py (diffusion form 'sigma', norm 1, last step 'Mean' of size 0.04), `steps`
+    network evaluations in all (SiT's --num-sampling-steps).
+
+    Every SDE  dx = [v - w(t) grad log p_t(x)] dt + sqrt(2 w(t)) dW,  run from t = 1 down to t = 0, has the
+    marginals p_t of the probability-flow ODE dx/dt = v. SiT's 'sigma' form is w = sigma_t, the noise
+    coefficient of x_t, which is t here. Grid: `steps` points from t = 1 down to t = last_step (steps - 1
+    Euler-Maruyama steps with fresh noise), then one step of the same drift without noise from last_step to
+    t = 0 (SiT's 'Mean' last step; the score's 1 / t keeps the grid away from t = 0).
+    """
+    if steps < 2:
+        raise ValueError(f"the SDE sampler needs at least 2 steps, got {steps}")
+    ts = torch.linspace(1.0, last_step, steps).tolist() + [0.0]
+    x = noise.float()
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t                                              # negative
+        v = velocity(x, t)
+        w = t                                                        # diffusion coefficient w(t) = sigma_t = t
+        x_mean = x + (v - w * score_from_velocity(x, v, t)) * dt
+        x = x_mean if i == len(ts) - 2 else x_mean + math.sqrt(2 * w * -dt) * _gaussian(x, generator)
+    return x
+
+
+SAMPLERS = ("euler", "heun", "sde")          # --sampler: sample_ode methods and sample_sde
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@
     python evaluate.py diagnose --vae runs/vae-demo/last.pt --n 256 --out runs/eval/diagnosis
     python evaluate.py diagnose --vae diffusers:Wan-AI/Wan2.2-TI2V-5B-Diffusers#vae --image-size 512 --data VAL_FOLDER
     python evaluate.py export   --ckpt runs/sit-demo/last.pt --out runs/export/sit-demo [--push-to-hub USER/NAME]
+    python evaluate.py curve    runs/sit-a runs/sit-b --num-samples 1000 --out runs/curve   # runs with --keep-every
     torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              evaluate.py sample --ckpt SIT.pt --num-samples 50000
 
-sample   : EMA weights, class-balanced labels (image i has class i mod K), indices sharded over ranks
-           (rank r draws i = r, r + W, ...), noise seeded per image, PNGs written as they finish (a rerun
-           skips existing ones), then an ADM-style .npz (uint8 NHWC `arr_0`).
+sample   : EMA weights, class-balanced labels (image i has class i mod K; or --labels random), indices sharded
+           over ranks (rank r draws i = r, r + W, ...), noise seeded per image, PNGs written as they finish
+           (a rerun skips existing ones), then an ADM-style .npz (uint8 NHWC `arr_0`, labels `arr_1`).
+           --sampler euler / heun (ODE) or sde (SiT's Euler-Maruyama sampler).
 fid      : gFID, sFID, Inception Score and improved precision / recall (k = 3) from clean-fid's Inception
            file under one of two protocols: --fid-mode adm (default; ADM's evaluator, the protocol of the
            published tables and of ADM reference batches) or clean (clean-fid's PIL-bicubic resize).
@@ -23,11 +25,13 @@ recon    : PSNR, SSIM, LPIPS (and rFID, rsFID, IS with Inception) of D(S_l(z)) a
 diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
            (F2) cumulative RGB spectral energy vs radius, (F3) latent high-frequency energy vs the RGB
            low-pass radius r0, and the radially averaged latent spectra per MLSR level; JSON + PNG figures.
+curve    : samples and scores the EMA checkpoints runs kept with --keep-every: metric vs step (table, JSON, figure).
 export   : a 'sit' or 'vae' checkpoint's EMA weights as model.safetensors + config.json (provenance sealed
            into the safetensors header); `sample --ckpt DIR` and `--vae DIR` read it like the checkpoint.
 Every printed metric names the network that produced it.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -43,6 +47,7 @@ import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
                     load_checkpoint, log0, read_export, run_main, setup_distributed, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
+from dit import SAMPLERS
 from vae import (DEFAULT_IMAGE_SIZE, VGG16_FILE, LatentSpace, find_vgg_weights, latent_stats, level_scores,
                  load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
 
@@ -71,10 +76,23 @@ def balanced_labels(indices, num_classes):
     return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
 
 
-def image_noise(indices, shape, seed):
+def sample_labels(n, num_classes, mode, seed):
+    """Labels of images 0..n-1: 'balanced' (image i has class i mod K) or 'random' (uniform, as DiT's and SiT's
+    sample_ddp.py draw them; here one seeded draw for the whole set, so independent of ranks and batches)."""
+    if mode == "balanced":
+        return balanced_labels(range(n), num_classes)
+    g = torch.Generator().manual_seed(2 ** 40 + seed)          # above every per-image seed (image_generators)
+    return torch.randint(num_classes, (n,), generator=g)
+
+
+def image_generators(indices, seed):
+    """One random stream per image: its initial noise, then (SDE sampler) its Brownian increments."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+
+
+def image_noise(indices, shape, seed, generators=None):
     """Per-image initial noise, identical whatever the world size or batch split."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in indices])
+    return torch.stack([torch.randn(shape, generator=g) for g in generators or image_generators(indices, seed)])
 
 
 def load_sit(path, device, vae=None):
@@ -108,7 +126,7 @@ def sample_manifest(a, ck_path):
     if os.path.isdir(ck_path):                          # an export: its weights file (config sealed inside)
         ck_path = os.path.join(ck_path, "model.safetensors")
     return {"checkpoint": file_hash(ck_path), "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
-            "sampler": a.sampler, "sample_steps": a.sample_steps, "seed": a.seed}
+            "sampler": a.sampler, "sample_steps": a.sample_steps, "seed": a.seed, "labels": a.labels}
 
 
 def check_manifest(out, manifest):
@@ -125,8 +143,9 @@ def check_manifest(out, manifest):
         write_json(path, manifest)
 
 
-def folder_to_npz(folder, n, path, chunk=1000):
-    """Stream PNGs 000000..n-1 into an ADM-style .npz (arr_0 uint8 NHWC) without holding them all; atomic."""
+def folder_to_npz(folder, n, path, chunk=1000, labels=None):
+    """Stream PNGs 000000..n-1 into an ADM-style .npz (arr_0 uint8 NHWC, and arr_1 int64 class labels when
+    given, as ADM's class-conditional sample files) without holding them all; atomic."""
     first = np.asarray(load_rgb(os.path.join(folder, f"{0:06d}.png")))
     shape = (n, *first.shape)
     with atomic_write(path) as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -136,13 +155,17 @@ def folder_to_npz(folder, n, path, chunk=1000):
                 block = np.stack([np.asarray(load_rgb(os.path.join(folder, f"{j:06d}.png")))
                                   for j in range(i, min(i + chunk, n))])
                 f.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
     return shape
 
 
 @torch.no_grad()
 def cmd_sample(a, d):
-    from dit import guided_velocity, sample_ode
+    from dit import guided_velocity, sample_ode, sample_sde
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
+    labels = sample_labels(a.num_samples, ema.num_classes, a.labels, a.seed)            # (num_samples,)
     if d.main:
         os.makedirs(a.out, exist_ok=True)
         check_manifest(a.out, sample_manifest(a, a.ckpt))
@@ -152,22 +175,27 @@ def cmd_sample(a, d):
     barrier()
     todo = [i for i in shard(a.num_samples, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
     log0(f"sampling {a.num_samples} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
-         f"CFG {a.cfg_scale} on t in {a.cfg_interval}; decoder {ae.name}", d)
+         f"CFG {a.cfg_scale} on t in {a.cfg_interval}, {a.labels} labels; decoder {ae.name}", d)
     shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
     for s in range(0, len(todo), a.batch):
         idx = todo[s:s + a.batch]
-        y = balanced_labels(idx, ema.num_classes).to(d.device)
-        noise = image_noise(idx, shape, a.seed).to(d.device)
+        y = labels[idx].to(d.device)
+        gens = image_generators(idx, a.seed)
+        noise = image_noise(idx, shape, a.seed, gens).to(d.device)
+        velocity = guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval))
         with autocast(d.device, not a.no_bf16):
-            z = sample_ode(guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval)), noise, a.sample_steps, a.sampler)
+            if a.sampler == "sde":                                  # each image's increments from its own stream
+                z = sample_sde(velocity, noise, a.sample_steps, generator=gens)
+            else:
+                z = sample_ode(velocity, noise, a.sample_steps, a.sampler)
         imgs = to_uint8(ae.decode(space.to_autoencoder(z)))          # float32 decode, outside autocast
         for i, im in zip(idx, imgs):
             with atomic_write(os.path.join(a.out, f"{i:06d}.png")) as f:
                 Image.fromarray(im).save(f, format="PNG")
     barrier()
     if d.main:
-        shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz")
-        log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8)", d)
+        shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz", labels=labels.numpy())
+        log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8, arr_1 its {a.labels} labels)", d)
 
 
 # ----------------------------------------------------------------------------- export (and the Hub)
@@ -713,7 +741,7 @@ def cmd_fid(a, d):
     if a.features == "deadleaves":
         fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
         ext = DeadLeavesExtractor(side, d.device, n_train=a.dl_train_images, steps=a.dl_steps)
-        res = deadleaves_metrics(ext, np.concatenate(list(fake)))
+        res = deadleaves_metrics(ext, np.concatenate(list(fake)), labels=sample_set_labels(a.samples))
         return report_generation(a, res)
     if a.make_ref_stats:
         return make_ref_stats(a, d, image_source(a.samples, "--samples")[2] if a.samples else None)
@@ -818,7 +846,15 @@ class DeadLeavesExtractor:
             with atomic_write(path) as f:
                 torch.save(self.net.state_dict(), f)
         self.net.to(device).eval().requires_grad_(False)
-        self.device = device
+        self.device, self.cache_dir = device, cache_dir
+
+    def reference_path(self, side, n_ref, seed):
+        """Where the feature moments of the dead-leaves reference are cached: keyed by the network's weights,
+        since rendering the reference images is the slow part of the metric."""
+        h = hashlib.sha256()
+        for _, t in sorted(self.net.state_dict().items()):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return os.path.join(self.cache_dir, f"deadleaves-ref-r{side}-n{n_ref}-seed{seed}-{h.hexdigest()[:16]}.npz")
 
     @torch.no_grad()
     def __call__(self, imgs):
@@ -827,17 +863,51 @@ class DeadLeavesExtractor:
         return f.double().cpu().numpy(), torch.softmax(logits, 1).double().cpu().numpy()
 
 
-def deadleaves_metrics(extractor, fake, n_ref=2000, seed=0):
-    """Frechet distance in DL-net features against dead-leaves images (the training set: seed 0) and the
-    accuracy with which DL-net recognises the intended class of class-balanced samples (image i has class
-    i mod 10, as `sample` draws them). Named for what they are: fd_dl and class_acc_dl, never FID."""
-    fake = np.asarray(fake)
-    side = fake.shape[1]
+def sample_set_labels(src):
+    """The class labels a sample set was drawn with: arr_1 of its .npz (written by `sample`), or None for
+    class-balanced ones (image i has class i mod K). A folder drawn with --labels random is refused: its
+    labels are in the .npz beside it."""
+    if src.endswith(".npz"):
+        with zipfile.ZipFile(src) as zf:
+            if "arr_1.npy" not in zf.namelist():
+                return None
+            with zf.open("arr_1.npy") as f:
+                return np.lib.format.read_array(f)
+    manifest = os.path.join(src, "manifest.json")
+    if os.path.isfile(manifest) and json.load(open(manifest)).get("labels", "balanced") != "balanced":
+        raise UserError(f"{src} was drawn with --labels random: pass {src.rstrip('/')}.npz, which holds its labels")
+    return None
+
+
+def deadleaves_reference(extractor, side, n_ref=2000, seed=0):
+    """DL-net feature moments of n_ref dead-leaves images at `side` px (the training set: seed 0), cached on
+    disk beside the network (DeadLeavesExtractor.reference_path)."""
+    path = extractor.reference_path(side, n_ref, seed) if hasattr(extractor, "reference_path") else None
+    moments = FeatureMoments()
+    if path and os.path.isfile(path):
+        with np.load(path) as z:
+            moments.n, moments.s, moments.ss = int(z["n"]), z["s"], z["ss"]
+        return moments
     ref = DeadLeaves(n=n_ref, resolution=side, seed=seed)
     real = to_uint8(torch.stack([ref[i][0] for i in range(n_ref)]))
+    moments = extract(extractor, _batched(real), keep=False)[0]
+    if path:
+        with atomic_write(path) as f:
+            np.savez(f, n=moments.n, s=moments.s, ss=moments.ss)
+    return moments
+
+
+def deadleaves_metrics(extractor, fake, n_ref=2000, seed=0, labels=None, ref_moments=None):
+    """Frechet distance in DL-net features against dead-leaves images (the training set: seed 0; or
+    `ref_moments` from deadleaves_reference) and the accuracy with which DL-net recognises the intended class
+    of the samples (`labels`, default class-balanced: image i has class i mod 10, as `sample` draws them by
+    default). Named for what they are: fd_dl and class_acc_dl, never FID."""
+    fake = np.asarray(fake)
+    rm = ref_moments or deadleaves_reference(extractor, fake.shape[1], n_ref, seed)
     fm, _, fp = extract(extractor, _batched(fake), keep=False)
-    rm, _, _ = extract(extractor, _batched(real), keep=False)
-    labels = np.arange(len(fake)) % ref.num_classes
+    labels = np.arange(len(fake)) % fp.shape[1] if labels is None else np.asarray(labels)   # 10 classes
+    if len(labels) != len(fake):
+        raise UserError(f"{len(fake)} samples but {len(labels)} labels")
     return {"network": extractor.name, "n_fake": fm.n, "n_real": rm.n,
             "fd_dl": frechet_distance(*fm.stats(), *rm.stats()),
             "class_acc_dl": float((fp.argmax(1) == labels).mean())}
@@ -1097,7 +1167,8 @@ def cmd_diagnose(a, d):
 # ----------------------------------------------------------------------------- comparing runs
 
 IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
-                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "log_to"}
+                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "log_to", "keep_every",
+                     "sampler", "sample_steps", "cfg_scale"}
 FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
 
 
@@ -1172,6 +1243,133 @@ def cmd_compare(a, d):
     log0(f"{len(runs)} runs in {len(groups)} group(s) -> {a.out}/compare.md, {a.out}/compare.png\n{table}")
 
 
+# ----------------------------------------------------------------------------- convergence curves
+
+def kept_checkpoints(run_dir):
+    """[(step, path)] of the EMA checkpoints a run kept with --keep-every (OUT/keep/ema_STEP.pt), by step."""
+    folder = os.path.join(run_dir, "keep")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = sorted(f for f in names if f.startswith("ema_") and f.endswith(".pt") and f[4:-3].isdigit())
+    if not names:
+        raise UserError(f"{run_dir} holds no kept checkpoints ({folder}/ema_STEP.pt): train it with --keep-every N")
+    return [(int(f[4:-3]), os.path.join(folder, f)) for f in names]
+
+
+def curve_reference(a, runs):
+    """Before any sampling: the Inception file exists and --ref stands beside the runs' samples (their side,
+    --fid-mode); one line otherwise."""
+    sides = {r["config"].get("image_size") for r in runs}
+    if len(sides) != 1:
+        raise UserError(f"curve: the runs sample images of different sides {sorted(map(str, sides))}; one FID "
+                        f"reference stands beside one side")
+    side = sides.pop()
+    ref = Reference(a.ref, side, workers=a.workers)
+    ref.check(a.fid_mode, side)
+    find_inception(a.inception_path)
+    return ref
+
+
+def sample_set_metrics(a, npz, d, cache):
+    """The curve's metric of one sample .npz: the offline dead-leaves metric, or gFID / sFID / IS against --ref.
+
+    cache holds the feature networks (built once) and the reference statistics (cache["ref"]: the Reference)."""
+    if a.features == "deadleaves":
+        side = npz_shape(npz, "--samples")[0][1]
+        if side not in cache:
+            ext = DeadLeavesExtractor(side, d.device, n_train=a.dl_train_images, steps=a.dl_steps)
+            cache[side] = ext, deadleaves_reference(ext, side)
+        ext, ref = cache[side]
+        fake = np.concatenate(list(npz_batches(npz)))
+        return deadleaves_metrics(ext, fake, labels=sample_set_labels(npz), ref_moments=ref)
+    ref = cache["ref"]
+    if "ext" not in cache:
+        ext = inception(a, d)
+        ref.check_network(ext)
+        if ref.kind == "images":                     # the reference's moments once for every point of the curve
+            spatial = FeatureMoments()
+            moments = extract(ext, ref.images(), keep=False, spatial=spatial)[0]
+            stats = moments.stats(), (spatial.stats() if spatial.n else None)
+        else:
+            stats = ref.stats(), ref.stats("mu_s", "sigma_s")
+        cache.update(ext=ext, stats=stats)
+    ext, (ref_stats, ref_spatial) = cache["ext"], cache["stats"]
+    res = generation_metrics(ext, npz_batches(npz), ref_stats=ref_stats, ref_spatial=ref_spatial,
+                             is_split=IS_SPLIT if ext.mode == "adm" else None)
+    return {"fid_mode": ext.mode, "network_hash": ext.network_hash, **ref.describe(), **res}
+
+
+def cmd_curve(a, d):
+    """Sample every kept checkpoint of every run (OUT/samples/RUN-ID/step_STEP, resumable as `sample`), score
+    each sample set, and tabulate the metric against the step: runs that differ only in --seed form one column
+    (mean ± sample std over seeds), the others stand side by side."""
+    runs = []
+    for run_dir in a.runs:
+        kept = kept_checkpoints(run_dir)
+        where = os.path.abspath(run_dir)                    # sample sets of each run in their own folder
+        tag = f"{os.path.basename(where)}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+        config = load_checkpoint(kept[-1][1], "sit")["config"]
+        runs.append({"dir": run_dir, "tag": tag, "config": config, "kept": kept, "points": {}})
+    metric = "fd_dl" if a.features == "deadleaves" else "fid"
+    cache = {"ref": curve_reference(a, runs)} if a.features == "inception" else {}
+    for run in runs:
+        for step, path in run["kept"]:
+            out = os.path.join(a.out, "samples", run["tag"], f"step_{step:07d}")
+            sa = argparse.Namespace(ckpt=path, vae=None, num_samples=a.num_samples, batch=a.batch,
+                                    sample_steps=a.sample_steps, sampler=a.sampler, cfg_scale=a.cfg_scale,
+                                    cfg_interval=a.cfg_interval, labels=a.labels, seed=a.seed, no_bf16=a.no_bf16,
+                                    out=out)
+            cmd_sample(sa, d)
+            if d.main:
+                res = sample_set_metrics(a, out + ".npz", d, cache)
+                run["points"][step] = {"checkpoint": path, "checkpoint_hash": file_hash(path), "step": step, **res}
+    if not d.main:
+        return
+    groups = group_runs(runs)
+    steps = sorted({s for r in runs for s in r["points"]})
+    first = next(iter(runs[0]["points"].values()))
+    what = (f"{metric} ({first['network']}; {a.num_samples} samples per point, {a.sampler} x {a.sample_steps}, "
+            f"CFG {a.cfg_scale} on t in {list(a.cfg_interval)}, {a.labels} labels, sampling seed {a.seed}"
+            + (f"; reference {a.ref}" if a.features == "inception" else "") + ")")
+    lines = [f"{what}, EMA weights kept at each step; mean ± sample std over the seeds of a column", "",
+             "| step | " + " | ".join(f"{label} (seeds {','.join(str(r['config'].get('seed')) for r in rs)})"
+                                       for label, rs in groups.items()) + " |", "|---" * (1 + len(groups)) + "|"]
+    for step in steps:
+        cells = []
+        for rs in groups.values():
+            vals = [r["points"][step][metric] for r in rs if step in r["points"]]
+            cells.append((mean_spread(vals) + (f" ({len(vals)} of {len(rs)} seeds)" if len(vals) < len(rs) else ""))
+                         if vals else "-")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    os.makedirs(a.out, exist_ok=True)
+    with atomic_write(os.path.join(a.out, "curve.md"), text=True) as f:
+        f.write(table + "\n")
+    write_json(os.path.join(a.out, "curve.json"), {
+        "metric": metric, "features": a.features, "network": first["network"],
+        "ref": a.ref if a.features == "inception" else None, "num_samples": a.num_samples, "sampler": a.sampler,
+        "sample_steps": a.sample_steps, "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
+        "labels": a.labels, "seed": a.seed, "groups": {label: [r["dir"] for r in rs] for label, rs in groups.items()},
+        "runs": [{"dir": r["dir"], "seed": r["config"].get("seed"),
+                  "points": [r["points"][s] for s in sorted(r["points"])]} for r in runs]})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    for label, rs in groups.items():
+        xs = [s for s in steps if any(s in r["points"] for r in rs)]
+        vals = [np.array([r["points"][s][metric] for r in rs if s in r["points"]]) for s in xs]
+        mean = np.array([v.mean() for v in vals])
+        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+        if len(rs) > 1:
+            std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="training step", ylabel=metric, title=f"{metric} vs step ({a.num_samples} samples, {a.sampler})")
+    ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(a.out, "curve.png"))
+    log0(f"{len(runs)} runs in {len(groups)} column(s), {len(steps)} steps -> {a.out}/curve.md, curve.json, curve.png\n"
+         f"{table}")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def get_args(argv=None):
@@ -1184,7 +1382,10 @@ def get_args(argv=None):
     s.add_argument("--num-samples", type=int, default=50000, help="images to draw over all ranks")
     s.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
     s.add_argument("--sample-steps", type=int, default=250)
-    s.add_argument("--sampler", default="heun", choices=("euler", "heun"))
+    s.add_argument("--sampler", default="heun", choices=SAMPLERS,
+                   help="euler / heun: the ODE; sde: SiT's Euler-Maruyama sampler (--sample-steps network calls)")
+    s.add_argument("--labels", default="balanced", choices=("balanced", "random"),
+                   help="balanced: image i has class i mod K; random: uniform labels, as DiT / SiT sample")
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     s.add_argument("--out", default="runs/eval/samples")
@@ -1201,8 +1402,6 @@ def get_args(argv=None):
                    help="inception: FID / IS; deadleaves: the offline fd_dl and class_acc_dl (a small network "
                         "trained on the built-in set, needs no --ref; never called FID)")
     f.add_argument("--record", default=None, help="also write the metrics to RUN_DIR/generation_metrics.json")
-    f.add_argument("--dl-train-images", type=int, default=1000, help="training images of the dead-leaves network")
-    f.add_argument("--dl-steps", type=int, default=300, help="training steps of the dead-leaves network")
     e = sub.add_parser("export", help="EMA weights as model.safetensors + config.json (for sample / --vae / the Hub)")
     e.add_argument("--ckpt", required=True, help="a Stage-1 ('vae') or Stage-2 ('sit') checkpoint, e.g. RUN/last.pt")
     e.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier export: replaced whole)")
@@ -1212,6 +1411,19 @@ def get_args(argv=None):
     c = sub.add_parser("compare", help="validation curves and final metrics of several runs (mean ± std over seeds)")
     c.add_argument("runs", nargs="+", help="run folders (each with last.pt and metrics.jsonl)")
     c.add_argument("--out", default="runs/compare")
+    cv = sub.add_parser("curve", help="metric vs training step over the kept checkpoints of several runs")
+    cv.add_argument("runs", nargs="+", help="run folders trained with --keep-every N (OUT/keep/ema_STEP.pt)")
+    cv.add_argument("--features", default="deadleaves", choices=("inception", "deadleaves"),
+                    help="inception: gFID / IS against --ref; deadleaves: the offline fd_dl / class_acc_dl")
+    cv.add_argument("--ref", default=None, help="with --features inception: as `fid --ref`")
+    cv.add_argument("--num-samples", type=int, default=10000, help="images per kept checkpoint")
+    cv.add_argument("--batch", type=int, default=64, help="images per forward on each rank")
+    cv.add_argument("--sample-steps", type=int, default=250)
+    cv.add_argument("--sampler", default="heun", choices=SAMPLERS)
+    cv.add_argument("--cfg-scale", type=float, default=1.0)
+    cv.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
+    cv.add_argument("--labels", default="balanced", choices=("balanced", "random"))
+    cv.add_argument("--out", default="runs/curve", help="curve.md, curve.json, curve.png and the sample sets")
     r = sub.add_parser("recon", help="PSNR / SSIM / LPIPS / rFID / rsFID / IS per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
@@ -1226,15 +1438,18 @@ def get_args(argv=None):
                        help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g, c):
+    for q in (s, f, r, g, c, cv):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default=None)
         q.add_argument("--no-bf16", action="store_true")
         q.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
-    for q in (f, r):
+    for q in (f, r, cv):
         q.add_argument("--inception-path", default=None, help="local Inception torchscript file (any name)")
         q.add_argument("--fid-mode", default="adm", choices=FID_MODES, help=FID_MODE_HELP)
     r.add_argument("--vgg-path", default=None, help=f"local VGG16 weights for LPIPS (torchvision's {VGG16_FILE})")
+    for q in (f, cv):
+        q.add_argument("--dl-train-images", type=int, default=1000, help="training images of the dead-leaves network")
+        q.add_argument("--dl-steps", type=int, default=300, help="training steps of the dead-leaves network")
     return p.parse_args(argv)
 
 
@@ -1243,6 +1458,8 @@ def validate(a):
     if a.cmd == "sample":
         for name in ("num_samples", "batch", "sample_steps"):
             check_range(a, name, 1)
+        if a.sampler == "sde" and a.sample_steps < 2:
+            raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
         lo, hi = a.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
@@ -1265,6 +1482,18 @@ def validate(a):
         if a.private and not a.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO")
         check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
+    elif a.cmd == "curve":
+        for name in ("batch", "sample_steps"):
+            check_range(a, name, 1)
+        check_range(a, "num_samples", 2)
+        if a.sampler == "sde" and a.sample_steps < 2:
+            raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
+        lo, hi = a.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
+        if (a.features == "inception") != bool(a.ref):
+            raise UserError("curve: --ref goes with --features inception (and only with it)")
+        check_out_dir(a.out)
     else:
         check_range(a, "image_size", 1, optional=True)
         if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
@@ -1278,7 +1507,7 @@ def main(argv=None):
     validate(a)
     d = setup_distributed(getattr(a, "device", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
-                "compare": cmd_compare, "export": cmd_export}
+                "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export}
     commands[a.cmd](a, d)
 
 

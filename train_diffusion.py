@@ -5,13 +5,14 @@
     python train_diffusion.py --preset cpu-demo [--freqwarm]                           # CPU, minutes
     python train_diffusion.py --preset dvae-f16d32 --vae runs/vae-f16d32/last.pt --data /data/imagenet/train
     torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae VAE.pt --data /data/imagenet/train
-    torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae diffusers:mit-han-lab/dc-ae-f32c32-in-1.0-diffusers \\
+    torchrun --nproc_per_node=8 train_diffusion.py --freqwarm --r0 0.2 --vae diffusers:mit-han-lab/dc-ae-f64c128-in-1.0-diffusers \\
              --image-size 512 --model uvit-H/1 --data /data/imagenet/train              # a pretrained AE, U-ViT
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              train_diffusion.py --preset freqwarm-512 --vae VAE.pt --data /data/imagenet/train
 
 Latents: z = posterior mean of the frozen VAE (EMA weights), normalised per channel with
-the statistics stored in the VAE checkpoint: z_n = (z - mean) / std. Then, per step:
+the statistics stored in the VAE checkpoint: z_n = (z - mean) / std (--latent-norm scalar: one scale for
+all channels, z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
 
   --denoise-level l    train on z^(l) = S_l(z_n) (Denoising-VAE Eq. 5, with the linear
                        interpolant x_t = (1 - t) z^(l) + t eps and velocity target eps - z^(l))
@@ -27,6 +28,8 @@ the statistics stored in the VAE checkpoint: z_n = (z - mean) / std. Then, per s
                        stored in the checkpoint, so a resumed run continues in the right phase.
   --cache-latents      encode the dataset once (both flips; also the low-passed copy with FreqWarm)
                        into OUT/latents-*.npy (float16, memory-mapped) instead of every step.
+  --keep-every N       also keep the EMA weights at steps N, 2N, ... (OUT/keep/ema_STEP.pt) for
+                       convergence curves (`evaluate.py curve`).
 """
 import argparse
 import copy
@@ -47,9 +50,9 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, ad
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     to_device, unwrap, validate_common, write_json)
 from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, train_val_split
-from dit import Projector, build_denoiser, guided_velocity, interpolate, sample_ode, velocity_target
+from dit import SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde, velocity_target
 from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, absolute_spec, dataset_latent_stats, load_autoencoder,
-                 resolve_image_size)
+                 resolve_image_size, scalar_stats)
 
 STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
 
@@ -88,6 +91,11 @@ def get_args(argv=None):
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (CFG)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--denoise-level", type=int, default=0, choices=range(4), help="train on S_l(z) (Eq. 5)")
+    p.add_argument("--latent-norm", default="channel", choices=("channel", "scalar"),
+                   help="channel: (z - mean) / std per channel, measured on the data; scalar: (z - shift) * scale "
+                        "with the autoencoder's own scaling_factor (diffusers config) or --latent-scale")
+    p.add_argument("--latent-scale", type=float, default=None,
+                   help="with --latent-norm scalar: this scale (e.g. SD-VAE's 0.18215) instead of the autoencoder's own")
     p.add_argument("--renorm-level", action="store_true",
                    help="divide S_l(z_n) by its per-channel std (S_l removes variance: std ~1.0/.94/.87/.78)")
     p.add_argument("--fda", action="store_true", help="Frequency-Domain Diffusion Alignment (Eq. 6-8)")
@@ -103,8 +111,12 @@ def get_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=None, help="FreqWarm warm-up length in steps")
     p.add_argument("--warmup-frac", type=float, default=0.5, help="warm-up as a fraction of --steps (if no --warmup-steps)")
     p.add_argument("--cache-latents", action="store_true", help="encode the dataset once into a latent cache")
-    p.add_argument("--sample-steps", type=int, default=50, help="ODE steps of the periodic sample grids")
-    p.add_argument("--sampler", default="heun", choices=("euler", "heun"))
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep the EMA weights at every multiple of this step in OUT/keep/ema_STEP.pt, for "
+                        "`evaluate.py curve` (0: none)")
+    p.add_argument("--sample-steps", type=int, default=50, help="sampler steps of the periodic sample grids")
+    p.add_argument("--sampler", default="heun", choices=SAMPLERS,
+                   help="euler / heun: the ODE; sde: SiT's Euler-Maruyama sampler (dit.sample_sde)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of the periodic sample grids")
     args = parse_with_presets(p, PRESETS, argv)
     validate_common(args)
@@ -113,9 +125,16 @@ def get_args(argv=None):
     check_range(args, "warmup_frac", 0.0, 1.0)
     check_range(args, "class_dropout", 0.0, 1.0)
     check_range(args, "sample_steps", 1)
+    if args.sampler == "sde" and args.sample_steps < 2:
+        raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
     check_range(args, "fda_depth", 1)
     check_range(args, "image_size", 1, optional=True)
     check_range(args, "grad_clip", 0.0, float("inf"))
+    check_range(args, "keep_every", 0)
+    if args.latent_scale is not None and (args.latent_norm != "scalar" or not args.latent_scale > 0):
+        raise UserError(f"--latent-scale {args.latent_scale} needs --latent-norm scalar and a value > 0")
+    if args.latent_norm == "scalar" and args.renorm_level:
+        raise UserError("--renorm-level needs per-level statistics, which --latent-norm scalar does not measure")
     return args
 
 
@@ -339,8 +358,12 @@ def sample_grid(ema, latents, num_classes, args, device, path, per_class=4):
     C, h = ema.in_channels, ema.config["input_size"]
     g = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(len(y), C, h, h, generator=g, device=device)
+    velocity = guided_velocity(ema, y, args.cfg_scale)
     with autocast(device, not args.no_bf16):
-        z = sample_ode(guided_velocity(ema, y, args.cfg_scale), noise, args.sample_steps, args.sampler)
+        if args.sampler == "sde":                                  # its Brownian increments continue g's stream
+            z = sample_sde(velocity, noise, args.sample_steps, generator=g)
+        else:
+            z = sample_ode(velocity, noise, args.sample_steps, args.sampler)
     images = latents.ae.decode(latents.to_autoencoder(z))
     save_grid(images, path, nrow=len(classes))
 
@@ -350,6 +373,8 @@ def sample_grid(ema, latents, num_classes, args, device, path, per_class=4):
 def training_stats(ae, dataset, args, d):
     """Latent statistics for this run: the autoencoder's own when they were taken on this very data at this
     resolution, else computed here over a seeded random subset of --stats-images images."""
+    if args.latent_norm == "scalar":
+        return scalar_stats(ae, args.latent_scale)
     s = ae.stats
     if s is not None and "level_std" in s and s.get("image_size") == args.image_size \
             and s.get("data") == fingerprint(dataset):
@@ -383,13 +408,19 @@ def build(args, d):
 FIXED_ON_RESUME = ("model", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
                    "class_dropout",
                    "denoise_level", "renorm_level", "fda", "fda_depth", "fda_weight", "fda_schedule",
-                   "freqwarm", "r0", "lowpass_kind", "lowpass_clamp")
+                   "freqwarm", "r0", "lowpass_kind", "lowpass_clamp", "latent_norm", "latent_scale")
 
 
 def resume(path, args, student, ema, opt, ae, d):
     """Load a SiT checkpoint after checking that it is this run: same latents, same settings, same switch."""
     ck = load_checkpoint(path, "sit")
+    if ck.get("ema_only"):
+        raise UserError(f"{path} is a kept EMA-only checkpoint (for `evaluate.py curve`), not one to resume from")
     cfg = unwrap(student).sit.config
+    norm = ck["latent_stats"].get("norm", "channel")
+    if norm != args.latent_norm:
+        raise UserError(f"{path} was trained with --latent-norm {norm}, not {args.latent_norm}: it may not change "
+                        f"on resume")
     if ck["model_config"]["in_channels"] != cfg["in_channels"]:
         raise UserError(f"{path} was trained on {ck['model_config']['in_channels']}-channel latents, "
                         f"but {args.vae} gives {cfg['in_channels']} channels")
@@ -431,6 +462,8 @@ def train(args, d):
     else:
         stats = training_stats(ae, dataset, args, d)
     log0(f"latent statistics: {stats['source']}", d)
+    if d.main:
+        prune_kept(args.out, step, d)
     latents = Latents(ae, stats, args, warmup, d.device)
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
     log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
@@ -486,6 +519,11 @@ def train(args, d):
             loop.check_finite(step)                 # on every rank: never a metric of a non-finite model
             if validation is not None:
                 loop.log.write(step=step, **validation(ema))
+        if args.keep_every and step % args.keep_every == 0:
+            loop.check_finite(step)                 # never keep weights of a non-finite model
+            if d.main:
+                save_checkpoint(kept_path(args.out, step), kept_state(args, student, ema, opt, step, latents, d))
+            barrier()
         if loop.due(step, args.sample_every) and d.main:
             grid = os.path.join(args.out, f"samples_{step:07d}.png")
             sample_grid(ema, latents, dataset.num_classes, args, d.device, grid)
@@ -514,6 +552,39 @@ def checkpoint_state(args, student, ema, opt, step, latents, d):
             "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,
                          "warmup_steps": latents.planned_warmup,
                          "phase": latents.phase(step)}}
+
+
+KEEP_DIR = "keep"
+
+
+def kept_path(out, step):
+    """OUT/keep/ema_STEP.pt: the EMA weights kept at `step` by --keep-every."""
+    return os.path.join(out, KEEP_DIR, f"ema_{step:07d}.pt")
+
+
+def kept_state(args, student, ema, opt, step, latents, d):
+    """A checkpoint for sampling only: kind 'sit' with the EMA weights and everything `evaluate.py sample` reads
+    (settings, latent statistics, autoencoder record), without the trained weights, optimizer and RNG state."""
+    state = checkpoint_state(args, student, ema, opt, step, latents, d)
+    for k in ("model", "opt", "rng", "data_position"):
+        del state[k]
+    return {**state, "ema_only": True}
+
+
+def prune_kept(out, step, d):
+    """Kept checkpoints past `step` (the step this run starts from) belong to a run that is not continued
+    (a fresh start, or a stopped run resumed from an earlier checkpoint): removed, so OUT/keep/ holds only
+    this run's trajectory; the resumed run writes its own again as it passes those steps."""
+    folder = os.path.join(out, KEEP_DIR)
+    if not os.path.isdir(folder):
+        return
+    stale = sorted(f for f in os.listdir(folder)
+                   if f.startswith("ema_") and f.endswith(".pt") and f[4:-3].isdigit() and int(f[4:-3]) > step)
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    if stale:
+        log0(f"removed {len(stale)} kept checkpoint(s) past step {step} from {folder} ({stale[0]} ... {stale[-1]}): "
+             f"they belong to a run that is not continued", d)
 
 
 if __name__ == "__main__":

@@ -286,11 +286,13 @@ class FrozenAutoencoder(nn.Module):
         encode(x (B, 3, H, W) in [-1, 1]) -> deterministic latent (B, C, H/f, W/f), float32
         decode(z (B, C, h, w))            -> image (B, 3, h f, w f) in about [-1, 1], float32
     plus `name`, `latent_dim` C, `downsample` f, `content_hash` (provenance), `mlsr_fractions` (the p_l
-    its S_l uses) and `stats`: per-channel latent statistics the source carries, or None.
+    its S_l uses), `stats`: per-channel latent statistics the source carries, or None, and
+    `scaling_factor` / `shift_factor`: the one scalar latent scale of its config (diffusers), or None / 0.
     Both directions run in float32 with autocast off: latents for training and images for metrics.
     """
 
     name, content_hash, stats, mlsr_fractions = "autoencoder", "", None, tuple(fft_ops.MLSR_FRACTIONS)
+    scaling_factor, shift_factor = None, 0.0
     image_size = None                          # the one image side it serves, or None: any multiple of downsample
 
     def check_image_size(self, size):
@@ -402,8 +404,9 @@ class DiffusersAutoencoder(FrozenAutoencoder):
         AutoencoderKLWan (Wan2.1 / 2.2)           one frame: (B, 3, 1, H, W) in, the frame axis squeezed out
         AutoencoderKLLTXVideo (LTX-Video)         one frame; decoded at timestep 0 without noise when the
                                                   decoder is timestep-conditioned, with seeded injected noise
-    Decoded images are clamped to [-1, 1]. The scaling / shift factors and latent statistics in the model's
-    config are ignored: the run computes per-channel statistics of its own latents (stats is None).
+    Decoded images are clamped to [-1, 1]. The latent statistics in the model's config are ignored: the run
+    computes per-channel statistics of its own latents (stats is None); its `scaling_factor` and
+    `shift_factor` are kept for --latent-norm scalar (z_n = (z - shift) * scale, as diffusers' pipelines).
     """
 
     def __init__(self, model, class_name, name, content_hash, spec):
@@ -414,6 +417,7 @@ class DiffusersAutoencoder(FrozenAutoencoder):
         self.latent_dim = cfg["z_dim"] if class_name == "AutoencoderKLWan" else cfg["latent_channels"]
         self.downsample = int(getattr(model, "spatial_compression_ratio", 0) or 2 ** (len(cfg["block_out_channels"]) - 1))
         self.video = class_name in VIDEO_CLASSES
+        self.scaling_factor, self.shift_factor = cfg.get("scaling_factor"), cfg.get("shift_factor") or 0.0
 
     @classmethod
     def from_pretrained(cls, spec, device="cpu"):
@@ -571,7 +575,8 @@ def load_vae(path, device="cpu", use_ema=True):
 class LatentSpace:
     """The diffusion model's view of an autoencoder's latents, from the run's statistics.
 
-    normalize:       z_n = (z - mean) / std, per channel
+    normalize:       z_n = (z - mean) / std, per channel; with one scalar scale (scalar_stats, --latent-norm
+                     scalar) mean = shift and std = 1 / scale in every channel: z_n = (z - shift) * scale
     at_level:        z^(l) = S_l(z_n) with the autoencoder's p_l (Denoising-VAE Eq. 3, 5), divided by its
                      per-channel std when `renorm` (S_l lowers the variance: ~1.0 / .94 / .87 / .78 for l = 0..3)
     to_autoencoder:  a generated z^(l) at the run's level back to z, for decoding
@@ -600,6 +605,25 @@ class LatentSpace:
 
     def to_autoencoder(self, z):
         return self.denormalize(z * self.level_scale(self.level))
+
+
+def scalar_stats(ae, scale=None):
+    """Latent 'statistics' of one scalar scale for all channels (SD-VAE's 0.18215, DC-AE's scaling_factor):
+    `scale` if given, else the autoencoder's own scaling_factor (with its shift_factor); a LatentSpace of
+    them computes z_n = (z - shift) * scale."""
+    shift = ae.shift_factor if scale is None else 0.0
+    if scale is None:
+        scale = ae.scaling_factor
+        if scale is None:
+            raise UserError(f"{ae.name} has no scaling factor of its own: pass --latent-scale VALUE "
+                            f"with --latent-norm scalar")
+        what = f"the scaling_factor {scale:g}" + (f" and shift_factor {shift:g}" if shift else "") + f" of {ae.name}"
+    else:
+        what = f"the given --latent-scale {scale:g}"
+    C = ae.latent_dim
+    return {"norm": "scalar", "scale": float(scale), "shift": float(shift),
+            "mean": torch.full((C,), float(shift)), "std": torch.full((C,), 1.0 / float(scale)),
+            "source": f"one scalar for all {C} channels: z_n = (z - {shift:g}) * {scale:g}, {what}"}
 
 
 def psnr(x, y):

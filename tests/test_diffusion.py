@@ -288,3 +288,52 @@ def test_ddp_two_ranks_equal_one_process(vae_ckpt, tmp_path):
     a, b = (load_checkpoint(str(tmp_path / r / "last.pt"), "sit") for r in ("one", "two"))
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=1e-4)
+
+
+def kept_steps(out):
+    return sorted(int(f.name[4:-3]) for f in (out / "keep").iterdir() if f.name.startswith("ema_"))
+
+
+def test_keep_every_keeps_exactly_those_steps_and_resumes_right(vae_ckpt, tmp_path, capsys):
+    """--keep-every 2 keeps the EMA (and only what sampling needs) at steps 2, 4, 6, equal to the EMA of an
+    uninterrupted run at those steps. A run stopped after keeping step 4 but with last.pt at step 3 (plus a
+    stale step 6 of a longer attempt) resumes from 3: the kept files past 3 are replaced by the resumed run's,
+    and a resume with --steps 5 leaves none past 5. Kept files are never resumed from."""
+    common = ["--ckpt-every", "3", "--sample-every", "100", "--keep-every", "2"]
+    td.main(smoke(vae_ckpt, tmp_path / "a", *common, "--steps", "7", "--sampler", "sde", "--sample-steps", "3"))
+    a = tmp_path / "a"
+    assert kept_steps(a) == [2, 4, 6] and (a / "samples_0000007.png").is_file()    # the last grid by the SDE
+    with pytest.raises(UserError, match="--sampler sde needs --sample-steps >= 2"):
+        td.get_args(smoke(vae_ckpt, a, "--sampler", "sde", "--sample-steps", "1"))
+    ema = {s: load_checkpoint(str(a / "keep" / f"ema_{s:07d}.pt"), "sit") for s in (2, 4, 6)}
+    for s, k in ema.items():
+        assert k["step"] == s and k["ema_only"] and not {"model", "opt", "rng"} & set(k)
+        assert k["latent_stats"]["mean"].shape == (4,) and k["model_config"]["in_channels"] == 4
+    td.main(smoke(vae_ckpt, tmp_path / "ref", "--ckpt-every", "3", "--sample-every", "100", "--steps", "4"))
+    ref = load_checkpoint(str(tmp_path / "ref" / "last.pt"), "sit")["ema"]     # the EMA of step 4, by another run
+    assert all(torch.equal(ema[4]["ema"][n], ref[n]) for n in ref)
+    assert not all(torch.equal(ema[2]["ema"][n], ref[n]) for n in ref)
+
+    b = tmp_path / "b"                                      # stopped at step 5: last.pt of step 3, kept 2 and 4
+    td.main(smoke(vae_ckpt, b, *common, "--steps", "3"))
+    step3 = b / "step3.pt"
+    shutil.copy(b / "last.pt", step3)
+    td.main(smoke(vae_ckpt, b, *common, "--steps", "6"))
+    shutil.copy(step3, b / "last.pt")
+    stale = load_checkpoint(str(b / "keep" / "ema_0000006.pt"), "sit")
+    stale["ema"] = {n: v + 1 for n, v in stale["ema"].items()}
+    save_checkpoint(str(b / "keep" / "ema_0000006.pt"), stale)
+    capsys.readouterr()
+    td.main(smoke(vae_ckpt, b, *common, "--steps", "7"))
+    assert "removed 2 kept checkpoint(s) past step 3" in capsys.readouterr().out
+    assert kept_steps(b) == [2, 4, 6]
+    for s in (2, 4, 6):
+        k = load_checkpoint(str(b / "keep" / f"ema_{s:07d}.pt"), "sit")["ema"]
+        assert all(torch.equal(k[n], ema[s]["ema"][n]) for n in k), s     # those of the uninterrupted run
+    shutil.copy(step3, b / "last.pt")
+    td.main(smoke(vae_ckpt, b, *common, "--steps", "5"))
+    assert kept_steps(b) == [2, 4]
+    with pytest.raises(UserError, match="kept EMA-only checkpoint"):
+        td.main(smoke(vae_ckpt, tmp_path / "c", *common, "--steps", "7", "--resume", str(b / "keep" / "ema_0000004.pt")))
+    td.main(smoke(vae_ckpt, b, "--sample-every", "100", "--steps", "2", "--resume", "none", "--overwrite"))
+    assert not list((b / "keep").iterdir())                 # a fresh start in the folder keeps nothing of the old run

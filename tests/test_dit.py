@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dit import (SiT, build_sit, flow_matching_loss, guided_velocity, interpolate, sample_ode, velocity_target)
+from dit import (SiT, build_sit, flow_matching_loss, guided_velocity, interpolate, sample_ode, sample_sde,
+                 velocity_target)
 
 
 def perturbed_sit(**kw):
@@ -100,6 +101,56 @@ def test_heun_is_second_order_on_a_linear_field():
     assert 3.5 < err[0] / err[1] < 4.5
     err_e = [abs(sample_ode(f, x1, n, "euler").item() - torch.e) for n in (8, 16)]
     assert 1.7 < err_e[0] / err_e[1] < 2.3
+
+
+def gaussian_velocity(m, s):
+    """Exact velocity E[eps - x0 | x_t] for 1-D data x0 ~ N(m, s^2): x_t ~ N((1 - t) m, (1 - t)^2 s^2 + t^2)."""
+    def v(x, t):
+        var = (1 - t) ** 2 * s ** 2 + t ** 2
+        r = x - (1 - t) * m                                    # x_t minus its mean
+        return t / var * r - (m + (1 - t) * s ** 2 / var * r)  # E[eps | x_t] - E[x0 | x_t]
+    return v
+
+
+def test_sde_and_ode_samplers_recover_a_gaussian_from_its_exact_velocity():
+    """From N(0, 1) noise, every sampler driven by the closed-form velocity of N(1.5, 0.5^2) data must end at
+    that distribution; the SDE really injects noise (its output decorrelates from the initial noise, the ODE's
+    is a monotone map of it) and its per-image generators make a sample independent of the batch split."""
+    m, s, n = 1.5, 0.5, 40000
+    v = gaussian_velocity(m, s)
+    noise = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    noise = (noise - noise.mean()) / noise.std()               # exact N(0, 1) moments: only the sampler errs
+    out = {"euler": sample_ode(v, noise, 100, "euler"), "heun": sample_ode(v, noise, 25, "heun"),
+           "sde": sample_sde(v, noise, 100, generator=torch.Generator().manual_seed(1)),
+           "sde-250": sample_sde(v, noise, 250, generator=torch.Generator().manual_seed(2))}
+    for name, x in out.items():
+        assert abs(x.mean().item() - m) < 0.015, (name, x.mean().item())
+        assert abs(x.std().item() - s) < 0.01, (name, x.std().item())
+    corr = lambda x: torch.corrcoef(torch.stack([x.flatten(), noise.flatten()]))[0, 1].item()
+    assert corr(out["heun"]) > 0.999 and corr(out["sde"]) < 0.5
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(6)]
+    whole = sample_sde(v, noise[:6], 10, generator=gens())
+    split = torch.cat([sample_sde(v, noise[:4], 10, generator=gens()[:4]), sample_sde(v, noise[4:6], 10, generator=gens()[4:])])
+    assert torch.equal(whole, split)
+
+
+def test_sde_sampler_is_sits_euler_maruyama_in_reversed_time():
+    """One step written out in SiT's time t_SiT = 1 - t (x = t_SiT x1 + (1 - t_SiT) x0, v_SiT = -v, diffusion
+    sigma_t = 1 - t_SiT, score (t_SiT v_SiT - x) / (1 - t_SiT)): x + (v_SiT + D score) dt + sqrt(2 D dt) w,
+    then SiT's 'Mean' last step of size 0.04; 2 steps = grid t_SiT in {0, 0.96} then the last step."""
+    v = gaussian_velocity(0.3, 0.7)
+    x = torch.randn(5, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(5, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    ours = sample_sde(v, x, 2, generator=torch.Generator().manual_seed(4))
+
+    def sit_drift(x, ts):                                      # SiT's sde_drift with diffusion form 'sigma'
+        v_sit = -v(x, 1 - ts)
+        score = (ts * v_sit - x) / (1 - ts)
+        return v_sit + (1 - ts) * score
+    dt = 0.96
+    x1 = x + sit_drift(x, 0.0) * dt + (2 * (1 - 0.0)) ** 0.5 * w * dt ** 0.5
+    ref = x1 + sit_drift(x1, 0.96) * 0.04
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_guidance_scale_one_is_conditional_and_batched_cfg_equals_two_forwards():

@@ -151,6 +151,86 @@ def test_sample_uses_ema_guidance_and_latent_statistics(smoke_models, tmp_path, 
     assert np.array_equal(np.load(str(out) + ".npz")["arr_0"], to_uint8(seen["decoded"]))
 
 
+def test_curve_of_two_seeds_writes_table_json_and_figure(smoke_models, tmp_path, capsys):
+    """`curve` on two smoke runs (seeds 0, 1, --keep-every 2): every kept checkpoint sampled, scored with the
+    offline metric as `fid --features deadleaves` scores it, one column with mean ± sample std over the seeds
+    per step, a figure; a rerun draws nothing again."""
+    import train_diffusion as td
+    runs = [tmp_path / f"sit-s{s}" for s in (0, 1)]
+    for s, r in zip((0, 1), runs):
+        td.main(["--preset", "smoke", "--vae", str(smoke_models / "vae" / "last.pt"), "--out", str(r), "--steps", "4",
+                 "--keep-every", "2", "--seed", str(s), "--sample-every", "100"])
+    out = tmp_path / "curve"
+    args = ["curve", *map(str, runs), "--num-samples", "6", "--batch", "6", "--sample-steps", "2", "--sampler", "sde",
+            "--labels", "random", "--dl-train-images", "200", "--dl-steps", "30", "--out", str(out)]
+    ev.main(args)
+    table = (out / "curve.md").read_text()
+    assert table in capsys.readouterr().out
+    res = __import__("json").loads((out / "curve.json").read_text())
+    assert res["metric"] == "fd_dl" and res["sampler"] == "sde" and res["num_samples"] == 6
+    assert [[p["step"] for p in r["points"]] for r in res["runs"]] == [[2, 4], [2, 4]]
+    rows = [line for line in table.splitlines() if line.startswith("| 2 ") or line.startswith("| 4 ")]
+    assert "(seeds 0,1)" in table and len(rows) == 2 and table.count("|---") == 2   # step + one column
+    for row, i in zip(rows, (0, 1)):
+        v = np.array([r["points"][i]["fd_dl"] for r in res["runs"]])
+        assert row == f"| {2 * (i + 1)} | {v.mean():.4f} ± {v.std(ddof=1):.4f} |"
+    point = res["runs"][1]["points"][0]
+    assert point["checkpoint_hash"] == ev.file_hash(str(runs[1] / "keep" / "ema_0000002.pt"))
+    npz = next((out / "samples").glob("sit-s1-*")) / "step_0000002.npz"
+    ext = ev.DeadLeavesExtractor(16, n_train=200, steps=30)
+    direct = ev.deadleaves_metrics(ext, np.load(npz)["arr_0"], labels=np.load(npz)["arr_1"])
+    assert point["fd_dl"] == pytest.approx(direct["fd_dl"]) and point["class_acc_dl"] == direct["class_acc_dl"]
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = npz.with_suffix("") / "000003.png"
+    before = os.path.getmtime(png)
+    ev.main(args)
+    assert os.path.getmtime(png) == before and (out / "curve.md").read_text() == table
+    with pytest.raises(ev.UserError, match="labels: random there, balanced now"):   # a set of other labels
+        ev.main(["sample", "--ckpt", point["checkpoint"], "--num-samples", "6", "--sample-steps", "2",
+                 "--sampler", "sde", "--out", str(npz.with_suffix(""))])
+    adm = tmp_path / "VIRTUAL_adm.npz"                          # refused before anything is sampled
+    np.savez(adm, arr_0=np.zeros((2, 16, 16, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(2048),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    side = load_checkpoint(str(runs[0] / "last.pt"), "sit")["config"]["image_size"]
+    other = tmp_path / "VIRTUAL_other_side.npz"
+    np.savez(other, arr_0=np.zeros((2, side * 2, side * 2, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(2048),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    for ref, mode, msg in ((adm, "clean", "is an ADM reference batch"), (tmp_path / "no.npz", "adm", "does not exist"),
+                           (other, "adm", f"at {side * 2} px, the samples at {side} px")):
+        with pytest.raises(ev.UserError, match=msg):
+            ev.main(["curve", str(runs[0]), "--features", "inception", "--fid-mode", mode, "--ref", str(ref),
+                     "--out", str(tmp_path / "c2")])
+    assert not (tmp_path / "c2" / "samples").exists()
+    # --features inception: each point is `fid` of that sample set against the same reference (images here,
+    # their moments taken once), through a stand-in network (pixel statistics, not Inception)
+
+    class PixelStats:
+        name, mode, network_hash, dims, sfid_missing = "stand-in pixel statistics", "adm", "stand-in", (3, None), "-"
+
+        def __call__(self, imgs):
+            x = np.asarray(imgs, np.float64) / 255
+            f = np.stack([x.mean((1, 2, 3)), x[..., 0].std((1, 2)), x[..., 2].mean((1, 2))], 1)
+            return f, np.full((len(x), 4), 0.25), None
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ev, "find_inception", lambda path=None: "stand-in")
+    mp.setattr(ev, "InceptionExtractor", lambda path, device, mode="adm": PixelStats())
+    try:
+        rng = np.random.default_rng(0)
+        real = tmp_path / "real.npz"
+        np.savez(real, arr_0=rng.integers(0, 256, (12, side, side, 3), dtype=np.uint8))
+        ev.main(args[:-2] + ["--features", "inception", "--ref", str(real), "--out", str(out)])
+        inc = __import__("json").loads((out / "curve.json").read_text())
+        assert inc["metric"] == "fid" and inc["network"] == PixelStats.name
+        for r in inc["runs"]:
+            for p in r["points"]:
+                tag = "sit-s0" if r["seed"] == 0 else "sit-s1"
+                npz = next((out / "samples").glob(f"{tag}-*")) / f"step_{p['step']:07d}.npz"
+                direct = ev.generation_metrics(PixelStats(), np.load(npz)["arr_0"], real=np.load(real)["arr_0"])
+                assert p["fid"] == pytest.approx(direct["fid"], rel=1e-6) and p["reference_kind"] == "images"
+    finally:
+        mp.undo()
+
+
 class IdentityAE:
     """Autoencoder stand-in whose latent is the image itself (encode -> x, decode -> z)."""
 
@@ -241,9 +321,12 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for f in ("deadleaves_classes.png", "vae/recon_final.png", "samples-baseline.npz", "samples-freqwarm.npz",
               "recon/recon.json", "diagnosis/diagnosis.json", "diagnosis/f3_latent_hf_vs_r0.png", "samples-dvae.npz",
-              "compare/compare.md", "compare/compare.png", "sit-freqwarm/generation_metrics.json"):
+              "compare/compare.md", "compare/compare.png", "sit-freqwarm/generation_metrics.json",
+              "curve/curve.md", "curve/curve.png", "sit-dvae/keep/ema_0000006.pt"):
         assert (tmp_path / "demo" / f).exists(), f
     assert "FID skipped" in p.stdout
     assert "switching from low-passed" in p.stdout
     table = (tmp_path / "demo" / "compare" / "compare.md").read_text()
     assert "| runs | seeds | step | val_loss | fd_dl | class_acc_dl |" in table and table in p.stdout
+    curve = (tmp_path / "demo" / "curve" / "curve.md").read_text()
+    assert curve in p.stdout and "| 3 |" in curve and "| 6 |" in curve and curve.count("|---") == 4   # 3 runs

@@ -18,10 +18,10 @@ import dit
 import evaluate as ev
 import fft_ops
 import train_diffusion as td
-from common import load_checkpoint, run_main
+from common import UserError, load_checkpoint, run_main
 from data import FlipView, ImageFolder
 from helpers import assert_one_line_error, read_metrics, run, spy_sampling
-from vae import DiffusersAutoencoder, dataset_latent_stats, load_autoencoder, locate_autoencoder
+from vae import DiffusersAutoencoder, dataset_latent_stats, load_autoencoder, locate_autoencoder, scalar_stats
 
 CPU = types.SimpleNamespace(rank=0, world_size=1, main=True, device=torch.device("cpu"))
 KINDS = ("AutoencoderKL", "AutoencoderDC", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
@@ -299,3 +299,43 @@ def test_errors_are_one_clear_line(aes, folder, tmp_path, capsys):
     p = in_process(lambda: td.main([*smoke, "--vae", spec8, "--out", str(tmp_path / "y"), "--steps", "2",
                                     "--resume", str(tmp_path / "sit4" / "last.pt")]), capsys)
     assert_one_line_error(p, "4-channel latents", "8 channels")
+
+
+def test_scalar_latent_norm_round_trips_through_sample(aes, folder, tmp_path, monkeypatch, capsys):
+    """--latent-norm scalar trains on (z - shift_factor) * scaling_factor of the autoencoder's own config (FLUX
+    style, here 0.1 and 0.37), stores that in the checkpoint, and `sample` decodes z / 0.37 + 0.1; a given
+    --latent-scale wins (shift 0); channel stays the default; the choice is fixed on resume."""
+    model = tiny("AutoencoderKL").eval()
+    model.register_to_config(scaling_factor=0.37, shift_factor=0.1)
+    model.save_pretrained(tmp_path / "ae")
+    spec, out = f"diffusers:{tmp_path / 'ae'}", tmp_path / "sit"
+    flags = ["--preset", "smoke", "--vae", spec, "--data", str(folder), "--image-size", str(SIZE), "--out", str(out),
+             "--sample-every", "100"]
+    td.main([*flags, "--steps", "2", "--latent-norm", "scalar"])
+    st = load_checkpoint(str(out / "last.pt"), "sit")["latent_stats"]
+    assert st["norm"] == "scalar" and st["scale"] == pytest.approx(0.37) and st["shift"] == pytest.approx(0.1)
+
+    args = td.get_args([*flags, "--latent-norm", "scalar"])
+    ae = load_autoencoder(spec)
+    latents = td.Latents(ae, td.training_stats(ae, None, args, CPU), args, 0, CPU.device)
+    ds, x = images(folder)
+    torch.testing.assert_close(latents.get(0, images=x), (direct_encode("AutoencoderKL", model, x) - 0.1) * 0.37)
+
+    seen = spy_sampling(monkeypatch, dit, ev)
+    ev.main(["sample", "--ckpt", str(out / "last.pt"), "--num-samples", "2", "--sample-steps", "2",
+             "--out", str(tmp_path / "samples")])
+    torch.testing.assert_close(seen["decoder_input"], seen["z"] / 0.37 + 0.1)
+
+    given = td.get_args([*flags, "--latent-norm", "scalar", "--latent-scale", "0.5"])
+    s = td.training_stats(ae, None, given, CPU)
+    assert torch.equal(s["std"], torch.full((4,), 2.0)) and torch.equal(s["mean"], torch.zeros(4))
+    assert td.get_args(flags).latent_norm == "channel"
+    p = in_process(lambda: td.main([*flags, "--steps", "3"]), capsys)
+    assert_one_line_error(p, "--latent-norm scalar, not channel")
+    p = in_process(lambda: td.main([*flags, "--steps", "3", "--latent-norm", "scalar", "--latent-scale", "0.5"]), capsys)
+    assert_one_line_error(p, "--latent-scale None, not 0.5")
+    p = in_process(lambda: td.main([*flags, "--latent-scale", "0.5"]), capsys)
+    assert_one_line_error(p, "--latent-scale 0.5 needs --latent-norm scalar")
+    wan = load_autoencoder(aes["AutoencoderKLWan"][0])
+    with pytest.raises(UserError, match="has no scaling factor of its own: pass --latent-scale"):
+        scalar_stats(wan)
