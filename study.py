@@ -3,6 +3,7 @@
     python study.py --setting smoke  --out runs/study-smoke    # CPU, a few minutes (what CI runs)
     python study.py --setting cpu    --out runs/study          # CPU, about an hour on 2 cores
     python study.py --setting gpu    --out runs/study-gpu      # one GPU: 64 px, f8, larger models and VAEs
+    python study.py --setting cpu --parts D --out runs/study   # the conv autoencoders of B, then D only
     (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
      by hand from the printed command lines)
 
@@ -319,9 +320,8 @@ def main(argv=None):
         sections.append(f"## B. Diagnosis vs latent channels ({a.setting}, seeds {results['seeds']})\n\n{text}")
     if "B" in a.parts or "D" in a.parts:                   # D trains on the conv autoencoders of part B
         results["B_conv"], text = part_b_conv(run, s, out)
-        if "B" in a.parts:
-            sections.append(f"## B (conv). DC-AE-style autoencoder: diagnosis vs latent channels ({a.setting}, "
-                            f"seeds {list(range(s['dcae_seeds']))})\n\n{text}")
+        sections.append(f"## B (conv). DC-AE-style autoencoder: diagnosis vs latent channels ({a.setting}, "
+                        f"seeds {list(range(s['dcae_seeds']))})\n\n{text}")
     if "C" in a.parts:
         vae = os.path.join(out, "vae-MLSR-s0", "last.pt")
         run("train_vae.py", *s["vae"], "--seed", 0, "--out", os.path.dirname(vae), done=vae)

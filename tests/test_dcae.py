@@ -149,18 +149,20 @@ def with_curve(monkeypatch, curve, **kw):
 def test_r0_auto_picks_the_peak_of_a_known_curve_and_resume_keeps_it(curve, monkeypatch, tmp_path, capsys):
     peak = R0_SWEEP[curve.index(max(curve))]
     with_curve(monkeypatch, curve)
-    td.main([*R0_AUTO, "--out", str(tmp_path / "run")])
+    n = 56 if curve is PEAK_02 else 20                           # 64 images, 8 held out; or --r0-auto-images 20
+    more = [] if curve is PEAK_02 else ["--r0-auto-images", "20"]
+    td.main([*R0_AUTO, *more, "--out", str(tmp_path / "run")])
     log = capsys.readouterr().out
     assert f"--r0 auto: r0 = {peak:g}, the peak of the F3 curve of curve stand-in" in log
     ck = load_checkpoint(str(tmp_path / "run" / "last.pt"), "sit")
     auto = ck["freqwarm"]["auto"]
     assert ck["config"]["r0"] == ck["freqwarm"]["r0"] == auto["chosen"] == peak
-    assert auto["r0_sweep"] == list(R0_SWEEP) and auto["n_images"] == 56 and auto["seed"] == 0   # 64 - 8 held out
+    assert auto["r0_sweep"] == list(R0_SWEEP) and auto["n_images"] == n and auto["seed"] == 0
     # the recorded curve is the constructed one, up to the normalisation by the full images' latent std
     assert auto["latent_hf_energy"] == pytest.approx([c / curve[-1] for c in curve], rel=1e-4)
     # resuming keeps the stored choice, even where the autoencoder would now measure another curve
     with_curve(monkeypatch, PEAK_03 if curve is PEAK_02 else PEAK_02)
-    td.main([*R0_AUTO, "--steps", "3", "--out", str(tmp_path / "run")])
+    td.main([*R0_AUTO, *more, "--steps", "3", "--out", str(tmp_path / "run")])
     assert f"--r0 auto: r0 = {peak:g}, the choice stored in" in capsys.readouterr().out
     ck = load_checkpoint(str(tmp_path / "run" / "last.pt"), "sit")
     assert ck["step"] == 3 and ck["config"]["r0"] == peak and ck["freqwarm"]["auto"] == auto
