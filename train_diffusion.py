@@ -564,8 +564,8 @@ def checkpoint_state(args, student, ema, opt, step, latents, d):
                             "content_hash": latents.ae.content_hash,
                             "mlsr_fractions": list(latents.ae.mlsr_fractions)},
             "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,
-                         "warmup_steps": latents.planned_warmup, "auto": latents.r0_auto,
-                         "phase": latents.phase(step)}}
+                         "warmup_steps": latents.planned_warmup, "phase": latents.phase(step),
+                         **({"auto": latents.r0_auto} if latents.r0_auto else {})}}     # --r0 auto: curve, choice
 
 
 if __name__ == "__main__":
