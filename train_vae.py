@@ -192,8 +192,9 @@ def save_diffusers_folder(ema, out):
     """--arch dcae: OUT/diffusers, the EMA autoencoder as a diffusers folder, replaced whole: it is written to
     a temporary folder first, so a reader finds the previous folder or the new one, never a half-written one."""
     final = os.path.join(out, DCAE_FOLDER)
-    tmp, old = final + f".part-{os.getpid()}", final + f".old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = final + ".part", final + ".old"          # one run per folder (RunLock): fixed names, and what a
+    for left in (tmp, old):                             # killed save left behind is removed here
+        shutil.rmtree(left, ignore_errors=True)
     try:
         ema.save_pretrained(tmp)
         if os.path.isdir(final):

@@ -61,10 +61,10 @@ def test_dcae_trains_resumes_exactly_and_its_folder_is_the_ema(dcae_runs):
 
 
 def test_dcae_folder_serves_stage2_on_two_ranks_and_diagnose(dcae_runs, tmp_path):
-    """torchrun --nproc_per_node=2 train_diffusion.py --vae diffusers:OUT/diffusers (gloo) equals one process;
-    evaluate.py diagnose reads the same folder."""
+    """torchrun --nproc_per_node=2 train_diffusion.py --vae diffusers:OUT/diffusers --freqwarm --r0 auto (gloo; each
+    rank measures its share of the F3 curve) equals one process; evaluate.py diagnose reads the same folder."""
     spec = f"diffusers:{dcae_runs / 'a' / 'diffusers'}"
-    flags = ["--preset", "smoke", "--vae", spec, "--image-size", "16", "--freqwarm", "--r0", "0.2",
+    flags = ["--preset", "smoke", "--vae", spec, "--image-size", "16", "--freqwarm", "--r0", "auto",
              "--stats-images", "16", "--sample-steps", "1", "--sampler", "euler", "--steps", "4"]
     two = run(["train_diffusion.py", *flags, "--out", str(tmp_path / "two")], torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -72,6 +72,9 @@ def test_dcae_folder_serves_stage2_on_two_ranks_and_diagnose(dcae_runs, tmp_path
     m1, m2 = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
     assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m2], rel=1e-4)
     c1, c2 = (load_checkpoint(str(tmp_path / r / "last.pt"), "sit") for r in ("one", "two"))
+    a1, a2 = c1["freqwarm"]["auto"], c2["freqwarm"]["auto"]
+    assert a1["chosen"] == a2["chosen"] == c2["config"]["r0"] and a1["n_images"] == a2["n_images"] == 56
+    assert a1["latent_hf_energy"] == pytest.approx(a2["latent_hf_energy"], rel=1e-5)
     ae = load_autoencoder(spec)
     assert c1["autoencoder"]["content_hash"] == c2["autoencoder"]["content_hash"] == ae.content_hash
     for k in c1["model"]:
