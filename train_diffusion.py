@@ -486,9 +486,11 @@ def train(args, d):
     latents = Latents(ae, stats, args, warmup, d.device)
     latents.r0_auto = auto
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
+    warm_text = (f"r0={args.r0:g}{' (auto)' if auto else ''} for {latents.warmup_steps} steps" if args.freqwarm
+                 else "off")
     log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
          f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
-         f"FreqWarm {'r0=%g%s for %d steps' % (args.r0, ' (auto)' if auto else '', latents.warmup_steps) if args.freqwarm else 'off'}; "
+         f"FreqWarm {warm_text}; "
          f"{d.world_size} rank(s) x {per_rank} ({accum} x {micro}); device {d.device}", d)
     if args.cache_latents:
         latents.build_cache(dataset, args.out, d)

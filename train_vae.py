@@ -43,13 +43,14 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, ad
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     unwrap, validate_common)
 from data import StepSampler, build_dataset, make_loader, train_val_split
-from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
-                 hinge_d_loss, hinge_g_loss, level_scores)
+from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
+                 build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 
 # Settings that define what is trained: a resume may not change them (the others may, and are logged).
-FIXED_ON_RESUME = ("arch", "dcae_config", "size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
+FIXED_ON_RESUME = ("arch", "dcae_config",
+                   "size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
                    "mlsr_fractions", "mlsr_sigmas", "pixel_weight", "perceptual_weight", "kl_weight", "gan_weight",
                    "gan_start", "disc_channels", "disc_layers")
 
@@ -78,7 +79,8 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 1: ViT VAE (or DC-AE) with MLSR", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Stage 1: ViT VAE (or DC-AE) with MLSR",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
     p.add_argument("--out", default=VAE_OUT, help="output folder: checkpoints, logs, grids")
     p.add_argument("--arch", default="vit", choices=("vit", "dcae"),
@@ -272,7 +274,8 @@ def train(args, d):
         log0(f"resumed from {start} at step {step}", d)
 
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
-    log0(f"{'VAE ' + args.size if args.arch == 'vit' else 'DC-AE ' + args.dcae_config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
+    name = f"VAE {args.size}" if args.arch == "vit" else f"DC-AE {args.dcae_config}"
+    log0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
          f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {per_rank} images "
          f"({accum} micro-batch(es) of {micro}); device {d.device}", d)
     train_model = torch.compile(model) if args.compile else model
