@@ -48,8 +48,8 @@ from common import (UserError, atomic_write, autocast, barrier, check_out_dir, c
                     load_checkpoint, log0, read_export, run_main, setup_distributed, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from dit import SAMPLERS
-from vae import (DEFAULT_IMAGE_SIZE, VGG16_FILE, LatentSpace, find_vgg_weights, latent_stats, level_scores,
-                 load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_scores, find_vgg_weights,
+                 latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -1064,7 +1064,6 @@ def cmd_recon(a, d):
 # ----------------------------------------------------------------------------- frequency diagnosis (FreqWarm)
 
 RADII = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
-R0_SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.71)
 
 
 def cumulative_energy(x, radii):
@@ -1092,11 +1091,10 @@ def diagnose(ae, x, normalize, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=HF_RADI
     out["f2_cumulative_energy"] = cumulative_energy(x, out["f2_radii"])
     out["f3_r0"], out["f3_latent_hf_energy"], out["f3_latent_hf_ratio"] = list(r0_sweep), [], []
     for r0 in r0_sweep:                                                     # F3
-        zr = normalize(ae.encode(fft_ops.lowpass(x, r0)))
-        zr = zr - zr.mean(dim=(-2, -1), keepdim=True)
-        _, high = fft_ops.split_frequencies(zr, hf_radius)
-        out["f3_latent_hf_energy"].append(high.pow(2).mean().item())
-        out["f3_latent_hf_ratio"].append(fft_ops.latent_hf_ratio(zr, hf_radius).mean().item())
+        energy, ratio = f3_scores(ae, x, normalize, r0, hf_radius)
+        out["f3_latent_hf_energy"].append(energy.mean().item())
+        out["f3_latent_hf_ratio"].append(ratio.mean().item())
+    out["f3_peak_r0"] = f3_peak(r0_sweep, out["f3_latent_hf_energy"])       # None: no interior peak
     out["f3_hf_radius"], out["hf_definition"] = hf_radius, HF_DEFINITION
     out["spectra"] = {}
     for level in range(len(ae.mlsr_fractions)):                             # latent spectra per MLSR level
@@ -1161,7 +1159,8 @@ def cmd_diagnose(a, d):
          f"and 4 PNG figures\n"
          f"  F1 PSNR at r=0.25: D(z_low) {res['f1_psnr_low'][4]:.2f} dB, D(z_high) {res['f1_psnr_high'][4]:.2f} dB\n"
          f"  F2 RGB energy within r=0.2: {res['f2_cumulative_energy'][20]:.3f}\n"
-         f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}")
+         f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}; "
+         + (f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak"))
 
 
 # ----------------------------------------------------------------------------- comparing runs

@@ -26,6 +26,10 @@ all channels, z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per
   --freqwarm --r0 R    FreqWarm: for the first --warmup-steps (or --warmup-frac of --steps) the
                        latents are those of lowpass(x, R); afterwards of x. The switch step is
                        stored in the checkpoint, so a resumed run continues in the right phase.
+  --r0 auto            R = the peak of the autoencoder's own F3 curve (FreqWarm Finding 3: latent HF
+                       energy of E(lowpass(x, r0)) over vae.R0_SWEEP, on --r0-auto-images seeded random
+                       training images); the curve and the choice are stored in the checkpoint, and a
+                       resumed run keeps the stored choice. A curve without an interior peak is refused.
   --cache-latents      encode the dataset once (both flips; also the low-passed copy with FreqWarm)
                        into OUT/latents-*.npy (float16, memory-mapped) instead of every step.
   --keep-every N       also keep the EMA weights at steps N, 2N, ... (OUT/keep/ema_STEP.pt) for
@@ -49,10 +53,12 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, ad
                     global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     to_device, unwrap, validate_common, write_json)
-from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, train_val_split
-from dit import SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde, velocity_target
-from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, absolute_spec, dataset_latent_stats, load_autoencoder,
-                 resolve_image_size, scalar_stats)
+from data import (FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, random_subset,
+                  train_val_split)
+from dit import (SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde,
+                 velocity_target)
+from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, LatentSpace, absolute_spec, dataset_latent_stats, f3_curve, f3_peak,
+                 load_autoencoder, resolve_image_size, scalar_stats)
 
 STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
 
@@ -104,7 +110,11 @@ def get_args(argv=None):
     p.add_argument("--fda-schedule", default="linear", choices=("linear", "constant"),
                    help="lambda(t) = w * t (linear) or w (constant)")
     p.add_argument("--freqwarm", action="store_true", help="FreqWarm low-pass warm-up curriculum")
-    p.add_argument("--r0", type=float, default=0.2, help="FreqWarm RGB low-pass radius, cycles/pixel in (0, 0.71]")
+    p.add_argument("--r0", type=r0_arg, default=0.2,
+                   help="FreqWarm RGB low-pass radius, cycles/pixel in (0, 0.71], or 'auto': the peak of the "
+                        "autoencoder's own F3 curve (latent HF energy vs r0)")
+    p.add_argument("--r0-auto-images", type=int, default=256,
+                   help="with --r0 auto: seeded random training images the F3 curve is measured on")
     p.add_argument("--lowpass-kind", default="ideal", choices=fft_ops.MASK_KINDS, help="FreqWarm filter shape")
     p.add_argument("--lowpass-clamp", action="store_true",
                    help="clamp low-passed images to [-1, 1] (the ideal filter rings past it: Gibbs)")
@@ -120,7 +130,11 @@ def get_args(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale of the periodic sample grids")
     args = parse_with_presets(p, PRESETS, argv)
     validate_common(args)
-    fft_ops.check_r0(args.r0)                   # checked even without --freqwarm: a given value must be valid
+    if args.r0 == "auto" and not args.freqwarm:
+        raise UserError("--r0 auto chooses FreqWarm's low-pass radius: add --freqwarm")
+    if args.r0 != "auto":
+        fft_ops.check_r0(args.r0)               # checked even without --freqwarm: a given value must be valid
+    check_range(args, "r0_auto_images", 1)
     check_range(args, "warmup_steps", 0, optional=True)
     check_range(args, "warmup_frac", 0.0, 1.0)
     check_range(args, "class_dropout", 0.0, 1.0)
@@ -136,6 +150,11 @@ def get_args(argv=None):
     if args.latent_norm == "scalar" and args.renorm_level:
         raise UserError("--renorm-level needs per-level statistics, which --latent-norm scalar does not measure")
     return args
+
+
+def r0_arg(text):
+    """--r0: a radius in cycles/pixel, or 'auto'."""
+    return "auto" if text == "auto" else float(text)
 
 
 # ----------------------------------------------------------------------------- latents
@@ -154,6 +173,7 @@ class Latents(LatentSpace):
         self.planned_warmup = warmup_steps                 # stored in checkpoints: a resumed run keeps it
         self.warmup_steps = warmup_steps if args.freqwarm else 0
         self.cache = None                                  # {False: full, True: low-passed} CachedRows
+        self.r0_auto = None                                # --r0 auto: the F3 curve and the choice (checkpointed)
 
     def warming(self, step):
         return step < self.warmup_steps
@@ -385,6 +405,29 @@ def training_stats(ae, dataset, args, d):
     return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers)
 
 
+def auto_r0(ae, dataset, stats, args, d, batch=64):
+    """--r0 auto: r0 at the peak of the autoencoder's own F3 curve, measured here (FreqWarm Finding 3).
+
+    F3(r0) = mean latent HF energy of z_n = (E(lowpass(x, r0)) - mean) / std (vae.f3_scores; this run's latent
+    statistics) over --r0-auto-images seeded random training images (never validation ones), for r0 in
+    vae.R0_SWEEP. The peak must be interior: a curve highest at an end of the sweep is refused in one line.
+    Returns the record stored in checkpoints (the curve, the choice, what it was measured on).
+    """
+    train_idx, _ = train_val_split(len(dataset), args.val_images, args.seed)
+    idx = [train_idx[i] for i in random_subset(len(train_idx), args.r0_auto_images, args.seed)]
+    batches = image_batches(dataset, idx[d.rank::d.world_size], batch, args.workers)
+    energy = f3_curve(ae, batches, LatentSpace(stats, ae.mlsr_fractions, device=d.device).normalize, d.device)
+    curve = ", ".join(f"{r:g}: {e:.4g}" for r, e in zip(R0_SWEEP, energy))
+    what = f"F3 curve of {ae.name} (latent HF energy at radius > 0.25 vs r0, {len(idx)} random training images)"
+    peak = f3_peak(R0_SWEEP, energy)
+    if peak is None:
+        end = "rises to the largest" if energy[-1] >= max(energy) else "falls from the smallest"
+        raise UserError(f"--r0 auto: the {what} has no interior peak (it {end} r0: {curve}); pass --r0 R")
+    log0(f"--r0 auto: r0 = {peak:g}, the peak of the {what}: {curve}", d)
+    return {"r0_sweep": list(R0_SWEEP), "latent_hf_energy": energy, "chosen": peak, "n_images": len(idx),
+            "seed": args.seed, "hf_radius": 0.25}
+
+
 def build(args, d):
     """Frozen autoencoder, dataset, SiT student / EMA teacher, optimizer."""
     ae = load_autoencoder(args.vae, d.device)
@@ -408,7 +451,7 @@ def build(args, d):
 FIXED_ON_RESUME = ("model", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
                    "class_dropout",
                    "denoise_level", "renorm_level", "fda", "fda_depth", "fda_weight", "fda_schedule",
-                   "freqwarm", "r0", "lowpass_kind", "lowpass_clamp", "latent_norm", "latent_scale")
+                   "freqwarm", "r0", "r0_auto_images", "lowpass_kind", "lowpass_clamp", "latent_norm", "latent_scale")
 
 
 def resume(path, args, student, ema, opt, ae, d):
@@ -428,6 +471,13 @@ def resume(path, args, student, ema, opt, ae, d):
     if stored_ae and stored_ae != ae.content_hash:
         raise UserError(f"{path} was trained on the latents of another autoencoder (content {stored_ae}), "
                         f"not {args.vae} ({ae.content_hash}): it may not change on resume")
+    auto = ck["freqwarm"].get("auto")
+    if args.r0 == "auto":                          # the stored choice wins: a resumed run never re-measures
+        if auto is None:
+            raise UserError(f"{path} was trained with --r0 {ck['config']['r0']}, not chosen by --r0 auto: "
+                            f"resume it with --r0 {ck['config']['r0']}")
+        args.r0 = ck["config"]["r0"]
+        log0(f"--r0 auto: r0 = {args.r0:g}, the choice stored in {path}", d)
     check_resume_settings(ck["config"], args, FIXED_ON_RESUME, path, d)
     warmup = ck["freqwarm"]["warmup_steps"]            # the stored switch wins over --steps / --warmup-frac
     if args.freqwarm and args.warmup_steps is not None and args.warmup_steps != warmup:
@@ -441,7 +491,7 @@ def resume(path, args, student, ema, opt, ae, d):
     set_lr(opt, args.lr)
     set_rng_state(ck["rng"], d.device)
     log0(f"resumed from {path} at step {ck['step']} (FreqWarm switch at step {warmup})", d)
-    return ck["step"], warmup, ck["latent_stats"]
+    return ck["step"], warmup, ck["latent_stats"], auto
 
 
 def main(argv=None):
@@ -456,19 +506,25 @@ def train(args, d):
     ae, dataset, student, ema, opt = build(args, d)
     ckpt_path = os.path.join(args.out, "last.pt")
     step, warmup = 0, (args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))
-    start = resume_path(args)
+    start, auto = resume_path(args), None
     if start:
-        step, warmup, stats = resume(start, args, student, ema, opt, ae, d)
+        step, warmup, stats, auto = resume(start, args, student, ema, opt, ae, d)
     else:
         stats = training_stats(ae, dataset, args, d)
     log0(f"latent statistics: {stats['source']}", d)
     if d.main:
         prune_kept(args.out, step, d)
+    if args.r0 == "auto":
+        auto = auto_r0(ae, dataset, stats, args, d)
+        args.r0 = auto["chosen"]
     latents = Latents(ae, stats, args, warmup, d.device)
+    latents.r0_auto = auto
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
+    warm_text = (f"r0={args.r0:g}{' (auto)' if auto else ''} for {latents.warmup_steps} steps" if args.freqwarm
+                 else "off")
     log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
          f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
-         f"FreqWarm {'r0=%g for %d steps' % (args.r0, latents.warmup_steps) if args.freqwarm else 'off'}; "
+         f"FreqWarm {warm_text}; "
          f"{d.world_size} rank(s) x {per_rank} ({accum} x {micro}); device {d.device}", d)
     if args.cache_latents:
         latents.build_cache(dataset, args.out, d)
@@ -550,8 +606,8 @@ def checkpoint_state(args, student, ema, opt, step, latents, d):
                             "content_hash": latents.ae.content_hash,
                             "mlsr_fractions": list(latents.ae.mlsr_fractions)},
             "freqwarm": {"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,
-                         "warmup_steps": latents.planned_warmup,
-                         "phase": latents.phase(step)}}
+                         "warmup_steps": latents.planned_warmup, "phase": latents.phase(step),
+                         **({"auto": latents.r0_auto} if latents.r0_auto else {})}}     # --r0 auto: curve, choice
 
 
 KEEP_DIR = "keep"

@@ -1,4 +1,4 @@
-"""Stage 1: train the ViT VAE with Multi-Level Spectral Regularization (Denoising-VAE Sec. 3.1).
+"""Stage 1: train the ViT VAE with Multi-Level Spectral Regularization (Denoising-VAE Sec. 3.1), or a DC-AE.
 
     python train_vae.py --preset smoke                                   # CPU, seconds
     python train_vae.py --preset cpu-demo                                # CPU, a few minutes, 32x32 dead leaves
@@ -7,6 +7,12 @@
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
              --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
     python train_vae.py --stats-only --resume runs/vae/last.pt           # latent statistics again (no GPU needed)
+    python train_vae.py --preset dcae-cpu                                # a DC-AE-style conv autoencoder, CPU
+    torchrun --nproc_per_node=8 train_vae.py --preset dcae-f32c32 --data /data/imagenet/train
+
+--arch dcae trains a diffusers AutoencoderDC (a named layout of vae.DCAE_CONFIGS, --dcae-config) with the
+same losses, MLSR included; its latent is deterministic, so there is no KL term. Beside every checkpoint it
+writes OUT/diffusers/ (the EMA weights, save_pretrained): Stages 2-3 use it as --vae diffusers:OUT/diffusers.
 
 Each step samples one level l ~ Unif{0,1,2,3} (Eq. 1) for the whole global batch and trains
 
@@ -24,6 +30,7 @@ of a class-sorted folder is represented): Stage 2 normalises with them.
 import argparse
 import copy
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +43,14 @@ from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, ad
                     run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
                     unwrap, validate_common)
 from data import StepSampler, build_dataset, make_loader, train_val_split
-from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
-                 hinge_d_loss, hinge_g_loss, level_scores)
+from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
+                 build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 
 # Settings that define what is trained: a resume may not change them (the others may, and are logged).
-FIXED_ON_RESUME = ("size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
+FIXED_ON_RESUME = ("arch", "dcae_config",
+                   "size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
                    "mlsr_fractions", "mlsr_sigmas", "pixel_weight", "perceptual_weight", "kl_weight", "gan_weight",
                    "gan_start", "disc_channels", "disc_layers")
 
@@ -56,13 +64,28 @@ PRESETS = {
     **{f"f16d{d}": dict(size=f"f16d{d}", image_size=256, steps=500000, global_batch=512, lr=1e-4,
                         perceptual_weight=1.0, gan_weight=0.1, gan_start=200000, ema_decay=0.9999,
                         out=f"runs/vae-f16d{d}", workers=8) for d in (16, 32, 64)},
+    # DC-AE-style conv autoencoders (--arch dcae): smoke for tests, a CPU one, the published layouts for GPUs
+    "dcae-smoke": dict(arch="dcae", dcae_config="smoke", image_size=16, n_images=64, steps=6, global_batch=8,
+                       lr=1e-3, ema_decay=0.9, perceptual_weight=0.0, gan_weight=0.1, gan_start=3, disc_channels=16,
+                       disc_layers=2, log_every=1, ckpt_every=3, sample_every=6, stats_images=32, val_images=8,
+                       val_every=3),
+    "dcae-cpu": dict(arch="dcae", dcae_config="tiny-f4", image_size=32, n_images=2000, steps=1200, global_batch=32,
+                     lr=1e-3, ema_decay=0.995, perceptual_weight=0.0, gan_weight=0.0, log_every=50, ckpt_every=400,
+                     sample_every=400, stats_images=2000, val_images=128, val_every=200, out="runs/dcae-demo"),
+    **{f"dcae-{c}": dict(arch="dcae", dcae_config=c, image_size=256, steps=500000, global_batch=256, lr=1e-4,
+                         perceptual_weight=1.0, gan_weight=0.1, gan_start=200000, ema_decay=0.9999,
+                         out=f"runs/dcae-{c}", workers=8) for c in ("f32c32", "f64c128")},
 }
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 1: ViT VAE with MLSR", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Stage 1: ViT VAE (or DC-AE) with MLSR",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
     p.add_argument("--out", default=VAE_OUT, help="output folder: checkpoints, logs, grids")
+    p.add_argument("--arch", default="vit", choices=("vit", "dcae"),
+                   help="vit: the ViT VAE (--size); dcae: a diffusers AutoencoderDC (--dcae-config), deterministic")
+    p.add_argument("--dcae-config", default="f32c32", choices=sorted(DCAE_CONFIGS), help="named DC-AE layout")
     p.add_argument("--size", default="f16d32", choices=sorted(SIZES), help="named VAE size")
     p.add_argument("--latent-dim", type=int, default=None, help="override the size's latent channels d")
     p.add_argument("--image-size", type=int, default=256)
@@ -84,6 +107,10 @@ def get_args(argv=None):
     p.add_argument("--stats-only", action="store_true", help="only (re)compute latent statistics of --resume")
     args = parse_with_presets(p, PRESETS, argv)
     validate_common(args)
+    other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight")}[args.arch]   # flags the arch would ignore
+    for name in other:
+        if name in args.explicit:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch}")
     for name in ("image_size", "stats_images"):
         check_range(args, name, 1)
     check_range(args, "gan_start", 0)
@@ -107,8 +134,11 @@ def generator_loss(model, disc, perceptual, x, noise, level, args, step):
     recon, post = model(x, noise, level, args.mlsr_fractions)                   # (B, 3, H, W)
     target = fft_ops.gaussian_blur(x, args.mlsr_sigmas[level])                  # G_l(x), Eq. 4
     recon = recon.float()
-    parts = {"pix": F.mse_loss(recon, target), "kl": post.kl()}
-    loss = args.pixel_weight * parts["pix"] + args.kl_weight * parts["kl"]
+    parts = {"pix": F.mse_loss(recon, target)}
+    loss = args.pixel_weight * parts["pix"]
+    if args.arch == "vit":                                # a DC-AE's latent is deterministic: no KL
+        parts["kl"] = post.kl()
+        loss = loss + args.kl_weight * parts["kl"]
     if args.perceptual_weight > 0:
         parts["perc"] = perceptual(recon, target)
         loss = loss + args.perceptual_weight * parts["perc"]
@@ -160,6 +190,23 @@ def checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats=None):
             "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats}
 
 
+def save_diffusers_folder(ema, out):
+    """--arch dcae: OUT/diffusers, the EMA autoencoder as a diffusers folder, replaced whole: it is written to
+    a temporary folder first, so a reader finds the previous folder or the new one, never a half-written one."""
+    final = os.path.join(out, DCAE_FOLDER)
+    tmp, old = final + ".part", final + ".old"          # one run per folder (RunLock): fixed names, and what a
+    for left in (tmp, old):                             # killed save left behind is removed here
+        shutil.rmtree(left, ignore_errors=True)
+    try:
+        ema.save_pretrained(tmp)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 def stats_only(args, d):
@@ -200,13 +247,18 @@ def train(args, d):
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     ckpt_path = os.path.join(args.out, "last.pt")
     start = resume_path(args)
-    model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
+    if args.arch == "dcae":
+        model = DCAE(args.dcae_config, args.image_size, args.latent_dim).to(d.device)
+    else:
+        model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
     perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None
     opt = adamw(model.parameters(), d.device, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     opt_d = adamw(disc.parameters(), d.device, lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
     step = 0
+    if not start and d.main:                      # a fresh run: no DC-AE folder of an earlier run stays behind
+        shutil.rmtree(os.path.join(args.out, DCAE_FOLDER), ignore_errors=True)
     if start:
         ck = load_checkpoint(start, "vae")
         check_resume_settings(ck["config"], args, FIXED_ON_RESUME, start, d)
@@ -222,7 +274,8 @@ def train(args, d):
         log0(f"resumed from {start} at step {step}", d)
 
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
-    log0(f"VAE {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
+    name = f"VAE {args.size}" if args.arch == "vit" else f"DC-AE {args.dcae_config}"
+    log0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
          f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {per_rank} images "
          f"({accum} micro-batch(es) of {micro}); device {d.device}", d)
     train_model = torch.compile(model) if args.compile else model
@@ -275,6 +328,8 @@ def train(args, d):
             stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None
             if d.main:
                 save_checkpoint(ckpt_path, checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats))
+                if args.arch == "dcae":
+                    save_diffusers_folder(ema, args.out)
             barrier()
         if stopping:
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
@@ -284,8 +339,10 @@ def train(args, d):
         raise SignalStop(stopping, ckpt_path, step)
     if d.main and step == args.steps and step > first_step:
         save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, "recon_final.png"))
+    folder = (f"; for Stages 2-3: --vae diffusers:{os.path.join(args.out, DCAE_FOLDER)}" if args.arch == "dcae" else "")
     log0(finish_message(step, first_step, args, ckpt_path,
-                        f"done: {ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png"), d)
+                        f"done: {ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png"
+                        + folder), d)
 
 
 if __name__ == "__main__":

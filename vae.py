@@ -11,6 +11,7 @@ Shapes, for an image of side S and patch f (tokens N = (S/f)^2, width D):
     x (B, 3, S, S) --patchify--> (B, N, D) --blocks--> (B, N, 2d) --> posterior over z (B, d, S/f, S/f)
     z (B, d, S/f, S/f) --> (B, N, D) --blocks--> (B, N, f*f*3) --unpatchify--> (B, 3, S, S) --3x3 refine--> x_hat
 """
+import copy
 import functools
 import hashlib
 import inspect
@@ -197,6 +198,103 @@ def build_vae(size, image_size, latent_dim=None):
     return ViTVAE(image_size=image_size, **cfg)
 
 
+# ----------------------------------------------------------------------------- DC-AE-style convolutional autoencoder
+
+def _dcae(latent, widths, enc_layers, dec_layers, blocks, dec_norm="rms_norm", dec_act="silu", qkv=None):
+    """Keyword arguments of diffusers.AutoencoderDC, one entry per stage (stage i works at 1/2^i resolution)."""
+    n = len(widths)
+    qkv = qkv or [[] for _ in range(n)]
+    return dict(latent_channels=latent, attention_head_dim=32, encoder_block_types=list(blocks),
+                decoder_block_types=list(blocks), encoder_block_out_channels=list(widths),
+                decoder_block_out_channels=list(widths), encoder_layers_per_block=list(enc_layers),
+                decoder_layers_per_block=list(dec_layers), encoder_qkv_multiscales=qkv, decoder_qkv_multiscales=qkv,
+                downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
+                decoder_norm_types=dec_norm if isinstance(dec_norm, str) else list(dec_norm),
+                decoder_act_fns=dec_act if isinstance(dec_act, str) else list(dec_act))
+
+
+_RES, _VIT = "ResBlock", "EfficientViTBlock"
+# Named DC-AE layouts. f = 2^(stages - 1). The CPU ones are residual-conv only; their last width (128 for the
+# tiny ones) must be a multiple of the latent channels (the encoder's out shortcut averages groups of channels).
+# f32c32 / f64c128: the published dc-ae-f32c32-in-1.0 / dc-ae-f64c128-in-1.0 layouts (DC-AE, Chen et al. 2024):
+# stage 0 has no blocks (a space-to-channel input conv), 3 ResBlock stages with batch-norm / ReLU in the
+# decoder, then EfficientViT (linear-attention) stages with RMS-norm / SiLU.
+DCAE_CONFIGS = {
+    "smoke": _dcae(4, (8, 16, 16), (1, 1, 1), (1, 1, 1), (_RES,) * 3),
+    "tiny-f4": _dcae(16, (32, 64, 128), (1, 1, 1), (1, 1, 1), (_RES,) * 3),
+    "tiny-f8": _dcae(16, (32, 64, 128, 128), (1, 1, 1, 1), (1, 1, 1, 1), (_RES,) * 4),
+    "f32c32": _dcae(32, (128, 256, 512, 512, 1024, 1024), (0, 4, 8, 2, 2, 2), (0, 5, 10, 2, 2, 2),
+                    (_RES,) * 3 + (_VIT,) * 3, ("batch_norm",) * 3 + ("rms_norm",) * 3, ("relu",) * 3 + ("silu",) * 3),
+    "f64c128": _dcae(128, (128, 256, 512, 512, 1024, 1024, 2048), (0, 4, 8, 2, 2, 2, 2), (0, 5, 10, 2, 2, 2, 2),
+                     (_RES,) * 3 + (_VIT,) * 4, ("batch_norm",) * 3 + ("rms_norm",) * 4,
+                     ("relu",) * 3 + ("silu",) * 4),
+}
+
+
+class DeterministicLatent:
+    """The 'posterior' of a deterministic encoder: z itself. sample() ignores the noise; there is no KL term."""
+
+    def __init__(self, z):
+        self.mean = z.float()
+
+    def sample(self, noise=None):
+        return self.mean
+
+    def mode(self):
+        return self.mean
+
+
+class DCAE(nn.Module):
+    """A DC-AE-style autoencoder for Stage 1 (train_vae.py --arch dcae): a diffusers AutoencoderDC from a named
+    layout, wrapped with the ViTVAE interface (encode -> .mean, decode, forward with S_l of Eq. 3).
+
+        x (B, 3, S, S) --encoder--> z (B, c, S/f, S/f), deterministic --decoder--> x_hat (B, 3, S, S)
+
+    `save_pretrained(folder)` writes the diffusers model itself: Stages 2-3 read it as --vae diffusers:FOLDER.
+    """
+
+    def __init__(self, preset="tiny-f4", image_size=32, latent_dim=None):
+        super().__init__()
+        import diffusers
+        cfg = copy.deepcopy(DCAE_CONFIGS[preset])
+        if latent_dim:
+            cfg["latent_channels"] = latent_dim
+        last, c = cfg["encoder_block_out_channels"][-1], cfg["latent_channels"]
+        if last % c:
+            raise UserError(f"DC-AE {preset}: {c} latent channels do not divide its last width {last} "
+                            f"(the encoder and decoder shortcuts group channels): use a divisor of {last}")
+        self.patch = 2 ** (len(cfg["encoder_block_out_channels"]) - 1)
+        if image_size % self.patch:
+            raise UserError(f"image size {image_size} is not divisible by the downsampling factor {self.patch} "
+                            f"of DC-AE {preset}")
+        self.config = dict(arch="dcae", preset=preset, image_size=image_size, diffusers=cfg)
+        self.latent_dim = c
+        self.model = diffusers.AutoencoderDC(**cfg)
+
+    @property
+    def downsample(self):
+        return self.patch
+
+    def latent_shape(self, image_size=None):
+        s = (image_size or self.config["image_size"]) // self.patch
+        return (self.latent_dim, s, s)
+
+    def encode(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> DeterministicLatent over z (B, c, H/f, W/f)."""
+        return DeterministicLatent(self.model.encode(x).latent)
+
+    def decode(self, z):
+        return self.model.decode(z).sample
+
+    def forward(self, x, noise=None, level=0, fractions=fft_ops.MLSR_FRACTIONS):
+        """MLSR path of Eq. 2 without sampling: x -> z -> S_l(z) (Eq. 3) -> D(S_l(z)). Returns (x_hat, latent)."""
+        post = self.encode(x)
+        return self.decode(fft_ops.attenuate(post.mean, level, fractions)), post
+
+    def save_pretrained(self, folder):
+        self.model.save_pretrained(folder, safe_serialization=True)
+
+
 # ----------------------------------------------------------------------------- discriminator
 
 class PatchDiscriminator(nn.Module):
@@ -325,6 +423,10 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
         """A Stage-1 checkpoint (kind 'vae'): EMA weights, its MLSR fractions, its latent statistics."""
         from common import file_hash, load_checkpoint
         ck = load_checkpoint(path, "vae")
+        if ck["model_config"].get("arch") == "dcae":
+            folder = os.path.join(os.path.dirname(path), DCAE_FOLDER)
+            raise UserError(f"{path} is a DC-AE (train_vae.py --arch dcae): use its diffusers folder, "
+                            f"--vae {DIFFUSERS_PREFIX}{folder}")
         vae = ViTVAE(**ck["model_config"])
         vae.load_state_dict(ck["ema" if use_ema else "model"])
         name = f"ViT-VAE {os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
@@ -361,6 +463,7 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
 # ----------------------------------------------------------------------------- diffusers autoencoders
 
 DIFFUSERS_PREFIX = "diffusers:"
+DCAE_FOLDER = "diffusers"           # train_vae.py --arch dcae writes OUT/diffusers beside OUT/last.pt
 DEFAULT_IMAGE_SIZE = 256            # image side for autoencoders without a native one, unless --image-size
 DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderDC", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
 VIDEO_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo")
@@ -645,6 +748,49 @@ def level_scores(ae, x, hf_radius=0.25):
         r = ae.decode(zl).clamp(-1, 1)
         out.append((r, psnr(r, x), fft_ops.latent_hf_ratio(zl, hf_radius)))
     return out
+
+
+# ----------------------------------------------------------------------------- FreqWarm Finding 3
+
+R0_SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.71)     # RGB low-pass radii r0 (cycles/pixel) of F3
+
+
+@torch.no_grad()
+def f3_scores(ae, x, normalize, r0, hf_radius=0.25):
+    """FreqWarm Finding 3 at one r0, per image (B,) each: the high-frequency energy of z_n = normalize(E(lowpass(x,
+    r0))) (mean square of its band at radius > hf_radius, per-channel spatial mean removed first) and its HF ratio.
+
+    Finding 3: past some r0, more RGB high frequency *lowers* this energy (encoder aliasing); FreqWarm's r0 sits
+    at the peak. `evaluate.py diagnose` plots it over R0_SWEEP; `train_diffusion.py --r0 auto` picks its peak.
+    """
+    zr = normalize(ae.encode(fft_ops.lowpass(x, r0)))                      # (B, C, h, w)
+    zr = zr - zr.mean(dim=(-2, -1), keepdim=True)
+    _, high = fft_ops.split_frequencies(zr, hf_radius)
+    return high.pow(2).mean(dim=(1, 2, 3)), fft_ops.latent_hf_ratio(zr, hf_radius)
+
+
+@torch.no_grad()
+def f3_curve(ae, batches, normalize, device, r0_sweep=R0_SWEEP, hf_radius=0.25):
+    """F3's latent HF energy per r0 of `r0_sweep`, averaged over image `batches` (this rank's share; summed over
+    ranks, so every rank gets the same curve). A list of floats."""
+    acc = torch.zeros(len(r0_sweep) + 1, dtype=torch.float64, device=device)     # per-r0 sums, image count
+    for x in batches:
+        x = x.to(device, non_blocking=True).float()
+        for i, r0 in enumerate(r0_sweep):
+            acc[i] += f3_scores(ae, x, normalize, r0, hf_radius)[0].double().sum()
+        acc[-1] += len(x)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(acc)
+    if acc[-1].item() == 0:
+        raise UserError("no images to compute the F3 curve from")
+    return (acc[:-1] / acc[-1]).tolist()
+
+
+def f3_peak(r0_sweep, energy):
+    """The r0 at the F3 curve's interior peak (its argmax, when that is at neither end of the sweep), else None:
+    a curve highest at the largest r0 rises throughout (no aliasing turn-over), one highest at the smallest falls."""
+    i = max(range(len(energy)), key=lambda j: energy[j])
+    return r0_sweep[i] if 0 < i < len(r0_sweep) - 1 else None
 
 
 # ----------------------------------------------------------------------------- latent statistics
