@@ -117,9 +117,14 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(f"data folder {root} does not exist or is not a folder")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in list_images(self.root / c)]
+        per_class = [list_images(self.root / c) for c in self.classes]
+        self.samples = [(p, i) for i, files in enumerate(per_class) for p in files]
         if not self.samples:
             raise DataError(f"no images found under {root} (expected {root}/<class>/<image>.png|jpg)")
+        empty = [c for c, files in zip(self.classes, per_class) if not files]
+        if empty:                                  # a class with no images would still get a label (and samples)
+            raise DataError(f"class folder(s) {', '.join(str(self.root / c) for c in empty[:3])}"
+                            f"{' ...' if len(empty) > 3 else ''} under {root} hold no images: remove them or add images")
         self.num_classes = len(self.classes)
 
     def __len__(self):
