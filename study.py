@@ -14,54 +14,82 @@ Three parts, each over --seeds seeds, tabulated as mean ± sample std over seeds
   C  SiT on denoise levels 0-3, FDA on levels 0-2, FreqWarm at several r0 vs the baseline, at equal steps:
      final validation loss (EMA, held-out latents; comparable across runs of the same level) and the
      offline dead-leaves metric fd_dl / class_acc_dl of class-balanced samples (never called FID).
-Every command is printed and kept in OUT/commands.txt; results in OUT/results.json.
+Parts A and B evaluate on OUT/heldout: dead-leaves images of seed HELDOUT_SEED, a set no run of the study
+trains on (each run trains on the dead-leaves set of its own seed). Every command is printed and kept in
+OUT/commands.txt; results in OUT/results.json. A rerun of the same command line finishes what is not finished:
+a command counts as done only when OUT/done.json records it with the content of its inputs and output as they
+are now (a stopped training run resumes; evaluations of a changed checkpoint run again). A folder holds one
+--setting (OUT/study.json): another setting there is refused.
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from common import atomic_write, write_json
+from common import UserError, atomic_write, check_out_dir, file_hash, read_jsonl, run_main, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SETTINGS = {
-    "smoke": dict(vae=["--preset", "smoke"], sit=["--preset", "smoke", "--steps", "4"], seeds=2, dims=(4, 8),
+    "smoke": dict(vae=["--preset", "smoke"], image_size=16, sit=["--preset", "smoke", "--steps", "4"], seeds=2, dims=(4, 8),
                   levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
                   dl=["--dl-train-images", "200", "--dl-steps", "30"]),
     "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
+                image_size=32,
                 sit=["--preset", "cpu-demo", "--steps", "300", "--val-every", "100", "--sample-every", "100000"],
                 seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1), r0s=(0.05, 0.2, 0.4),
                 n_samples=200, sample_steps=25, n_eval=256, dl=[]),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
-                     "--val-every", "2000", "--workers", "8"],
+                     "--val-every", "2000", "--workers", "8"], image_size=64,
                 sit=["--model", "S/2", "--n-images", "20000", "--steps", "20000", "--global-batch", "256",
                      "--lr", "2e-4", "--cache-latents", "--val-every", "2000", "--sample-every", "100000",
                      "--workers", "8"],
                 seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1, 2), r0s=(0.05, 0.2, 0.4),
                 n_samples=1000, sample_steps=50, n_eval=1000, dl=[]),
 }
+HELDOUT_SEED = 1000         # dead-leaves seed of the evaluation images: no run trains on it (runs: seeds 0 ..)
 PLAIN = ["--mlsr-fractions", "0", "0", "0", "0", "--mlsr-sigmas", "0", "0", "0", "0"]
 
 
 class Runner:
-    """Runs each command once (a finished run is skipped on rerun), logging it to OUT/commands.txt."""
+    """Runs each command of the study, skipping one only when it already finished with exactly these settings.
+
+    A command is done when OUT/done.json records this very command line with the content of its inputs and
+    of its output as they are now (file hashes), not merely when its output exists. Otherwise it runs again:
+    a training run resumes from its last.pt (a stopped run continues, a finished one has nothing to train),
+    and an evaluation's outputs from other inputs (`clear`) are removed first. Each is logged to
+    OUT/commands.txt.
+    """
 
     def __init__(self, out):
         self.out = out
         os.makedirs(out, exist_ok=True)
         self.log = open(os.path.join(out, "commands.txt"), "a")
+        self.done_path = os.path.join(out, "done.json")
+        self.done = {}
+        if os.path.isfile(self.done_path):
+            with open(self.done_path) as f:
+                self.done = json.load(f)
 
-    def __call__(self, script, *args, done=None):
+    def __call__(self, script, *args, output, inputs=(), clear=()):
         cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
-        if done and os.path.exists(done):
-            return
         line = " ".join(["python", script, *map(str, args)])
+        key = os.path.relpath(output, self.out)
+        state = {"command": line, "inputs": {os.path.relpath(p, self.out): content_hash(p) for p in inputs}}
+        if os.path.exists(output) and self.done.get(key) == {**state, "output": content_hash(output)}:
+            return
+        for path in clear:                                         # outputs of other inputs or settings
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         print(f"$ {line}", flush=True)
         self.log.write(line + "\n"), self.log.flush()
         t0 = time.time()
@@ -69,6 +97,27 @@ class Runner:
         if p.returncode != 0:
             sys.exit(f"error: the study stopped: `{line}` failed:\n{p.stderr[-2000:]}")
         print(f"  ({time.time() - t0:.0f} s)", flush=True)
+        self.done[key] = {**state, "output": content_hash(output)}
+        write_json(self.done_path, self.done)
+
+
+def content_hash(path):
+    """A file's content hash; for a folder, that of its files' names and contents."""
+    if not os.path.isdir(path):
+        return file_hash(path)
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    return hashlib.sha256(repr([(os.path.relpath(f, path), file_hash(f)) for f in files]).encode()).hexdigest()[:16]
+
+
+def heldout_data(run, s, out):
+    """The evaluation images of parts A and B: s["n_eval"] dead-leaves images of seed HELDOUT_SEED at the
+    VAEs' resolution, written once to OUT/heldout as an image folder. Every run of the study trains on the
+    dead-leaves set of its own seed (0 .. seeds - 1), so these images are held out of all of them."""
+    assert s["seeds"] <= HELDOUT_SEED
+    folder = os.path.join(out, "heldout")
+    run("data.py", "export", "--out", folder, "--n", s["n_eval"], "--resolution", s["image_size"],
+        "--seed", HELDOUT_SEED, output=folder, clear=[folder])
+    return ["--data", folder, "--n", "all"]
 
 
 def spread(values):
@@ -81,16 +130,17 @@ def table(header, rows):
                      ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def part_a(run, s, out):
-    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on held-out dead-leaves images), both
+def part_a(run, s, out, heldout):
+    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on the held-out images), both
     evaluated with the paper's S_l (p_l = 0, .25, .5, .75), whatever they were trained with."""
     res = {}
     for name, extra in (("MLSR", []), ("plain", PLAIN)):
         for seed in range(s["seeds"]):
             d = os.path.join(out, f"vae-{name}-s{seed}")
-            run("train_vae.py", *s["vae"], *extra, "--seed", seed, "--out", d, done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "recon", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
-                "--mlsr-fractions", 0, 0.25, 0.5, 0.75, "--out", d, done=os.path.join(d, "recon.json"))
+            ck, rec = os.path.join(d, "last.pt"), os.path.join(d, "recon.json")
+            run("train_vae.py", *s["vae"], *extra, "--seed", seed, "--out", d, output=ck)
+            run("evaluate.py", "recon", "--vae", ck, *heldout, "--seed", 1, "--mlsr-fractions", 0, 0.25, 0.5, 0.75,
+                "--out", d, output=rec, inputs=[ck, heldout[1]], clear=[rec])
             res.setdefault(name, []).append(json.load(open(os.path.join(d, "recon.json")))["rows"])
     rows = []
     for name, runs in res.items():
@@ -105,16 +155,16 @@ def part_a(run, s, out):
     return {"rows": res}, text
 
 
-def part_b(run, s, out):
-    """Diagnosis vs latent channels at the same compression."""
+def part_b(run, s, out, heldout):
+    """Diagnosis vs latent channels at the same compression (on the held-out images)."""
     res = {}
     for dim in s["dims"]:
         for seed in range(s["seeds"]):
             d = os.path.join(out, f"vae-d{dim}-s{seed}")
-            run("train_vae.py", *s["vae"], "--latent-dim", dim, "--seed", seed, "--out", d,
-                done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "diagnose", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
-                "--out", os.path.join(d, "diagnosis"), done=os.path.join(d, "diagnosis", "diagnosis.json"))
+            ck, diag = os.path.join(d, "last.pt"), os.path.join(d, "diagnosis", "diagnosis.json")
+            run("train_vae.py", *s["vae"], "--latent-dim", dim, "--seed", seed, "--out", d, output=ck)
+            run("evaluate.py", "diagnose", "--vae", ck, *heldout, "--seed", 1, "--out", os.path.dirname(diag),
+                output=diag, inputs=[ck, heldout[1]], clear=[os.path.dirname(diag)])
             res.setdefault(dim, []).append(json.load(open(os.path.join(d, "diagnosis", "diagnosis.json"))))
     first = next(iter(res.values()))[0]
     i25, r0s = first["radii"].index(0.25), first["f3_r0"]
@@ -139,14 +189,15 @@ def part_c(run, s, out, vae):
     for name, extra in configs:
         for seed in range(s["seeds"]):
             d = os.path.join(out, "sit-" + name.replace(" ", "").replace("+", "-").replace("=", "") + f"-s{seed}")
-            run("train_diffusion.py", *s["sit"], *extra, "--vae", vae, "--seed", seed, "--out", d,
-                done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "sample", "--ckpt", os.path.join(d, "last.pt"), "--num-samples", s["n_samples"],
+            ck, npz, gm = (os.path.join(d, f) for f in ("last.pt", "samples.npz", "generation_metrics.json"))
+            run("train_diffusion.py", *s["sit"], *extra, "--vae", vae, "--seed", seed, "--out", d, output=ck,
+                inputs=[vae])
+            run("evaluate.py", "sample", "--ckpt", ck, "--num-samples", s["n_samples"],
                 "--batch", 100, "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, "--seed", seed,
-                "--out", os.path.join(d, "samples"), done=os.path.join(d, "samples.npz"))
-            run("evaluate.py", "fid", "--features", "deadleaves", "--samples", os.path.join(d, "samples.npz"),
-                "--record", d, *s["dl"], done=os.path.join(d, "generation_metrics.json"))
-            val = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if '"val_loss"' in line]
+                "--out", os.path.join(d, "samples"), output=npz, inputs=[ck], clear=[os.path.join(d, "samples"), npz])
+            run("evaluate.py", "fid", "--features", "deadleaves", "--samples", npz,
+                "--record", d, *s["dl"], output=gm, inputs=[ck, npz], clear=[gm])
+            val = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "val_loss" in r]
             gm = next(iter(json.load(open(os.path.join(d, "generation_metrics.json"))).values()))
             res.setdefault(name, []).append({"val_loss": val[-1]["val_loss"], "step": val[-1]["step"],
                                              "fd_dl": gm["fd_dl"], "class_acc_dl": gm["class_acc_dl"]})
@@ -162,22 +213,36 @@ def part_c(run, s, out, vae):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
-    p.add_argument("--out", default="runs/study")
+    p.add_argument("--out", default="runs/study", help="the study's folder (one setting per folder)")
     p.add_argument("--parts", default="ABC", help="which parts to run, e.g. AC")
     a = p.parse_args(argv)
+    unknown = sorted(set(a.parts) - set("ABC"))
+    if unknown or not a.parts:
+        raise UserError(f"--parts {a.parts!r}: the parts are A, B and C (e.g. --parts AC)")
     s, out = SETTINGS[a.setting], os.path.abspath(a.out)
+    check_out_dir(out)
+    tag = os.path.join(out, "study.json")                       # which setting this folder holds
+    if os.path.isfile(tag):
+        with open(tag) as f:
+            held = json.load(f)["setting"]
+        if held != a.setting:
+            raise UserError(f"--out {a.out} holds a study of --setting {held}, not {a.setting}: "
+                            f"use another --out (each setting has its own folder)")
+    else:
+        write_json(tag, {"setting": a.setting})
     run = Runner(out)
+    heldout = heldout_data(run, s, out) if set(a.parts) & set("AB") else None
     results, sections = {"setting": a.setting, "seeds": list(range(s["seeds"]))}, []
     t0 = time.time()
     if "A" in a.parts:
-        results["A"], text = part_a(run, s, out)
+        results["A"], text = part_a(run, s, out, heldout)
         sections.append(f"## A. MLSR vs plain VAE ({a.setting}, seeds {results['seeds']})\n\n{text}")
     if "B" in a.parts:
-        results["B"], text = part_b(run, s, out)
+        results["B"], text = part_b(run, s, out, heldout)
         sections.append(f"## B. Diagnosis vs latent channels ({a.setting}, seeds {results['seeds']})\n\n{text}")
     if "C" in a.parts:
         vae = os.path.join(out, "vae-MLSR-s0", "last.pt")
-        run("train_vae.py", *s["vae"], "--seed", 0, "--out", os.path.dirname(vae), done=vae)
+        run("train_vae.py", *s["vae"], "--seed", 0, "--out", os.path.dirname(vae), output=vae)
         results["C"], text = part_c(run, s, out, vae)
         sections.append(f"## C. SiT: denoise levels, FDA, FreqWarm ({a.setting}, seeds {results['seeds']}, "
                         f"VAE vae-MLSR-s0)\n\n{text}")
@@ -189,4 +254,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
