@@ -36,7 +36,8 @@ from PIL import Image
 
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
-                    file_hash, load_checkpoint, log0, read_jsonl, run_main, setup_distributed, wait_for_files, write_json)
+                    file_hash, load_checkpoint, log0, read_jsonl, run_main, setup_distributed, wait_for_files,
+                    write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, latent_stats, level_scores, load_autoencoder, locate_autoencoder,
                  psnr, resolve_image_size)
@@ -799,7 +800,7 @@ def cmd_diagnose(a, d):
 # ----------------------------------------------------------------------------- comparing runs
 
 IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
-                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite"}
+                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "dist_timeout"}
 FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
 
 
@@ -812,7 +813,8 @@ def run_summary(run_dir):
     if not os.path.isfile(ck_path):
         raise UserError(f"{run_dir} holds no run (no last.pt)")
     ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-    lines = read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else []
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    lines = read_jsonl(metrics) if os.path.isfile(metrics) else []
     val = [r for r in lines if "loss" not in r and len(r) > 1]
     final = {k: v for k, v in (val[-1] if val else {}).items() if k in FINAL_KEYS}
     gm_path, stale = os.path.join(run_dir, "generation_metrics.json"), []

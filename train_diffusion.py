@@ -44,8 +44,9 @@ from tqdm import tqdm
 from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
                     batch_split, check_finite, check_range, check_resume_settings, check_same_data, clear_run_folder,
                     ema_update, finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows,
-                    parse_with_presets, resume_path, rng_state, run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
-                    to_device, unwrap, validate_common, wait_for_files, write_json)
+                    parse_with_presets, resume_path, rng_state, run_main, save_checkpoint, save_grid, set_lr,
+                    set_rng_state, setup_distributed, sync_grads_on, to_device, unwrap, validate_common,
+                    wait_for_files, write_json)
 from data import FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, train_val_split
 from dit import Projector, build_denoiser, guided_velocity, interpolate, sample_ode, velocity_target
 from vae import (DEFAULT_IMAGE_SIZE, LatentSpace, absolute_spec, dataset_latent_stats, load_autoencoder,
@@ -219,7 +220,8 @@ class Latents(LatentSpace):
         """Latents of keys [lo, hi) into the float16 file `path`, which appears only when complete."""
         tmp = path + ".part"
         try:                                               # a stopped or failed build leaves no partial shard
-            arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (hi - lo, *self.ae.latent_shape(self.args.image_size)))
+            shape = (hi - lo, *self.ae.latent_shape(self.args.image_size))            # (keys, C, h, w)
+            arr = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
             row = 0
             for x in image_batches(view, range(lo, hi), batch, self.args.workers):
                 arr[row:row + len(x)] = self.encode(x.to(self.device), warm).cpu().numpy().astype(np.float16)
@@ -434,7 +436,8 @@ def resume(path, args, student, ema, opt, ae, data_fp, d):
     student.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
     set_lr(opt, args.lr)
     set_rng_state(ck["rng"], d.device)
-    log0(f"resumed from {path} at step {ck['step']}" + (f" (FreqWarm switch at step {warmup})" if args.freqwarm else ""), d)
+    switch = f" (FreqWarm switch at step {warmup})" if args.freqwarm else ""
+    log0(f"resumed from {path} at step {ck['step']}{switch}", d)
     return ck["step"], warmup, ck["latent_stats"]
 
 

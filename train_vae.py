@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fft_ops
 from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
                     batch_split, check_range, check_resume_settings, check_same_data, clear_run_folder, ema_update,
-                    finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
-                    run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
-                    unwrap, validate_common)
+                    finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets,
+                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_lr, set_rng_state,
+                    setup_distributed, sync_grads_on, unwrap, validate_common)
 from data import StepSampler, build_dataset, fingerprint, make_loader, train_val_split
 from vae import (SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder, build_vae, dataset_latent_stats,
                  hinge_d_loss, hinge_g_loss, level_scores)
@@ -286,7 +286,8 @@ def train(args, d):
         if loop.due(step, args.ckpt_every) or stopping:
             stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None
             if d.main:
-                save_checkpoint(ckpt_path, checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats, data_fp))
+                state = checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats, data_fp)
+                save_checkpoint(ckpt_path, state)
             barrier()
         if stopping:
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
