@@ -162,8 +162,10 @@ def cmd_sample(a, d):
         for i, im in zip(idx, imgs):
             with atomic_write(os.path.join(a.out, f"{i:06d}.png")) as f:
                 Image.fromarray(im).save(f, format="PNG")
-    if d.main:                         # ranks with less work left end early: no collective waits for the others
-        wait_for_files([os.path.join(a.out, f"{i:06d}.png") for i in range(a.num_samples)], "sampling")
+    # ranks with less work left wait for the others' files, not in a collective (which would time out)
+    wait_for_files([os.path.join(a.out, f"{i:06d}.png") for i in range(a.num_samples)], "sampling")
+    barrier()                                                        # all ranks are here within a poll
+    if d.main:
         shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz")
         log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8)", d)
 

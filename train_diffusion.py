@@ -182,8 +182,8 @@ class Latents(LatentSpace):
         keys [j S, (j + 1) S) in OUT/latents-KEY/rows-LO-HI.npy (renamed into place when complete) and is
         encoded by rank j mod W; shards already there are kept, so a stopped build resumes from its finished
         shards (with any number of ranks). No rank waits in a collective, however long the others take: rank 0
-        waits for the shard files, writes index.json, and the others wait for it. A cache is complete exactly
-        when its index exists; any number of ranks can read it.
+        waits for the shard files, writes index.json, and the others wait for it (then a barrier, which they all
+        reach within a poll). A cache is complete exactly when its index exists; any number of ranks can read it.
         """
         view = FlipView(dataset)
         n_keys = len(view) if self.args.hflip else len(dataset)
@@ -213,6 +213,7 @@ class Latents(LatentSpace):
                                             "low_passed": warm, "r0": self.args.r0 if warm else None})
                 else:
                     wait_for_files([index_path], "the latent cache")
+                barrier()                                  # all ranks are here within a poll: a short wait
                 log0(f"latent cache written: {folder} ({n_keys} x {tuple(shape)})", d)
             self.cache[warm] = CachedRows(folder)
 
