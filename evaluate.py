@@ -434,6 +434,8 @@ def samples_manifest(samples):
 def record_checkpoint(a):
     """With --record RUN: the checkpoint the samples came from, which must be RUN/last.pt as it is now
     (content hash): {path, step, content_hash}; one line otherwise."""
+    if not a.samples:
+        raise UserError(f"--record {a.record} records the metrics of --samples; none given")
     manifest, ck_path = samples_manifest(a.samples), os.path.join(a.record, "last.pt")
     if manifest is None or "step" not in manifest:
         raise UserError(f"--record {a.record}: {a.samples} has no manifest.json of `evaluate.py sample` naming the "
