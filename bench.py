@@ -56,8 +56,8 @@ import torch.nn.functional as F
 import fft_ops
 import train_diffusion as td
 import train_vae
-from common import (StepLoop, UserError, adamw, atomic_write, autocast, check_device, ema_update, global_rand,
-                    global_randn, load_checkpoint, run_main, write_json)
+from common import (StepLoop, UserError, adamw, atomic_write, autocast, check_device, check_range, ema_update,
+                    global_rand, global_randn, load_checkpoint, run_main, write_json)
 from data import ImageFolder, image_batches
 from dit import build_denoiser, build_sit, guided_velocity, sample_ode
 from vae import PatchDiscriminator, ViTVAEAutoencoder, build_vae, sincos_2d
@@ -1230,11 +1230,14 @@ def get_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = get_args(argv)
+    for name in ("repeats", "iters"):
+        check_range(a, name, 1, optional=True)
+    check_range(a, "warmup", 0, optional=True)
     if a.gpu_check_phase:
         return run_phase(a)
     if a.gpu_check:
         return gpu_check(a, argv)
-    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = check_device(a.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1244,7 +1247,7 @@ def main(argv=None):
     rows = set(a.rows.split(","))
     unknown = rows - set(ROWS)
     if unknown:
-        sys.exit(f"error: unknown rows {sorted(unknown)}; use {','.join(ROWS)}")
+        raise UserError(f"unknown rows {sorted(unknown)}; use {','.join(ROWS)}")
     b = Bench(a, dev)
     b.cfg = cfg
     ema = None

@@ -59,7 +59,10 @@ def run_main(main):
     try:
         main()
     except (UserError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # an error raised before the process group exists comes from checking the command line, the same on
+        # every rank: rank 0 prints it (once); later errors may be one rank's own, so each rank prints its own
+        if dist.is_initialized() or int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         cleanup_distributed()
         sys.exit(2)
     except SignalStop as e:
@@ -101,6 +104,13 @@ def check_range(args, name, low=None, high=None, optional=False):
         raise UserError(f"{flag} must be {want}; got {v}")
 
 
+def check_finite(args, name):
+    """One line unless args.<name> is a finite number (NaN and inf fail)."""
+    v = getattr(args, name)
+    if not math.isfinite(v):
+        raise UserError(f"--{name.replace('_', '-')} must be a finite number; got {v}")
+
+
 def validate_common(args):
     """Check the settings of add_common_args (each script calls this once, right after parsing)."""
     check_range(args, "steps", 0)
@@ -111,7 +121,11 @@ def validate_common(args):
     check_range(args, "lr", 0.0, math.inf)
     check_range(args, "weight_decay", 0.0, math.inf)
     check_range(args, "ema_decay", 0.0, 1.0)
+    check_range(args, "val_images", 0)
+    check_range(args, "val_every", 0)
+    check_range(args, "dist_timeout", 1, optional=True)
     check_device(args.device)
+    batch_split(args.global_batch, int(os.environ.get("WORLD_SIZE", "1")), args.micro_batch)  # before any work
     check_out_dir(args.out)
     if args.log_to == "tensorboard":
         check_tensorboard()
@@ -177,8 +191,13 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device=None):
-    """Rank, world size and device from torchrun's environment (rank 0 of 1 under plain python)."""
+def setup_distributed(device=None, timeout_s=None):
+    """Rank, world size and device from torchrun's environment (rank 0 of 1 under plain python).
+
+    `timeout_s` (--dist-timeout): how long a collective waits for the slowest rank before the job fails
+    (torch's default when None). Long per-rank phases (latent cache, sampling) wait on files, not in a
+    collective, so they need no long timeout.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -192,8 +211,10 @@ def setup_distributed(device=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
+        import datetime
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local, world, device)
 
 
@@ -205,6 +226,20 @@ def cleanup_distributed():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_files(paths, what, poll_s=1.0):
+    """Wait until every file in `paths` exists (written atomically by other ranks): the end of a long per-rank
+    phase without a collective, so a rank hours behind the others trips no process-group timeout. A rank that
+    fails ends the job (torchrun stops the others), so this never waits for a rank that is gone."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    t0, said = time.time(), False
+    while missing:
+        if not said and time.time() - t0 > 30:
+            log0(f"waiting for other ranks to finish {what} ({len(missing)} file(s) to go)")
+            said = True
+        time.sleep(poll_s)
+        missing = [p for p in missing if not os.path.exists(p)]
 
 
 def all_reduce_mean(values, device):
@@ -614,6 +649,21 @@ def log0(msg, d=None):
         sys.stdout.flush()
 
 
+def read_jsonl(path):
+    """The records of a JSONL file (metrics.jsonl), or one line naming the file, the bad line and the fix."""
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: line {i} is not valid JSON ({line.strip()[:40]!r}): a write was cut "
+                                f"short; delete that line (every earlier line is intact) and rerun") from None
+    return out
+
+
 class MetricsLog:
     """JSONL metrics file written by rank 0: lines after `step` (those of a killed run that were never
     checkpointed) are dropped when a run resumes at `step`, so no step is logged twice; a run that starts at
@@ -626,9 +676,7 @@ class MetricsLog:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             keep = []
             if os.path.isfile(path):
-                with open(path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-                keep = keep if step > 0 else []
+                keep = [json.dumps(r) + "\n" for r in read_jsonl(path) if step > 0 and r.get("step", 0) <= step]
                 with open(path + ".tmp", "w") as f:
                     f.writelines(keep)
                 os.replace(path + ".tmp", path)
@@ -795,6 +843,9 @@ class Throughput:
 def save_grid(images, path, nrow):
     """Save float images (N, 3, H, W) in [-1, 1] as one PNG grid (written atomically)."""
     import torchvision
+    if not torch.isfinite(images).all():
+        raise UserError(f"{path}: the images are not finite (NaN / inf), so it is not written; a non-finite "
+                        f"model or guidance scale (--cfg-scale) made them")
     with atomic_write(path) as f:
         torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, f, nrow=nrow, padding=1, format="png")
 
@@ -833,6 +884,9 @@ def add_common_args(p):
     p.add_argument("--log-to", default="jsonl", choices=("jsonl", "tensorboard"),
                    help="jsonl: OUT/metrics.jsonl only; tensorboard: also curves and sample grids in OUT/tensorboard/ "
                         "(needs `pip install tensorboard`; metrics.jsonl stays the record)")
+    p.add_argument("--dist-timeout", type=int, default=None,
+                   help="seconds a collective waits for the slowest rank before the job fails (torch's default "
+                        "if unset); the latent cache and sampling wait on files instead, however long they take")
     p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
                    help="a step whose loss or gradient norm is NaN / inf: stop the run (keeping the last good "
                         "checkpoint) or skip that step's update")
@@ -856,6 +910,21 @@ def resume_path(args):
     return args.resume
 
 
+RUN_FILES = ("last.pt", "metrics.jsonl", "generation_metrics.json")
+RUN_GRIDS = ("recon_", "samples_")                 # recon_0000100.png, recon_final.png, samples_0000100.png
+
+
+def clear_run_folder(out, d):
+    """A fresh start (step 0) in a used folder: remove what the previous run there wrote (checkpoint, metrics,
+    recorded generation metrics, PNG grids), so nothing of it is mistaken for this run's. Latent caches
+    (latents-KEY/) stay: they are keyed by content and belong to no run."""
+    if not d.main or not os.path.isdir(out):
+        return
+    for f in sorted(os.listdir(out)):
+        if f in RUN_FILES or (f.startswith(RUN_GRIDS) and f.endswith(".png")):
+            os.remove(os.path.join(out, f))
+
+
 def check_resume_settings(stored, args, fixed, path, d=None):
     """Resume policy: settings in `fixed` may not change (one line naming the first that did); the others may
     (learning rate, steps, logging, workers, devices ...): each change is logged and takes effect."""
@@ -867,6 +936,17 @@ def check_resume_settings(stored, args, fixed, path, d=None):
     for k, v in sorted(vars(args).items()):
         if k not in skip and k in stored and stored[k] != v:
             log0(f"resume: --{k.replace('_', '-')} changes from {stored[k]} to {v}", d)
+
+
+def check_same_data(ck, data_fp, data, path):
+    """A run resumes only on the data it started on (data.fingerprint: every file's name, size and mtime):
+    images added, removed or changed would move the held-out split mid-run and leave the latent statistics
+    of the old data in use."""
+    stored = ck.get("data_fingerprint") or (ck.get("latent_stats") or {}).get("data")
+    if stored and stored != data_fp:
+        raise UserError(f"{path} was trained on other data than --data {data} holds now (fingerprint {stored}, "
+                        f"now {data_fp}: images were added, removed or changed): it may not change on resume; "
+                        f"restore the data or start a fresh run with another --out")
 
 
 def set_lr(opt, lr):
@@ -920,7 +1000,7 @@ class StepLoop:
         self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step,
                               tensorboard=getattr(args, "log_to", "jsonl") == "tensorboard")
         self.stop, self.speed = StopSignal(), Throughput()
-        self.skipped = 0                               # skipped steps in this run (--on-nonfinite skip)
+        self.skipped, self.first_step = 0, step        # skipped steps in this run (--on-nonfinite skip)
         self.ckpt_path = os.path.join(args.out, "last.pt")
         self._step = None                              # (keys, values on the device) of the step just reduced
         self._sums = {}                                # keys -> [device sum, steps] since the last metrics line
@@ -1043,6 +1123,11 @@ class StepLoop:
         log_due = self.due(step, a.log_every)
         if stopping or log_due or self.due(step, a.ckpt_every) or step % a.sample_every == 0:
             self.check_finite(step)
+        if (stopping or self.due(step, a.ckpt_every)) and self.skipped == step - self.first_step:
+            raise UserError(f"every step of this run ({self.first_step + 1}-{step}) had a non-finite loss or "
+                            f"gradient norm and was skipped (--on-nonfinite skip): nothing was learned, so no "
+                            f"checkpoint is written; last checkpoint: "
+                            f"{self.ckpt_path if os.path.isfile(self.ckpt_path) else 'none written yet'}")
         if log_due:
             values = self._interval_means()
             rate = self.speed.rate()

@@ -117,9 +117,14 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(f"data folder {root} does not exist or is not a folder")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in list_images(self.root / c)]
+        per_class = [list_images(self.root / c) for c in self.classes]
+        self.samples = [(p, i) for i, files in enumerate(per_class) for p in files]
         if not self.samples:
             raise DataError(f"no images found under {root} (expected {root}/<class>/<image>.png|jpg)")
+        empty = [c for c, files in zip(self.classes, per_class) if not files]
+        if empty:                                  # a class with no images would still get a label (and samples)
+            raise DataError(f"class folder(s) {', '.join(str(self.root / c) for c in empty[:3])}"
+                            f"{' ...' if len(empty) > 3 else ''} under {root} hold no images: remove them or add images")
         self.num_classes = len(self.classes)
 
     def __len__(self):
@@ -250,8 +255,11 @@ def fingerprint(dataset):
     """A content key of a dataset: what it is, its resolution, and every image file's name, size and mtime.
 
     Replacing images (even with the same names and count) changes the key, so caches keyed by it go stale
-    exactly when the data does. The dead-leaves set is a function of (n, seed, resolution).
+    exactly when the data does. The dead-leaves set is a function of (n, seed, resolution). Taken once per
+    dataset object (a stat of every file: minutes on ImageNet over a network file system).
     """
+    if getattr(dataset, "_fingerprint", None) is not None:
+        return dataset._fingerprint
     h = hashlib.sha256(f"{type(dataset).__name__}:{dataset.resolution}".encode())
     if isinstance(dataset, DeadLeaves):
         h.update(f":{dataset.n}:{dataset.seed}:{dataset.num_classes}".encode())
@@ -259,7 +267,8 @@ def fingerprint(dataset):
         for path, label in dataset.samples:
             st = os.stat(path)
             h.update(f"\n{path.relative_to(dataset.root)}:{label}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    dataset._fingerprint = h.hexdigest()[:16]
+    return dataset._fingerprint
 
 
 def random_subset(n_total, n, seed):

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fft_ops
-from common import (UserError, atomic_write, autocast, barrier, check_out_dir, check_range, file_hash,
-                    load_checkpoint, log0, read_export, run_main, setup_distributed, write_export, write_json)
+from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
+                    file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main, setup_distributed,
+                    wait_for_files, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from dit import SAMPLERS
 from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_scores, find_vgg_weights,
@@ -116,17 +117,24 @@ def load_sit(path, device, vae=None):
         raise UserError(f"{spec} is not the autoencoder {path} was trained with (content {ae.content_hash}, "
                         f"expected {rec['content_hash']}): pass the original with --vae")
     cfg = ck["config"]
+    if not ck.get("latent_stats"):
+        raise UserError(f"{path} holds no latent statistics (latent_stats), so its latents cannot be decoded; "
+                        f"it is not a checkpoint train_diffusion.py finished writing")
     space = LatentSpace(ck["latent_stats"], ae.mlsr_fractions, cfg.get("denoise_level", 0),
                         cfg.get("renorm_level", False), device)
     return ema.to(device).eval(), ae, space, ck
 
 
-def sample_manifest(a, ck_path):
-    """What decides the pictures in a sample folder: a rerun may only add to a folder made the same way."""
+def sample_manifest(a, ck_path, ck, device):
+    """What decides the pictures in a sample folder: a rerun may only add to a folder made the same way.
+    Also what they came from (checkpoint step, training data, classes), for `fid --record` and `compare`."""
     if os.path.isdir(ck_path):                          # an export: its weights file (config sealed inside)
         ck_path = os.path.join(ck_path, "model.safetensors")
-    return {"checkpoint": file_hash(ck_path), "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
-            "sampler": a.sampler, "sample_steps": a.sample_steps, "seed": a.seed, "labels": a.labels}
+    precision = "bf16" if device.type == "cuda" and not a.no_bf16 else "float32"
+    return {"checkpoint": file_hash(ck_path), "step": ck["step"], "cfg_scale": a.cfg_scale,
+            "cfg_interval": list(a.cfg_interval), "sampler": a.sampler, "sample_steps": a.sample_steps,
+            "seed": a.seed, "labels": a.labels, "no_bf16": a.no_bf16, "precision": precision,
+            "num_classes": ck["model_config"].get("num_classes"), "data": ck["config"].get("data")}
 
 
 def check_manifest(out, manifest):
@@ -168,7 +176,7 @@ def cmd_sample(a, d):
     labels = sample_labels(a.num_samples, ema.num_classes, a.labels, a.seed)            # (num_samples,)
     if d.main:
         os.makedirs(a.out, exist_ok=True)
-        check_manifest(a.out, sample_manifest(a, a.ckpt))
+        check_manifest(a.out, sample_manifest(a, a.ckpt, ck, d.device))
         for f in os.listdir(a.out):                                 # temporaries of an interrupted run
             if f.startswith(".") and f.endswith(".png"):
                 os.remove(os.path.join(a.out, f))
@@ -188,11 +196,18 @@ def cmd_sample(a, d):
                 z = sample_sde(velocity, noise, a.sample_steps, generator=gens)
             else:
                 z = sample_ode(velocity, noise, a.sample_steps, a.sampler)
-        imgs = to_uint8(ae.decode(space.to_autoencoder(z)))          # float32 decode, outside autocast
+        x = ae.decode(space.to_autoencoder(z))                       # float32 decode, outside autocast
+        if not (torch.isfinite(z).all() and torch.isfinite(x).all()):   # checked like a training loss
+            raise UserError(f"sampling images {idx[0]}..{idx[-1]} gave non-finite "
+                            f"{'latents' if not torch.isfinite(z).all() else 'decoded images'} (--cfg-scale "
+                            f"{a.cfg_scale}, {a.ckpt}): nothing written for them")
+        imgs = to_uint8(x)
         for i, im in zip(idx, imgs):
             with atomic_write(os.path.join(a.out, f"{i:06d}.png")) as f:
                 Image.fromarray(im).save(f, format="PNG")
-    barrier()
+    # ranks with less work left wait for the others' files, not in a collective (which would time out)
+    wait_for_files([os.path.join(a.out, f"{i:06d}.png") for i in range(a.num_samples)], "sampling")
+    barrier()                                                        # all ranks are here within a poll
     if d.main:
         shape = folder_to_npz(a.out, a.num_samples, a.out.rstrip("/") + ".npz", labels=labels.numpy())
         log0(f"wrote {a.out}/ and {a.out.rstrip('/')}.npz (arr_0 {shape} uint8, arr_1 its {a.labels} labels)", d)
@@ -735,14 +750,55 @@ def make_ref_stats(a, d, samples_side=None):
     how = "--resolution" if a.resolution else "its images' side" if a.ref.endswith(".npz") else "the side of --samples"
     log0(f"wrote reference statistics {a.make_ref_stats}: {n} images of {a.ref} at {side} px ({how}), "
          f"{ext.mode} mode, {ext.name} (file {ext.network_hash}){', with sFID' if sm.n else ''}")
+def samples_manifest(samples):
+    """The manifest.json `sample` wrote for a sample set (in FOLDER/ for FOLDER or FOLDER.npz), or None."""
+    folder = samples[:-len(".npz")] if samples.endswith(".npz") else samples
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def sample_set_classes(samples):
+    """The number of classes of the SiT a sample set was drawn from when it was trained on the built-in
+    dead-leaves set (from the set's manifest), else None: class_acc_dl knows only those classes."""
+    manifest = samples_manifest(samples) or {}
+    return manifest.get("num_classes") if manifest.get("data") == "deadleaves" else None
+
+
+def record_checkpoint(a):
+    """With --record RUN: the checkpoint the samples came from, which must be RUN/last.pt as it is now
+    (content hash): {path, step, content_hash}; one line otherwise."""
+    if not a.samples:
+        raise UserError(f"--record {a.record} records the metrics of --samples; none given")
+    manifest, ck_path = samples_manifest(a.samples), os.path.join(a.record, "last.pt")
+    if manifest is None or "step" not in manifest:
+        raise UserError(f"--record {a.record}: {a.samples} has no manifest.json of `evaluate.py sample` naming the "
+                        f"checkpoint and step they came from, so they cannot be recorded as that run's metrics")
+    if not os.path.isfile(ck_path):
+        raise UserError(f"--record {a.record}: no checkpoint {ck_path} there")
+    current = file_hash(ck_path)
+    if manifest["checkpoint"] != current:
+        step = load_checkpoint(ck_path, "sit")["step"]
+        raise UserError(f"--record {a.record}: {a.samples} were drawn from checkpoint {manifest['checkpoint']} "
+                        f"(step {manifest['step']}), not from {ck_path} as it is now ({current}, step {step}): "
+                        f"sample again from it, or record into the run the samples came from")
+    return {"path": os.path.abspath(ck_path), "step": manifest["step"], "content_hash": current}
 
 
 def cmd_fid(a, d):
+    checkpoint = record_checkpoint(a) if a.record else None
     if a.features == "deadleaves":
         fake, _, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
         ext = DeadLeavesExtractor(side, d.device, n_train=a.dl_train_images, steps=a.dl_steps)
-        res = deadleaves_metrics(ext, np.concatenate(list(fake)), labels=sample_set_labels(a.samples))
-        return report_generation(a, res)
+        classes = sample_set_classes(a.samples)
+        if classes is None:
+            log0("class_acc_dl skipped: the samples' classes are not known to be the built-in dead-leaves classes "
+                 "(it needs samples of `evaluate.py sample` from a SiT trained on --data deadleaves)")
+        res = deadleaves_metrics(ext, np.concatenate(list(fake)), labels=sample_set_labels(a.samples),
+                                 sample_classes=classes)
+        return report_generation(a, res, checkpoint)
     if a.make_ref_stats:
         return make_ref_stats(a, d, image_source(a.samples, "--samples")[2] if a.samples else None)
     fake, n_fake, side = image_source(a.samples, "--samples", a.resolution, workers=a.workers)
@@ -761,13 +817,13 @@ def cmd_fid(a, d):
            **ref.describe(), **res}
     if "sfid" not in res:
         res["sfid_missing"] = ext.sfid_missing or "the reference has no sFID statistics (mu_s, sigma_s)"
-    report_generation(a, res)
+    report_generation(a, res, checkpoint)
 
 
-def report_generation(a, res):
+def report_generation(a, res, checkpoint=None):
     """Print the metrics; with --record RUN_DIR also keep them there for `compare` (generation_metrics.json,
-    one entry per network)."""
-    res = {"samples": a.samples, **res}
+    one entry per network), with the checkpoint (path, step, content hash) the samples came from."""
+    res = {"samples": a.samples, **res, **({"checkpoint": checkpoint} if checkpoint else {})}
     log0(json.dumps(res, indent=1))
     if a.record:
         path = os.path.join(a.record, "generation_metrics.json")
@@ -897,23 +953,29 @@ def deadleaves_reference(extractor, side, n_ref=2000, seed=0):
     return moments
 
 
-def deadleaves_metrics(extractor, fake, n_ref=2000, seed=0, labels=None, ref_moments=None):
+def deadleaves_metrics(extractor, fake, n_ref=2000, seed=0, labels=None, ref_moments=None, sample_classes=10):
     """Frechet distance in DL-net features against dead-leaves images (the training set: seed 0; or
     `ref_moments` from deadleaves_reference) and the accuracy with which DL-net recognises the intended class
     of the samples (`labels`, default class-balanced: image i has class i mod 10, as `sample` draws them by
-    default). Named for what they are: fd_dl and class_acc_dl, never FID."""
+    default), only when they were drawn from a model of the dead-leaves classes (`sample_classes` = 10; None:
+    unknown). Named for what they are: fd_dl and class_acc_dl, never FID."""
     fake = np.asarray(fake)
     rm = ref_moments or deadleaves_reference(extractor, fake.shape[1], n_ref, seed)
     fm, _, fp = extract(extractor, _batched(fake), keep=False)
-    labels = np.arange(len(fake)) % fp.shape[1] if labels is None else np.asarray(labels)   # 10 classes
-    if len(labels) != len(fake):
-        raise UserError(f"{len(fake)} samples but {len(labels)} labels")
-    return {"network": extractor.name, "n_fake": fm.n, "n_real": rm.n,
-            "fd_dl": frechet_distance(*fm.stats(), *rm.stats()),
-            "class_acc_dl": float((fp.argmax(1) == labels).mean())}
+    out = {"network": extractor.name, "n_fake": fm.n, "n_real": rm.n,
+           "fd_dl": frechet_distance(*fm.stats(), *rm.stats())}
+    if sample_classes == fp.shape[1]:                           # the dead-leaves classes (DL-net's head)
+        labels = np.arange(len(fake)) % sample_classes if labels is None else np.asarray(labels)
+        if len(labels) != len(fake):
+            raise UserError(f"{len(fake)} samples but {len(labels)} labels")
+        out["class_acc_dl"] = float((fp.argmax(1) == labels).mean())
+    return out
 
 
 # ----------------------------------------------------------------------------- reconstruction metrics
+
+SSIM_SIDE = 11                                              # SSIM's window: the smallest image it can score
+
 
 def ssim(x, y, sigma=1.5, radius=5):
     """SSIM (Wang et al. 2004) with an 11-tap Gaussian window on [0, 1] images, per image (B,)."""
@@ -1035,7 +1097,11 @@ def cmd_recon(a, d):
         if vgg:
             raise
         log0(f"LPIPS skipped: {e}")
-    batches, n = eval_batches(a, ae, resolve_image_size(ae, a.image_size), "all" if ext is not None else 1000, d)
+    size = resolve_image_size(ae, a.image_size)
+    if size < SSIM_SIDE:
+        raise UserError(f"recon needs images of at least {SSIM_SIDE} px (SSIM's {SSIM_SIDE}-tap window), "
+                        f"got {size} px; use a larger --image-size")
+    batches, n = eval_batches(a, ae, size, "all" if ext is not None else 1000, d)
     if ext is not None and n < 2048:
         log0(f"WARNING: rFID from {n} images (fewer than the 2048 feature dimensions) is heavily biased; "
              f"the papers' protocol uses all 50 000 ImageNet validation images (--n all)")
@@ -1167,27 +1233,39 @@ def cmd_diagnose(a, d):
 
 IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
                      "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "log_to", "keep_every",
-                     "sampler", "sample_steps", "cfg_scale"}
+                     "sampler", "sample_steps", "cfg_scale", "dist_timeout"}
 FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
 
 
 def run_summary(run_dir):
-    """A run folder's settings, validation curve and final metrics (last validation line, recorded metrics)."""
+    """A run folder's settings, validation curve and final metrics (last validation line, recorded metrics).
+
+    Recorded generation metrics count only when they are of the run's checkpoint as it is now (content hash);
+    the others are left out and named in `stale`."""
     ck_path = os.path.join(run_dir, "last.pt")
     if not os.path.isfile(ck_path):
         raise UserError(f"{run_dir} holds no run (no last.pt)")
     ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-    lines = []
-    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    lines = read_jsonl(metrics) if os.path.isfile(metrics) else []
     val = [r for r in lines if "loss" not in r and len(r) > 1]
     final = {k: v for k, v in (val[-1] if val else {}).items() if k in FINAL_KEYS}
-    gm_path = os.path.join(run_dir, "generation_metrics.json")
+    gm_path, stale = os.path.join(run_dir, "generation_metrics.json"), []
     if os.path.isfile(gm_path):
-        for res in json.load(open(gm_path)).values():
-            final.update({k: v for k, v in res.items() if k in FINAL_KEYS})
-    return {"dir": run_dir, "config": ck.get("config", {}), "step": ck.get("step"), "val": val, "final": final}
+        current = file_hash(ck_path)
+        with open(gm_path) as f:
+            records = json.load(f)
+        for net, res in records.items():
+            keys = [k for k in res if k in FINAL_KEYS]
+            rec = res.get("checkpoint") or {}
+            if rec.get("content_hash") == current:
+                final.update({k: res[k] for k in keys})
+            elif keys:
+                of = f"step {rec['step']} (checkpoint {rec['content_hash']})" if rec else "an unrecorded checkpoint"
+                stale.append(f"{run_dir}: {', '.join(keys)} ({net}) are of {of}, not of its last.pt now "
+                             f"(step {ck.get('step')}): sample again and rerun fid --record")
+    return {"dir": run_dir, "config": ck.get("config", {}), "step": ck.get("step"), "val": val, "final": final,
+            "stale": stale}
 
 
 def group_runs(runs):
@@ -1207,11 +1285,31 @@ def mean_spread(values):
     return f"{v.mean():.4f}" if len(v) == 1 else f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
 
 
+def markdown_table(header, rows):
+    """A markdown table: every row has as many cells as the header."""
+    assert all(len(r) == len(header) for r in rows)
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                      ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
 def cmd_compare(a, d):
+    seen = {}
+    for r in a.runs:
+        key = os.path.realpath(r)
+        if key in seen:
+            raise UserError(f"compare: {r} is given twice (as {seen[key]}): a spread over seeds needs distinct runs")
+        seen[key] = r
     runs = [run_summary(r) for r in a.runs]
     groups = group_runs(runs)
+    for label, rs in groups.items():
+        seeds = [r["config"].get("seed") for r in rs]
+        dup = next((s for s in seeds if seeds.count(s) > 1), None)
+        if dup is not None:
+            both = [r["dir"] for r in rs if r["config"].get("seed") == dup]
+            raise UserError(f"compare: {' and '.join(both[:2])} have the same settings and the same seed {dup}: "
+                            f"a spread over seeds needs runs with distinct --seed")
     cols = [k for k in FINAL_KEYS if any(k in r["final"] for r in runs)]
-    lines = ["| runs | seeds | step | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    rows = []
     for label, rs in groups.items():
         steps = sorted({r["step"] for r in rs})
         if len(steps) > 1:                          # a mean over seeds is only a number at one step
@@ -1220,8 +1318,14 @@ def cmd_compare(a, d):
         cells = [mean_spread([r["final"][k] for r in rs if k in r["final"]]) if any(k in r["final"] for r in rs)
                  else "-" for k in cols]
         seeds = ",".join(str(r["config"].get("seed")) for r in rs)
-        lines.append(f"| {label} | {seeds} | {rs[0]['step']} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        steps = ",".join(sorted({str(r["step"]) for r in rs}, key=int))
+        rows.append([label, seeds, steps, *cells])
+    table = markdown_table(["runs", "seeds", "step", *cols], rows)
+    notes = [n for r in runs for n in r["stale"]]
+    if not cols:
+        notes.append("no final metrics: none of these runs logged validation metrics or recorded generation metrics")
+    if notes:
+        table += "\n\n" + "\n".join(f"- not shown: {n}" if "not of its" in n else f"- {n}" for n in notes)
     os.makedirs(a.out, exist_ok=True)
     with atomic_write(os.path.join(a.out, "compare.md"), text=True) as f:
         f.write(table + "\n")
@@ -1237,7 +1341,9 @@ def cmd_compare(a, d):
             if pts:
                 ax.plot(*zip(*pts), color=colours[i % len(colours)], alpha=0.8, label=label if j == 0 else None)
     ax.set(xlabel="step", ylabel=curve or "", title=f"validation: {curve} (EMA, held-out)")
-    ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if curve:
+        ax.legend(fontsize=7)
     save_figure(fig, os.path.join(a.out, "compare.png"))
     log0(f"{len(runs)} runs in {len(groups)} group(s) -> {a.out}/compare.md, {a.out}/compare.png\n{table}")
 
@@ -1279,7 +1385,8 @@ def sample_set_metrics(a, npz, d, cache):
             cache[side] = ext, deadleaves_reference(ext, side)
         ext, ref = cache[side]
         fake = np.concatenate(list(npz_batches(npz)))
-        return deadleaves_metrics(ext, fake, labels=sample_set_labels(npz), ref_moments=ref)
+        return deadleaves_metrics(ext, fake, labels=sample_set_labels(npz), ref_moments=ref,
+                                  sample_classes=sample_set_classes(npz))
     ref = cache["ref"]
     if "ext" not in cache:
         ext = inception(a, d)
@@ -1388,6 +1495,9 @@ def get_args(argv=None):
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     s.add_argument("--out", default="runs/eval/samples")
+    s.add_argument("--dist-timeout", type=int, default=None,
+                   help="seconds a collective waits for the slowest rank (torch's default if unset); ranks with "
+                        "more images left do not hold the others in one")
     f = sub.add_parser("fid", help="gFID / sFID / IS / precision-recall with clean-fid's Inception")
     f.add_argument("--samples", help="generated images: .npz (arr_0 uint8 NHWC) or folder")
     f.add_argument("--ref", help="reference: an ADM reference batch (.npz with arr_0, mu, sigma, mu_s, sigma_s; adm "
@@ -1459,6 +1569,8 @@ def validate(a):
             check_range(a, name, 1)
         if a.sampler == "sde" and a.sample_steps < 2:
             raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
+        check_finite(a, "cfg_scale")
+        check_range(a, "dist_timeout", 1, optional=True)
         lo, hi = a.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
@@ -1504,7 +1616,7 @@ def validate(a):
 def main(argv=None):
     a = get_args(argv)
     validate(a)
-    d = setup_distributed(getattr(a, "device", None))
+    d = setup_distributed(a.device, getattr(a, "dist_timeout", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
                 "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export}
     commands[a.cmd](a, d)

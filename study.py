@@ -7,7 +7,7 @@
     (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
      by hand from the printed command lines)
 
-Three parts, each over --seeds seeds, tabulated as mean ± sample std over seeds in OUT/study.md:
+Four parts, each over --seeds seeds, tabulated as mean ± sample std over seeds in OUT/study.md:
   A  MLSR vs a plain VAE (same size and steps; plain = every p_l and sigma_l zero): PSNR of D(S_l(z)) per
      level l and the latent high-frequency ratio, on held-out images (evaluate.py recon).
   B  The frequency diagnosis vs latent channels d (same compression): F1 PSNR of D(z_low) and D(z_high)
@@ -19,13 +19,20 @@ Three parts, each over --seeds seeds, tabulated as mean ± sample std over seeds
      offline dead-leaves metric fd_dl / class_acc_dl of class-balanced samples (never called FID).
   D  FreqWarm where Finding 3 holds: SiT on the conv autoencoder of part B with the clearest F3 peak,
      baseline vs FreqWarm at r0 = 0.2, at the peak (--r0 auto) and at 0.05, equal steps and warm-up; the
-     validation loss, and the offline metric at the end of each training segment (a metric-vs-step curve;
-     the runs resume segment by segment). Not run when no conv autoencoder shows an interior F3 peak.
-Every command is printed and kept in OUT/commands.txt; results in OUT/results.json.
+     validation loss, and the offline metric of the EMA weights kept along the way (--keep-every, scored by
+     evaluate.py curve: a metric-vs-step curve). Not run when no conv autoencoder shows an interior F3 peak.
+Parts A, B and B (conv) evaluate on OUT/heldout: dead-leaves images of seed HELDOUT_SEED, a set no run of the
+study trains on (each run trains on the dead-leaves set of its own seed). Every command is printed and kept in
+OUT/commands.txt; results in OUT/results.json. A rerun of the same command line finishes what is not finished:
+a command counts as done only when OUT/done.json records it with the content of its inputs and output as they
+are now (a stopped training run resumes; evaluations of a changed checkpoint run again). A folder holds one
+--setting (OUT/study.json): another setting there is refused.
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,18 +40,19 @@ import time
 import numpy as np
 import torch
 
-from common import atomic_write, write_json
+from common import UserError, atomic_write, check_out_dir, file_hash, read_jsonl, run_main, write_json
 from vae import R0_SWEEP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SETTINGS = {
-    "smoke": dict(vae=["--preset", "smoke"], sit=["--preset", "smoke", "--steps", "4"], seeds=2, dims=(4, 8),
+    "smoke": dict(vae=["--preset", "smoke"], image_size=16, sit=["--preset", "smoke", "--steps", "4"], seeds=2, dims=(4, 8),
                   levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
                   dl=["--dl-train-images", "200", "--dl-steps", "30"],
                   dcae=["--preset", "dcae-smoke"], dcae_size=16, dcae_dims=(4,), dcae_seeds=1,
                   d_sit=["--preset", "smoke", "--val-every", "2"], d_segments=(2, 4), d_seeds=1, d_r0s=("auto",)),
     "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
+                image_size=32,
                 sit=["--preset", "cpu-demo", "--steps", "300", "--val-every", "100", "--sample-every", "100000"],
                 seeds=3, dims=(4, 16, 64), levels=(0, 1, 2, 3), fda_levels=(0, 1), r0s=(0.05, 0.2, 0.4),
                 n_samples=200, sample_steps=25, n_eval=256, dl=[],
@@ -54,7 +62,7 @@ SETTINGS = {
                 d_segments=(500, 1000, 1500, 2000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
-                     "--val-every", "2000", "--workers", "8"],
+                     "--val-every", "2000", "--workers", "8"], image_size=64,
                 sit=["--model", "S/2", "--n-images", "20000", "--steps", "20000", "--global-batch", "256",
                      "--lr", "2e-4", "--cache-latents", "--val-every", "2000", "--sample-every", "100000",
                      "--workers", "8"],
@@ -69,24 +77,44 @@ SETTINGS = {
                        "--workers", "8"],
                 d_segments=(5000, 10000, 15000, 20000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
 }
+HELDOUT_SEED = 1000         # dead-leaves seed of the evaluation images: no run trains on it (runs: seeds 0 ..)
 PLAIN = ["--mlsr-fractions", "0", "0", "0", "0", "--mlsr-sigmas", "0", "0", "0", "0"]
 
 
 class Runner:
-    """Runs each command once (a finished run is skipped on rerun), logging it to OUT/commands.txt."""
+    """Runs each command of the study, skipping one only when it already finished with exactly these settings.
+
+    A command is done when OUT/done.json records this very command line with the content of its inputs and
+    of its output as they are now (file hashes), not merely when its output exists. Otherwise it runs again:
+    a training run resumes from its last.pt (a stopped run continues, a finished one has nothing to train),
+    and an evaluation's outputs from other inputs (`clear`) are removed first. Each is logged to
+    OUT/commands.txt.
+    """
 
     def __init__(self, out):
         self.out = out
         os.makedirs(out, exist_ok=True)
         self.log = open(os.path.join(out, "commands.txt"), "a")
+        self.done_path = os.path.join(out, "done.json")
+        self.done = {}
+        if os.path.isfile(self.done_path):
+            with open(self.done_path) as f:
+                self.done = json.load(f)
 
-    def __call__(self, script, *args, done=None, tolerate=None):
-        """Run once; a failure stops the study, unless its error line contains `tolerate`: then that line is
-        returned (an outcome to report, e.g. --r0 auto refusing a curve without a peak)."""
+    def __call__(self, script, *args, output, inputs=(), clear=(), tolerate=None):
+        """Run once (see the class); a failure stops the study, unless its error line contains `tolerate`: then
+        that line is returned (an outcome to report, e.g. --r0 auto refusing a curve without a peak)."""
         cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
-        if done and os.path.exists(done):
-            return
         line = " ".join(["python", script, *map(str, args)])
+        key = os.path.relpath(output, self.out)
+        state = {"command": line, "inputs": {os.path.relpath(p, self.out): content_hash(p) for p in inputs}}
+        if os.path.exists(output) and self.done.get(key) == {**state, "output": content_hash(output)}:
+            return
+        for path in clear:                                         # outputs of other inputs or settings
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         print(f"$ {line}", flush=True)
         self.log.write(line + "\n"), self.log.flush()
         t0 = time.time()
@@ -98,6 +126,27 @@ class Runner:
         if p.returncode != 0:
             sys.exit(f"error: the study stopped: `{line}` failed:\n{p.stderr[-2000:]}")
         print(f"  ({time.time() - t0:.0f} s)", flush=True)
+        self.done[key] = {**state, "output": content_hash(output)}
+        write_json(self.done_path, self.done)
+
+
+def content_hash(path):
+    """A file's content hash; for a folder, that of its files' names and contents."""
+    if not os.path.isdir(path):
+        return file_hash(path)
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    return hashlib.sha256(repr([(os.path.relpath(f, path), file_hash(f)) for f in files]).encode()).hexdigest()[:16]
+
+
+def heldout_data(run, s, out):
+    """The evaluation images of parts A and B: s["n_eval"] dead-leaves images of seed HELDOUT_SEED at the
+    VAEs' resolution, written once to OUT/heldout as an image folder. Every run of the study trains on the
+    dead-leaves set of its own seed (0 .. seeds - 1), so these images are held out of all of them."""
+    assert s["seeds"] <= HELDOUT_SEED
+    folder = os.path.join(out, "heldout")
+    run("data.py", "export", "--out", folder, "--n", s["n_eval"], "--resolution", s["image_size"],
+        "--seed", HELDOUT_SEED, output=folder, clear=[folder])
+    return ["--data", folder, "--n", "all"]
 
 
 def spread(values):
@@ -110,16 +159,17 @@ def table(header, rows):
                      ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def part_a(run, s, out):
-    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on held-out dead-leaves images), both
+def part_a(run, s, out, heldout):
+    """MLSR vs plain VAE: PSNR per level and latent HF ratio (recon on the held-out images), both
     evaluated with the paper's S_l (p_l = 0, .25, .5, .75), whatever they were trained with."""
     res = {}
     for name, extra in (("MLSR", []), ("plain", PLAIN)):
         for seed in range(s["seeds"]):
             d = os.path.join(out, f"vae-{name}-s{seed}")
-            run("train_vae.py", *s["vae"], *extra, "--seed", seed, "--out", d, done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "recon", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
-                "--mlsr-fractions", 0, 0.25, 0.5, 0.75, "--out", d, done=os.path.join(d, "recon.json"))
+            ck, rec = os.path.join(d, "last.pt"), os.path.join(d, "recon.json")
+            run("train_vae.py", *s["vae"], *extra, "--seed", seed, "--out", d, output=ck)
+            run("evaluate.py", "recon", "--vae", ck, *heldout, "--seed", 1, "--mlsr-fractions", 0, 0.25, 0.5, 0.75,
+                "--out", d, output=rec, inputs=[ck, heldout[1]], clear=[rec])
             res.setdefault(name, []).append(json.load(open(os.path.join(d, "recon.json")))["rows"])
     rows = []
     for name, runs in res.items():
@@ -134,16 +184,16 @@ def part_a(run, s, out):
     return {"rows": res}, text
 
 
-def part_b(run, s, out):
-    """Diagnosis vs latent channels at the same compression."""
+def part_b(run, s, out, heldout):
+    """Diagnosis vs latent channels at the same compression (on the held-out images)."""
     res = {}
     for dim in s["dims"]:
         for seed in range(s["seeds"]):
             d = os.path.join(out, f"vae-d{dim}-s{seed}")
-            run("train_vae.py", *s["vae"], "--latent-dim", dim, "--seed", seed, "--out", d,
-                done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "diagnose", "--vae", os.path.join(d, "last.pt"), "--n", s["n_eval"], "--seed", 1,
-                "--out", os.path.join(d, "diagnosis"), done=os.path.join(d, "diagnosis", "diagnosis.json"))
+            ck, diag = os.path.join(d, "last.pt"), os.path.join(d, "diagnosis", "diagnosis.json")
+            run("train_vae.py", *s["vae"], "--latent-dim", dim, "--seed", seed, "--out", d, output=ck)
+            run("evaluate.py", "diagnose", "--vae", ck, *heldout, "--seed", 1, "--out", os.path.dirname(diag),
+                output=diag, inputs=[ck, heldout[1]], clear=[os.path.dirname(diag)])
             res.setdefault(dim, []).append(json.load(open(os.path.join(d, "diagnosis", "diagnosis.json"))))
     first = next(iter(res.values()))[0]
     i25, r0s = first["radii"].index(0.25), first["f3_r0"]
@@ -166,20 +216,23 @@ def f3_prominence(energy):
     return energy[i] / max(energy[0], energy[-1]) - 1 if 0 < i < len(energy) - 1 else None
 
 
-def part_b_conv(run, s, out):
-    """Diagnosis vs latent channels of the conv autoencoder (--arch dcae): F1, the F3 curve, its interior peak."""
+def part_b_conv(run, s, out, heldout):
+    """Diagnosis vs latent channels of the conv autoencoder (--arch dcae): F1, the F3 curve, its interior peak,
+    on the held-out images (at the autoencoders' resolution)."""
+    assert s["dcae_size"] == s["image_size"], "the held-out images are at image_size"
     res, runs = {}, []
     for dim in s["dcae_dims"]:
         for seed in range(s["dcae_seeds"]):
             d = os.path.join(out, f"dcae-d{dim}-s{seed}")
-            run("train_vae.py", *s["dcae"], "--latent-dim", dim, "--seed", seed, "--out", d,
-                done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "diagnose", "--vae", "diffusers:" + os.path.join(d, "diffusers"), "--image-size",
-                s["dcae_size"], "--n", s["n_eval"], "--seed", 1, "--out", os.path.join(d, "diagnosis"),
-                done=os.path.join(d, "diagnosis", "diagnosis.json"))
-            r = json.load(open(os.path.join(d, "diagnosis", "diagnosis.json")))
+            ck, folder, diag = (os.path.join(d, "last.pt"), os.path.join(d, "diffusers"),
+                                os.path.join(d, "diagnosis", "diagnosis.json"))
+            run("train_vae.py", *s["dcae"], "--latent-dim", dim, "--seed", seed, "--out", d, output=ck)
+            run("evaluate.py", "diagnose", "--vae", "diffusers:" + folder, "--image-size", s["dcae_size"],
+                *heldout, "--seed", 1, "--out", os.path.dirname(diag),
+                output=diag, inputs=[ck, folder, heldout[1]], clear=[os.path.dirname(diag)])
+            r = json.load(open(diag))
             res.setdefault(dim, []).append(r)
-            runs.append(dict(dim=dim, seed=seed, folder=os.path.join(d, "diffusers"), peak_r0=r["f3_peak_r0"],
+            runs.append(dict(dim=dim, seed=seed, folder=folder, peak_r0=r["f3_peak_r0"],
                              prominence=f3_prominence(r["f3_latent_hf_energy"])))
     i25, r0s = res[s["dcae_dims"][0]][0]["radii"].index(0.25), list(R0_SWEEP)
     rows = []
@@ -205,48 +258,53 @@ def part_b_conv(run, s, out):
 
 def part_d(run, s, out, clearest):
     """SiT on the conv autoencoder with the clearest F3 peak: baseline and FreqWarm at each r0 of d_r0s (auto:
-    the run's own choice at the F3 peak), trained in segments with the offline metric after each."""
-    vae, warm = "diffusers:" + clearest["folder"], s["d_segments"][-1] // 2          # warm-up: half the steps
+    the run's own choice at the F3 peak), each trained once keeping its EMA weights every d_segments[0] steps;
+    `evaluate.py curve` then samples every kept checkpoint and scores it with the offline metric."""
+    steps, keep = s["d_segments"][-1], s["d_segments"][0]
+    vae, warm = "diffusers:" + clearest["folder"], steps // 2                        # warm-up: half the steps
     configs = [("baseline", [])] + [(f"FreqWarm r0={r}", ["--freqwarm", "--r0", r, "--warmup-steps", warm])
                                     for r in s["d_r0s"]]
-    res, refused = {}, {}
+    trained, refused = [], {}
     for name, extra in configs:
         for seed in range(s["d_seeds"]):
             d = os.path.join(out, "sitd-" + name.replace(" ", "").replace("=", "") + f"-s{seed}")
-            curve = []
-            for k in s["d_segments"]:
-                e = os.path.join(d, f"eval-{k:07d}")
-                done = os.path.join(e, "generation_metrics.json")
-                err = run("train_diffusion.py", *s["d_sit"], *extra, "--vae", vae, "--image-size", s["dcae_size"],
-                          "--steps", k, "--seed", seed, "--out", d, done=done, tolerate="has no interior peak")
-                if err:
-                    refused.setdefault(name, []).append(f"seed {seed}: {err}")
-                    break
-                run("evaluate.py", "sample", "--ckpt", os.path.join(d, "last.pt"), "--num-samples", s["n_samples"],
-                    "--batch", 100, "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, "--seed", seed,
-                    "--out", os.path.join(e, "samples"), done=done)
-                run("evaluate.py", "fid", "--features", "deadleaves", "--samples", os.path.join(e, "samples.npz"),
-                    "--record", e, *s["dl"], done=done)
-                gm = next(iter(json.load(open(done)).values()))
-                curve.append({"step": k, "fd_dl": gm["fd_dl"], "class_acc_dl": gm["class_acc_dl"]})
-            if len(curve) < len(s["d_segments"]):
-                continue
-            val = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if '"val_loss"' in line]
+            err = run("train_diffusion.py", *s["d_sit"], *extra, "--vae", vae, "--image-size", s["dcae_size"],
+                      "--steps", steps, "--keep-every", keep, "--seed", seed, "--out", d,
+                      output=os.path.join(d, "last.pt"), tolerate="has no interior peak")
+            if err:
+                refused.setdefault(name, []).append(f"seed {seed}: {err}")
+            else:
+                trained.append((name, d))
+    res = {}
+    if trained:
+        cdir = os.path.join(out, "partD-curve")
+        run("evaluate.py", "curve", *[d for _, d in trained], "--num-samples", s["n_samples"], "--batch", 100,
+            "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, *s["dl"], "--out", cdir,
+            output=os.path.join(cdir, "curve.json"), inputs=[os.path.join(d, "last.pt") for _, d in trained],
+            clear=[cdir])
+        points = {r["dir"]: r["points"] for r in json.load(open(os.path.join(cdir, "curve.json")))["runs"]}
+        for name, d in trained:
+            val = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "val_loss" in r]
             ck = torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=True)
+            curve = [{"step": p["step"], "fd_dl": p["fd_dl"], "class_acc_dl": p.get("class_acc_dl")}
+                     for p in points[d]]
             res.setdefault(name, []).append({"val_loss": val[-1]["val_loss"], "step": val[-1]["step"],
                                              "r0": ck["freqwarm"]["r0"] if ck["freqwarm"]["enabled"] else None,
                                              "r0_auto": ck["freqwarm"].get("auto"), "curve": curve})
     rows = []
     for name, runs in res.items():
         r0 = ", ".join(sorted({f"{r['r0']:g}" for r in runs})) if runs[0]["r0"] is not None else "-"
+        acc = [r["curve"][-1]["class_acc_dl"] for r in runs]
         rows.append([name, r0, runs[0]["step"], spread([r["val_loss"] for r in runs]),
-                     *[spread([r["curve"][i]["fd_dl"] for r in runs]) for i in range(len(s["d_segments"]))],
-                     spread([r["curve"][-1]["class_acc_dl"] for r in runs])])
+                     *[spread([r["curve"][i]["fd_dl"] for r in runs]) for i in range(len(runs[0]["curve"]))],
+                     spread(acc) if None not in acc else "-"])
+    kept = list(range(keep, steps + 1, keep))
     text = table(["SiT run", "r0 used", "step", "val loss (EMA, held-out)",
-                  *[f"fd_dl @ {k}" for k in s["d_segments"]], "class_acc_dl"], rows)
+                  *[f"fd_dl @ {k}" for k in kept], "class_acc_dl"], rows)
     text += (f"\n\nAutoencoder: conv c = {clearest['dim']}, seed {clearest['seed']} (F3 peak at r0 = "
-             f"{clearest['peak_r0']:g} on the diagnosis images); FreqWarm warm-up {warm} of {s['d_segments'][-1]} "
-             f"steps; fd_dl is the offline dead-leaves metric (lower is better), after each segment.")
+             f"{clearest['peak_r0']:g} on the held-out images); FreqWarm warm-up {warm} of {steps} steps; fd_dl is "
+             f"the offline dead-leaves metric (lower is better) of the EMA weights kept every {keep} steps "
+             f"(`evaluate.py curve`, {s['n_samples']} samples each).")
     for name, lines in refused.items():
         text += f"\n\n{name} refused (no run): " + "; ".join(lines)
     if res:
@@ -282,14 +340,15 @@ def part_c(run, s, out, vae):
     for name, extra in configs:
         for seed in range(s["seeds"]):
             d = os.path.join(out, "sit-" + name.replace(" ", "").replace("+", "-").replace("=", "") + f"-s{seed}")
-            run("train_diffusion.py", *s["sit"], *extra, "--vae", vae, "--seed", seed, "--out", d,
-                done=os.path.join(d, "last.pt"))
-            run("evaluate.py", "sample", "--ckpt", os.path.join(d, "last.pt"), "--num-samples", s["n_samples"],
+            ck, npz, gm = (os.path.join(d, f) for f in ("last.pt", "samples.npz", "generation_metrics.json"))
+            run("train_diffusion.py", *s["sit"], *extra, "--vae", vae, "--seed", seed, "--out", d, output=ck,
+                inputs=[vae])
+            run("evaluate.py", "sample", "--ckpt", ck, "--num-samples", s["n_samples"],
                 "--batch", 100, "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, "--seed", seed,
-                "--out", os.path.join(d, "samples"), done=os.path.join(d, "samples.npz"))
-            run("evaluate.py", "fid", "--features", "deadleaves", "--samples", os.path.join(d, "samples.npz"),
-                "--record", d, *s["dl"], done=os.path.join(d, "generation_metrics.json"))
-            val = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if '"val_loss"' in line]
+                "--out", os.path.join(d, "samples"), output=npz, inputs=[ck], clear=[os.path.join(d, "samples"), npz])
+            run("evaluate.py", "fid", "--features", "deadleaves", "--samples", npz,
+                "--record", d, *s["dl"], output=gm, inputs=[ck, npz], clear=[gm])
+            val = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "val_loss" in r]
             gm = next(iter(json.load(open(os.path.join(d, "generation_metrics.json"))).values()))
             res.setdefault(name, []).append({"val_loss": val[-1]["val_loss"], "step": val[-1]["step"],
                                              "fd_dl": gm["fd_dl"], "class_acc_dl": gm["class_acc_dl"]})
@@ -305,26 +364,40 @@ def part_c(run, s, out, vae):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
-    p.add_argument("--out", default="runs/study")
+    p.add_argument("--out", default="runs/study", help="the study's folder (one setting per folder)")
     p.add_argument("--parts", default="ABCD", help="which parts to run, e.g. AC")
     a = p.parse_args(argv)
+    unknown = sorted(set(a.parts) - set("ABCD"))
+    if unknown or not a.parts:
+        raise UserError(f"--parts {a.parts!r}: the parts are A, B, C and D (e.g. --parts AC)")
     s, out = SETTINGS[a.setting], os.path.abspath(a.out)
+    check_out_dir(out)
+    tag = os.path.join(out, "study.json")                       # which setting this folder holds
+    if os.path.isfile(tag):
+        with open(tag) as f:
+            held = json.load(f)["setting"]
+        if held != a.setting:
+            raise UserError(f"--out {a.out} holds a study of --setting {held}, not {a.setting}: "
+                            f"use another --out (each setting has its own folder)")
+    else:
+        write_json(tag, {"setting": a.setting})
     run = Runner(out)
+    heldout = heldout_data(run, s, out) if set(a.parts) & set("ABD") else None
     results, sections = {"setting": a.setting, "seeds": list(range(s["seeds"]))}, []
     t0 = time.time()
     if "A" in a.parts:
-        results["A"], text = part_a(run, s, out)
+        results["A"], text = part_a(run, s, out, heldout)
         sections.append(f"## A. MLSR vs plain VAE ({a.setting}, seeds {results['seeds']})\n\n{text}")
     if "B" in a.parts:
-        results["B"], text = part_b(run, s, out)
+        results["B"], text = part_b(run, s, out, heldout)
         sections.append(f"## B. Diagnosis vs latent channels ({a.setting}, seeds {results['seeds']})\n\n{text}")
     if "B" in a.parts or "D" in a.parts:                   # D trains on the conv autoencoders of part B
-        results["B_conv"], text = part_b_conv(run, s, out)
+        results["B_conv"], text = part_b_conv(run, s, out, heldout)
         sections.append(f"## B (conv). DC-AE-style autoencoder: diagnosis vs latent channels ({a.setting}, "
                         f"seeds {list(range(s['dcae_seeds']))})\n\n{text}")
     if "C" in a.parts:
         vae = os.path.join(out, "vae-MLSR-s0", "last.pt")
-        run("train_vae.py", *s["vae"], "--seed", 0, "--out", os.path.dirname(vae), done=vae)
+        run("train_vae.py", *s["vae"], "--seed", 0, "--out", os.path.dirname(vae), output=vae)
         results["C"], text = part_c(run, s, out, vae)
         sections.append(f"## C. SiT: denoise levels, FDA, FreqWarm ({a.setting}, seeds {results['seeds']}, "
                         f"VAE vae-MLSR-s0)\n\n{text}")
@@ -344,4 +417,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

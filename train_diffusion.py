@@ -49,10 +49,11 @@ import fft_ops
 from tqdm import tqdm
 
 from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
-                    batch_split, check_range, check_resume_settings, ema_update, finish_message, global_rand,
-                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
-                    run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
-                    to_device, unwrap, validate_common, write_json)
+                    batch_split, check_finite, check_range, check_resume_settings, check_same_data, clear_run_folder,
+                    ema_update, finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows,
+                    parse_with_presets, resume_path, rng_state, run_main, save_checkpoint, save_grid, set_lr,
+                    set_rng_state, setup_distributed, sync_grads_on, to_device, unwrap, validate_common,
+                    wait_for_files, write_json)
 from data import (FlipView, StepSampler, build_dataset, fingerprint, image_batches, make_loader, random_subset,
                   train_val_split)
 from dit import (SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde,
@@ -61,6 +62,7 @@ from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, LatentSpace, absolute_spec, datas
                  load_autoencoder, resolve_image_size, scalar_stats)
 
 STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14
+CACHE_SHARD_KEYS = 16384                 # latent-cache keys per shard file (the unit a stopped build resumes from)
 
 PRESETS = {
     "smoke": dict(model="smoke/1", n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9, log_every=1,
@@ -149,6 +151,8 @@ def get_args(argv=None):
         raise UserError(f"--latent-scale {args.latent_scale} needs --latent-norm scalar and a value > 0")
     if args.latent_norm == "scalar" and args.renorm_level:
         raise UserError("--renorm-level needs per-level statistics, which --latent-norm scalar does not measure")
+    check_range(args, "fda_weight", 0.0, float("inf"))
+    check_finite(args, "cfg_scale")                       # the grids are checked too (common.save_grid)
     return args
 
 
@@ -211,11 +215,14 @@ class Latents(LatentSpace):
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def build_cache(self, dataset, out_dir, d, batch=64):
-        """Encode every sample key once per needed phase into float16 shards, one contiguous block per rank.
+        """Encode every sample key once per needed phase into float16 shards of CACHE_SHARD_KEYS keys each.
 
-        Keys are those of FlipView (k >= N is image k - N mirrored) when --hflip, else 0..N-1. Rank r writes
-        only its own file OUT/latents-KEY/shard-r-of-W.npy, then rank 0 writes index.json: a cache is
-        complete exactly when its index exists. Any number of ranks can read a cache built by any other.
+        Keys are those of FlipView (k >= N is image k - N mirrored) when --hflip, else 0..N-1. Shard j holds
+        keys [j S, (j + 1) S) in OUT/latents-KEY/rows-LO-HI.npy (renamed into place when complete) and is
+        encoded by rank j mod W; shards already there are kept, so a stopped build resumes from its finished
+        shards (with any number of ranks). No rank waits in a collective, however long the others take: rank 0
+        waits for the shard files, writes index.json, and the others wait for it (then a barrier, which they all
+        reach within a poll). A cache is complete exactly when its index exists; any number of ranks can read it.
         """
         view = FlipView(dataset)
         n_keys = len(view) if self.args.hflip else len(dataset)
@@ -223,37 +230,50 @@ class Latents(LatentSpace):
         self.cache = {}
         for warm in ([False, True] if self.args.freqwarm else [False]):
             folder = os.path.join(out_dir, f"latents-{self.cache_key(dataset, warm)}")
-            if not os.path.isfile(os.path.join(folder, "index.json")):
-                bounds = [n_keys * r // d.world_size for r in range(d.world_size + 1)]
-                lo, hi = bounds[d.rank], bounds[d.rank + 1]
+            index_path = os.path.join(folder, "index.json")
+            if not os.path.isfile(index_path):
+                bounds = list(range(0, n_keys, CACHE_SHARD_KEYS)) + [n_keys]
+                names = [f"rows-{lo:09d}-{hi:09d}.npy" for lo, hi in zip(bounds[:-1], bounds[1:])]
+                paths = [os.path.join(folder, n) for n in names]
                 os.makedirs(folder, exist_ok=True)
-                shard = os.path.join(folder, f"shard-{d.rank}-of-{d.world_size}.npy")
-                tmp = shard + ".part"
-                desc = f"latent cache ({'low-passed' if warm else 'full'})"
-                try:                                       # a stopped or failed build leaves no partial shard
-                    arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (hi - lo, *shape))
-                    row = 0
-                    for x in tqdm(image_batches(view, range(lo, hi), batch, self.args.workers), desc=desc,
-                                  disable=not d.main, unit="batch", mininterval=2.0):
-                        arr[row:row + len(x)] = self.encode(x.to(self.device), warm).cpu().numpy().astype(np.float16)
-                        row += len(x)
-                    arr.flush()
-                    del arr
-                    os.replace(tmp, shard)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                    raise
-                barrier()
+                mine = range(d.rank, len(names), d.world_size)
+                todo = [j for j in mine if not os.path.isfile(paths[j])]
+                if len(todo) < len(mine):
+                    log0(f"latent cache: keeping {len(mine) - len(todo)} finished shard(s) of rank {d.rank}", d)
+                bar = tqdm(total=sum(bounds[j + 1] - bounds[j] for j in todo), unit="img", mininterval=2.0,
+                           desc=f"latent cache ({'low-passed' if warm else 'full'})", disable=not d.main)
+                for j in todo:
+                    self._encode_shard(view, bounds[j], bounds[j + 1], paths[j], warm, batch, bar)
+                bar.close()
                 if d.main:
-                    index = {"key": self.cache_key(dataset, warm),
-                             "shards": [f"shard-{r}-of-{d.world_size}.npy" for r in range(d.world_size)],
-                             "bounds": bounds, "shape": list(shape), "autoencoder": self.ae.name,
-                             "low_passed": warm, "r0": self.args.r0 if warm else None}
-                    write_json(os.path.join(folder, "index.json"), index)
-                barrier()
+                    wait_for_files(paths, "the latent cache")
+                    write_json(index_path, {"key": self.cache_key(dataset, warm), "shards": names, "bounds": bounds,
+                                            "shape": list(shape), "autoencoder": self.ae.name,
+                                            "low_passed": warm, "r0": self.args.r0 if warm else None})
+                else:
+                    wait_for_files([index_path], "the latent cache")
+                barrier()                                  # all ranks are here within a poll: a short wait
                 log0(f"latent cache written: {folder} ({n_keys} x {tuple(shape)})", d)
             self.cache[warm] = CachedRows(folder)
+
+    def _encode_shard(self, view, lo, hi, path, warm, batch, bar):
+        """Latents of keys [lo, hi) into the float16 file `path`, which appears only when complete."""
+        tmp = path + ".part"
+        try:                                               # a stopped or failed build leaves no partial shard
+            shape = (hi - lo, *self.ae.latent_shape(self.args.image_size))            # (keys, C, h, w)
+            arr = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
+            row = 0
+            for x in image_batches(view, range(lo, hi), batch, self.args.workers):
+                arr[row:row + len(x)] = self.encode(x.to(self.device), warm).cpu().numpy().astype(np.float16)
+                row += len(x)
+                bar.update(len(x))
+            arr.flush()
+            del arr
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 class CachedRows:
@@ -392,17 +412,21 @@ def sample_grid(ema, latents, num_classes, args, device, path, per_class=4):
 
 def training_stats(ae, dataset, args, d):
     """Latent statistics for this run: the autoencoder's own when they were taken on this very data at this
-    resolution, else computed here over a seeded random subset of --stats-images images."""
+    resolution with the same images held out, else computed here over a seeded random subset of --stats-images
+    training images (never the held-out validation images)."""
     if args.latent_norm == "scalar":
         return scalar_stats(ae, args.latent_scale)
     s = ae.stats
     if s is not None and "level_std" in s and s.get("image_size") == args.image_size \
-            and s.get("data") == fingerprint(dataset):
+            and s.get("data") == fingerprint(dataset) \
+            and (args.val_images == 0 or (s.get("val_images"), s.get("seed")) == (args.val_images, args.seed)):
         return {**s, "source": f"{ae.name} ({s.get('source', 'its checkpoint')})"}
-    why = "it has none" if s is None else "they were taken on other data, at another size or without per-level std"
+    why = ("it has none" if s is None else "they were taken on other data, at another size, with other images "
+           "held out, or without per-level std")
     log0(f"latent statistics: not using those of {ae.name} ({why}); computing them over "
-         f"{min(args.stats_images, len(dataset))} random training images", d)
-    return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers)
+         f"{min(args.stats_images, len(dataset) - args.val_images)} random training images", d)
+    return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers,
+                                val_images=args.val_images)
 
 
 def auto_r0(ae, dataset, stats, args, d, batch=64):
@@ -454,7 +478,7 @@ FIXED_ON_RESUME = ("model", "image_size", "data", "n_images", "val_images", "hfl
                    "freqwarm", "r0", "r0_auto_images", "lowpass_kind", "lowpass_clamp", "latent_norm", "latent_scale")
 
 
-def resume(path, args, student, ema, opt, ae, d):
+def resume(path, args, student, ema, opt, ae, data_fp, d):
     """Load a SiT checkpoint after checking that it is this run: same latents, same settings, same switch."""
     ck = load_checkpoint(path, "sit")
     if ck.get("ema_only"):
@@ -479,6 +503,10 @@ def resume(path, args, student, ema, opt, ae, d):
         args.r0 = ck["config"]["r0"]
         log0(f"--r0 auto: r0 = {args.r0:g}, the choice stored in {path}", d)
     check_resume_settings(ck["config"], args, FIXED_ON_RESUME, path, d)
+    check_same_data(ck, data_fp, args.data, path)
+    if not ck.get("latent_stats"):
+        raise UserError(f"{path} holds no latent statistics (latent_stats): it cannot be resumed; "
+                        f"start a fresh run with another --out")
     warmup = ck["freqwarm"]["warmup_steps"]            # the stored switch wins over --steps / --warmup-frac
     if args.freqwarm and args.warmup_steps is not None and args.warmup_steps != warmup:
         raise UserError(f"{path} switches FreqWarm off at step {warmup}, not --warmup-steps {args.warmup_steps}: "
@@ -490,13 +518,14 @@ def resume(path, args, student, ema, opt, ae, d):
     student.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
     set_lr(opt, args.lr)
     set_rng_state(ck["rng"], d.device)
-    log0(f"resumed from {path} at step {ck['step']} (FreqWarm switch at step {warmup})", d)
+    switch = f" (FreqWarm switch at step {warmup})" if args.freqwarm else ""
+    log0(f"resumed from {path} at step {ck['step']}{switch}", d)
     return ck["step"], warmup, ck["latent_stats"], auto
 
 
 def main(argv=None):
     args = get_args(argv)
-    d = setup_distributed(args.device)
+    d = setup_distributed(args.device, args.dist_timeout)
     with RunLock(args.out, d):                                     # one run per folder
         train(args, d)
 
@@ -507,9 +536,11 @@ def train(args, d):
     ckpt_path = os.path.join(args.out, "last.pt")
     step, warmup = 0, (args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))
     start, auto = resume_path(args), None
+    data_fp = fingerprint(dataset)
     if start:
-        step, warmup, stats, auto = resume(start, args, student, ema, opt, ae, d)
+        step, warmup, stats, auto = resume(start, args, student, ema, opt, ae, data_fp, d)
     else:
+        clear_run_folder(args.out, d)                             # a fresh start: nothing of an earlier run stays
         stats = training_stats(ae, dataset, args, d)
     log0(f"latent statistics: {stats['source']}", d)
     if d.main:
@@ -586,7 +617,7 @@ def train(args, d):
             loop.log.grid(grid, step)                   # --log-to tensorboard: the grid as an image there too
         if loop.due(step, args.ckpt_every) or stopping:
             if d.main:
-                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, latents, d))
+                save_checkpoint(ckpt_path, checkpoint_state(args, student, ema, opt, step, latents, d, data_fp))
             barrier()
         if stopping:
             log0(f"stop signal: saved {ckpt_path} at step {step}", d)
@@ -598,8 +629,9 @@ def train(args, d):
                         f"done: {ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png"), d)
 
 
-def checkpoint_state(args, student, ema, opt, step, latents, d):
+def checkpoint_state(args, student, ema, opt, step, latents, d, data_fp=None):
     return {"kind": "sit", "config": vars(args), "model_config": student.sit.config, "model": student.state_dict(),
+            "data_fingerprint": data_fp,
             "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(d.device),
             "data_position": {"step": step, "seed": args.seed}, "latent_stats": latents.stats,
             "autoencoder": {"spec": args.vae, "abs_spec": absolute_spec(args.vae), "name": latents.ae.name,

@@ -21,6 +21,9 @@ Each step samples one level l ~ Unif{0,1,2,3} (Eq. 1) for the whole global batch
     G_l: Gaussian blur with sigma_l = (0, .05, .25, .5) px, reflect padding           (Eq. 4)
     d  = w_pix MSE + w_perc VGG16 distance + w_gan hinge-GAN + w_kl KL
 
+The GAN term is part of d, so it too is measured against G_l(x): the discriminator's real images
+are G_l(x) at the step's level (--gan-real target; --gan-real image: the sharp x at every level).
+
 The GAN weight is fixed (no VQGAN adaptive weight: it needs the decoder's last-layer
 gradient, which DDP and torch.compile make awkward) and starts at --gan-start.
 The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of the
@@ -38,11 +41,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
 from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
-                    batch_split, check_range, check_resume_settings, ema_update, finish_message, global_rand,
-                    global_randn, load_checkpoint, log0, micro_rows, parse_with_presets, resume_path, rng_state,
-                    run_main, save_checkpoint, save_grid, set_lr, set_rng_state, setup_distributed, sync_grads_on,
-                    unwrap, validate_common)
-from data import StepSampler, build_dataset, make_loader, train_val_split
+                    batch_split, check_range, check_resume_settings, check_same_data, clear_run_folder, ema_update,
+                    finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets,
+                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_lr, set_rng_state,
+                    setup_distributed, sync_grads_on, unwrap, validate_common)
+from data import StepSampler, build_dataset, fingerprint, make_loader, train_val_split
 from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
                  build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
@@ -52,7 +55,7 @@ STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 FIXED_ON_RESUME = ("arch", "dcae_config",
                    "size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
                    "mlsr_fractions", "mlsr_sigmas", "pixel_weight", "perceptual_weight", "kl_weight", "gan_weight",
-                   "gan_start", "disc_channels", "disc_layers")
+                   "gan_start", "gan_real", "disc_channels", "disc_layers")
 
 PRESETS = {
     "smoke": dict(size="smoke", image_size=16, n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9,
@@ -99,6 +102,9 @@ def get_args(argv=None):
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--gan-weight", type=float, default=0.1, help="fixed weight of the generator hinge loss")
     p.add_argument("--gan-start", type=int, default=200000, help="step at which the GAN losses switch on")
+    p.add_argument("--gan-real", default="target", choices=("target", "image"),
+                   help="the discriminator's real images: G_l(x), the target of Eq. 2 at the step's level "
+                        "(target), or the sharp x at every level (image)")
     p.add_argument("--disc-lr", type=float, default=None, help="discriminator lr (default: --lr)")
     p.add_argument("--disc-channels", type=int, default=64)
     p.add_argument("--disc-layers", type=int, default=3)
@@ -154,9 +160,11 @@ def generator_loss(model, disc, perceptual, x, noise, level, args, step):
 # ----------------------------------------------------------------------------- latent statistics, grids
 
 def vae_latent_stats(vae, dataset, args, d):
-    """Per-channel latent statistics of `vae` over a seeded random subset of --stats-images training images."""
+    """Per-channel latent statistics of `vae` over a seeded random subset of --stats-images training images
+    (the --val-images held out for validation are not among them)."""
     ae = ViTVAEAutoencoder(vae, args.mlsr_fractions)
-    return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers)
+    return dataset_latent_stats(ae, dataset, args.stats_images, args.seed, d, workers=args.workers,
+                                val_images=args.val_images)
 
 
 @torch.no_grad()
@@ -183,8 +191,8 @@ def save_recon_grid(vae, x, fractions, path):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats=None):
-    return {"kind": "vae", "config": vars(args), "model_config": unwrap(model).config,
+def checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats=None, data_fp=None):
+    return {"kind": "vae", "config": vars(args), "model_config": unwrap(model).config, "data_fingerprint": data_fp,
             "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "disc": unwrap(disc).state_dict(),
             "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "rng": rng_state(d.device),
             "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats}
@@ -221,10 +229,10 @@ def stats_only(args, d):
     ae = ViTVAEAutoencoder.from_checkpoint(start, d.device)
     ck, cfg = ae.checkpoint, ae.checkpoint["config"]
     pick = {k: getattr(args, k) if k in args.explicit else cfg.get(k, getattr(args, k))
-            for k in ("data", "n_images", "stats_images", "seed", "workers")}
+            for k in ("data", "n_images", "stats_images", "seed", "workers", "val_images")}
     dataset = build_dataset(pick["data"], ae.image_size, n=pick["n_images"], seed=pick["seed"])
     ck["latent_stats"] = dataset_latent_stats(ae, dataset, pick["stats_images"], pick["seed"], d,
-                                              workers=pick["workers"])
+                                              workers=pick["workers"], val_images=pick["val_images"])
     if d.main:
         save_checkpoint(start, ck)
     barrier()
@@ -235,7 +243,7 @@ def stats_only(args, d):
 
 def main(argv=None):
     args = get_args(argv)
-    d = setup_distributed(args.device)
+    d = setup_distributed(args.device, args.dist_timeout)
     if args.stats_only:
         return stats_only(args, d)
     with RunLock(args.out, d):                                     # one run per folder
@@ -245,6 +253,7 @@ def main(argv=None):
 def train(args, d):
     torch.manual_seed(args.seed)
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
+    data_fp = fingerprint(dataset)
     ckpt_path = os.path.join(args.out, "last.pt")
     start = resume_path(args)
     if args.arch == "dcae":
@@ -261,7 +270,9 @@ def train(args, d):
         shutil.rmtree(os.path.join(args.out, DCAE_FOLDER), ignore_errors=True)
     if start:
         ck = load_checkpoint(start, "vae")
+        ck["config"].setdefault("gan_real", "image")             # runs from before --gan-real used the sharp x
         check_resume_settings(ck["config"], args, FIXED_ON_RESUME, start, d)
+        check_same_data(ck, data_fp, args.data, start)
         if ck["model_config"] != model.config:
             raise UserError(f"{start} holds a VAE {ck['model_config']}, but the settings build {model.config}")
         if ck["step"] > args.steps:
@@ -272,6 +283,8 @@ def train(args, d):
         set_rng_state(ck["rng"], d.device)
         step = ck["step"]
         log0(f"resumed from {start} at step {step}", d)
+    else:
+        clear_run_folder(args.out, d)                             # a fresh start: nothing of an earlier run stays
 
     per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
     name = f"VAE {args.size}" if args.arch == "vit" else f"DC-AE {args.dcae_config}"
@@ -305,7 +318,8 @@ def train(args, d):
             if use_gan:
                 with sync_grads_on(disc, j, accum):
                     with autocast(d.device, not args.no_bf16):
-                        parts["d_gan"] = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+                        real = target if args.gan_real == "target" else x          # G_l(x) (Eq. 2) or x
+                        parts["d_gan"] = hinge_d_loss(disc(real).float(), disc(recon.detach()).float())
                     (parts["d_gan"] / accum).backward()
             loop.accumulate(totals, {"loss": loss, **parts}, accum)
         totals = loop.reduce_and_clip(totals, model.parameters(), step, ckpt_path, args.grad_clip, disc.parameters())
@@ -327,7 +341,8 @@ def train(args, d):
         if loop.due(step, args.ckpt_every) or stopping:
             stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None
             if d.main:
-                save_checkpoint(ckpt_path, checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats))
+                state = checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats, data_fp)
+                save_checkpoint(ckpt_path, state)
                 if args.arch == "dcae":
                     save_diffusers_folder(ema, args.out)
             barrier()

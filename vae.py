@@ -545,8 +545,10 @@ class DiffusersAutoencoder(FrozenAutoencoder):
             try:
                 config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
             except Exception as e:
+                hint = ("its config.json is not a readable diffusers config" if os.path.isdir(source) else
+                        "offline, download it once and pass the local folder")
                 raise UserError(f"cannot read the config of {where} ({type(e).__name__}: {_first_line(e)}); "
-                                f"offline, download it once and pass the local folder") from None
+                                f"{hint}") from None
             found = config.get("_class_name")
             if found is not None and found not in DIFFUSERS_CLASSES:
                 raise UserError(f"{where} holds a {found}, not an autoencoder this project can use "
@@ -822,18 +824,23 @@ def latent_stats(encode, latent_dim, batches, device, fractions=fft_ops.MLSR_FRA
     return {"mean": mean.float().cpu(), "std": std.float().cpu(), "level_std": level_std.float().cpu()}
 
 
-def dataset_latent_stats(ae, dataset, n_images, seed, d, batch=64, workers=0):
-    """latent_stats over a seeded random subset of n_images of `dataset` (all classes), sharded over ranks.
+def dataset_latent_stats(ae, dataset, n_images, seed, d, batch=64, workers=0, val_images=0):
+    """latent_stats over a seeded random subset of n_images of the *training* images of `dataset` (all
+    classes), sharded over ranks: the `val_images` held out for validation (data.train_val_split with `seed`)
+    are never among them.
 
-    The result records what it was computed from (subset size and seed, resolution, data fingerprint),
-    so a consumer can tell whether the statistics belong to its data.
+    The result records what it was computed from (subset size and seed, the held-out split, resolution, data
+    fingerprint), so a consumer can tell whether the statistics belong to its data and split.
     """
-    from data import fingerprint, image_batches, random_subset
-    idx = random_subset(len(dataset), n_images, seed)
+    from data import fingerprint, image_batches, random_subset, train_val_split
+    train_idx, _ = train_val_split(len(dataset), val_images, seed)
+    idx = [train_idx[i] for i in random_subset(len(train_idx), n_images, seed)]
     batches = image_batches(dataset, idx[d.rank::d.world_size], batch, workers)
     stats = latent_stats(ae.encode, ae.latent_dim, batches, d.device, ae.mlsr_fractions)
-    stats.update(n_images=len(idx), seed=seed, image_size=dataset.resolution, data=fingerprint(dataset),
-                 source=f"computed over {len(idx)} random images (seed {seed}) of the training data")
+    stats.update(n_images=len(idx), seed=seed, val_images=val_images, image_size=dataset.resolution,
+                 data=fingerprint(dataset),
+                 source=f"computed over {len(idx)} random training images (seed {seed}; the {val_images} "
+                        f"held-out validation images excluded)")
     return stats
 
 if __name__ == "__main__":

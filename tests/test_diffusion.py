@@ -269,8 +269,8 @@ def test_errors_are_one_clear_line(vae_ckpt, tmp_path):
     ck = load_checkpoint(vae_ckpt, "vae")
     save_checkpoint(str(nostats), {**ck, "latent_stats": None})
     p = run(["train_diffusion.py", *smoke(str(nostats), tmp_path / "x")])      # Stage 2 computes its own
-    assert p.returncode == 0 and "computing them over 64 random training images" in p.stdout, p.stderr[-2000:]
-    assert load_checkpoint(str(tmp_path / "x" / "last.pt"), "sit")["latent_stats"]["n_images"] == 64
+    assert p.returncode == 0 and "computing them over 56 random training images" in p.stdout, p.stderr[-2000:]
+    assert load_checkpoint(str(tmp_path / "x" / "last.pt"), "sit")["latent_stats"]["n_images"] == 56   # 8 held out
 
 
 def test_ddp_two_ranks_equal_one_process(vae_ckpt, tmp_path):

@@ -10,7 +10,7 @@ import evaluate as ev
 import fft_ops
 import train_diffusion as td
 import train_vae
-from common import load_checkpoint
+from common import file_hash, load_checkpoint
 from data import DeadLeaves, StepSampler, to_uint8, train_val_split
 from dit import build_sit
 from helpers import read_metrics
@@ -106,8 +106,10 @@ def test_compare_reads_what_the_runs_logged(vae_ckpt, tmp_path):
         out = tmp_path / f"run{seed}"
         td.main(["--preset", "smoke", "--vae", str(vae_ckpt / "last.pt"), "--out", str(out), "--steps", "2",
                  "--val-every", "1", "--seed", str(seed), "--sample-every", "100"])
+        checkpoint = {"path": str(out / "last.pt"), "step": 2, "content_hash": file_hash(out / "last.pt")}
         with open(out / "generation_metrics.json", "w") as f:
-            json.dump({"DL-net": {"network": "DL-net", "fd_dl": 10.0 + seed, "class_acc_dl": 0.5}}, f)
+            json.dump({"DL-net": {"network": "DL-net", "fd_dl": 10.0 + seed, "class_acc_dl": 0.5,
+                                  "checkpoint": checkpoint}}, f)
         dirs.append(str(out))
     ev.main(["compare", *dirs, "--out", str(tmp_path / "cmp")])
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

@@ -1,9 +1,10 @@
 """study.py parts B (conv) and D at the smoke setting: the real commands, a DC-AE-style autoencoder, its F3 peak,
-SiTs trained in segments on it (baseline and FreqWarm with --r0 auto) with the offline metric after each."""
+SiTs trained on it (baseline and FreqWarm with --r0 auto) with the offline metric of their kept EMA weights."""
 import json
 
 import torch
 
+from common import file_hash
 from helpers import read_metrics, run
 from vae import f3_peak
 
@@ -28,10 +29,13 @@ def test_study_part_d_runs_at_the_smoke_setting(tmp_path):
         folder = out / ("sitd-" + name.replace(" ", "").replace("=", "") + "-s0")
         ck = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
         assert ck["step"] == 4 and ck["config"]["vae"] == "diffusers:" + res["B_conv"]["clearest"]["folder"]
-        assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == [1, 2, 3, 4]   # resumed at 2
-        for k, c in zip((2, 4), runs[0]["curve"]):
-            gm = json.loads((folder / f"eval-{k:07d}" / "generation_metrics.json").read_text())
-            assert next(iter(gm.values()))["fd_dl"] == c["fd_dl"]
+        assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == [1, 2, 3, 4]
+        assert sorted(p.name for p in (folder / "keep").iterdir()) == ["ema_0000002.pt", "ema_0000004.pt"]
+        curve = json.loads((out / "partD-curve" / "curve.json").read_text())
+        points = next(r["points"] for r in curve["runs"] if r["dir"] == str(folder))
+        assert [c["fd_dl"] for c in runs[0]["curve"]] == [p["fd_dl"] for p in points]
+        assert [p["checkpoint_hash"] for p in points] == [file_hash(str(folder / "keep" / f"ema_{k:07d}.pt"))
+                                                          for k in (2, 4)]
     auto = d["FreqWarm r0=auto"][0]
     assert auto["r0"] == auto["r0_auto"]["chosen"] == f3_peak(auto["r0_auto"]["r0_sweep"], auto["r0_auto"]["latent_hf_energy"])
     assert d["baseline"][0]["r0"] is None

@@ -179,10 +179,11 @@ def test_checkpoint_contents_and_latent_stats(tmp_path):
     assert ck["step"] == 6 and ck["config"]["size"] == "smoke" and isinstance(ck["config"], dict)
     assert (out / "recon_final.png").exists() and (out / "recon_0000006.png").exists()
     vae, _ = load_vae(str(out / "last.pt"))
-    from data import DeadLeaves
+    from data import DeadLeaves, train_val_split
     ds = DeadLeaves(n=64, resolution=16)
-    subset = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:32]   # seeded, over the whole set
-    x = torch.stack([ds[i][0] for i in subset.tolist()])
+    train_idx, _ = train_val_split(64, 8, 0)                     # the 8 held-out images are never in the stats
+    subset = torch.randperm(56, generator=torch.Generator().manual_seed(0))[:32]   # seeded, over the training set
+    x = torch.stack([ds[train_idx[i]][0] for i in subset.tolist()])
     mu = vae.encode(x).mean                                       # (32, 4, 4, 4)
     st = ck["latent_stats"]
     assert (st["n_images"], st["seed"], st["image_size"]) == (32, 0, 16)
