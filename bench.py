@@ -664,6 +664,8 @@ class Phase:
         if self.left() >= need:
             return True
         self.note(f"skipped {what}: {max(0, self.left()):.0f} s left of the phase budget, it needs about {need:.0f} s")
+        self.rec.setdefault("skipped", []).append(what)            # a check not run: the report is incomplete
+        self.save()
         return False
 
     def item(self, **kw):
@@ -1117,6 +1119,7 @@ def assemble(a, argv, m, results, total):
     failed = [f"{n}: {c['name']}" for n, r in results.items() for c in r["checks"] if not c["ok"]]
     failed += [f"{n} {r['status']}" for n, r in results.items() if r["status"].startswith("failed")]
     stopped = [f"{n} {r['status']}" for n, r in results.items() if r["status"].startswith("stopped")]
+    stopped += [f"{n}: skipped {w}" for n, r in results.items() for w in r.get("skipped", [])]
     verdict = "FAIL" if failed else "INCOMPLETE" if stopped else "PASS"
     bound = sum(CHECK_PHASES[n][a.smoke] * a.budget_scale for n in results)
     peak = m["peak_flops"]
