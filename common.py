@@ -72,7 +72,7 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT)", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
-    cleanup_distributed()
+    cleanup_distributed(together=True)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -218,8 +218,12 @@ def setup_distributed(device=None, timeout_s=None):
     return Dist(rank, local, world, device)
 
 
-def cleanup_distributed():
+def cleanup_distributed(together=False):
+    """Tear the process group down; `together` (a finished run): first wait for every rank, so no rank closes
+    its connections while another still uses them."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

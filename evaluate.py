@@ -1616,7 +1616,7 @@ def validate(a):
 def main(argv=None):
     a = get_args(argv)
     validate(a)
-    d = setup_distributed(a.device, getattr(a, "dist_timeout", None))
+    d = setup_distributed(getattr(a, "device", None), getattr(a, "dist_timeout", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
                 "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export}
     commands[a.cmd](a, d)

@@ -483,6 +483,9 @@ def resume(path, args, student, ema, opt, ae, data_fp, d):
     ck = load_checkpoint(path, "sit")
     if ck.get("ema_only"):
         raise UserError(f"{path} is a kept EMA-only checkpoint (for `evaluate.py curve`), not one to resume from")
+    if not ck.get("latent_stats"):
+        raise UserError(f"{path} holds no latent statistics (latent_stats): it cannot be resumed; "
+                        f"start a fresh run with another --out")
     cfg = unwrap(student).sit.config
     norm = ck["latent_stats"].get("norm", "channel")
     if norm != args.latent_norm:
@@ -504,9 +507,6 @@ def resume(path, args, student, ema, opt, ae, data_fp, d):
         log0(f"--r0 auto: r0 = {args.r0:g}, the choice stored in {path}", d)
     check_resume_settings(ck["config"], args, FIXED_ON_RESUME, path, d)
     check_same_data(ck, data_fp, args.data, path)
-    if not ck.get("latent_stats"):
-        raise UserError(f"{path} holds no latent statistics (latent_stats): it cannot be resumed; "
-                        f"start a fresh run with another --out")
     warmup = ck["freqwarm"]["warmup_steps"]            # the stored switch wins over --steps / --warmup-frac
     if args.freqwarm and args.warmup_steps is not None and args.warmup_steps != warmup:
         raise UserError(f"{path} switches FreqWarm off at step {warmup}, not --warmup-steps {args.warmup_steps}: "

@@ -843,6 +843,7 @@ def dataset_latent_stats(ae, dataset, n_images, seed, d, batch=64, workers=0, va
                         f"held-out validation images excluded)")
     return stats
 
+
 if __name__ == "__main__":
     for name in SIZES:
         n = sum(p.numel() for p in build_vae(name, 256 if name.startswith("f16") else 32).parameters())

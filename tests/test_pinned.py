@@ -622,7 +622,8 @@ def test_stage1_validation_uses_the_run_mlsr_fractions(tmp_path):
     from data import random_subset
     st = load_checkpoint(str(tmp_path / "last.pt"), "vae")["latent_stats"]
     with torch.no_grad():
-        mu = vae.encode(torch.stack([ds[i][0] for i in random_subset(64, 32, 0)])).mean
+        train_idx, _ = train_val_split(64, 8, 0)                              # held-out images excluded
+        mu = vae.encode(torch.stack([ds[train_idx[i]][0] for i in random_subset(len(train_idx), 32, 0)])).mean
     zn = (mu - st["mean"].view(1, -1, 1, 1)) / st["std"].view(1, -1, 1, 1)
     for level in (1, 3):
         ref = fft_ops.attenuate(zn, level, fr).transpose(0, 1).flatten(1).std(1, unbiased=False)
@@ -705,14 +706,17 @@ def test_fid_reference_crop_follows_resolution(tmp_path, monkeypatch):
     assert sides == []
 
 
-def test_stage1_discriminator_sees_real_images_as_real_and_reconstructions_as_fake(tmp_path, monkeypatch):
-    """hinge_d_loss(D(x), D(recon)) with x the training batch (not G_l(x)) and recon the generator's output."""
+@pytest.mark.parametrize("gan_real", ["target", "image"])
+def test_stage1_discriminator_sees_real_images_as_real_and_reconstructions_as_fake(tmp_path, monkeypatch, gan_real):
+    """hinge_d_loss(D(real), D(recon)): real = G_l(x), the level's blurred target (Eq. 2, --gan-real target, the
+    default) or the training batch x (--gan-real image); recon the generator's output."""
     import copy
     seen, real_g, real_d = [], train_vae.generator_loss, train_vae.hinge_d_loss
 
     def spy_g(model, disc, perceptual, x, *rest):
         out = real_g(model, disc, perceptual, x, *rest)
-        seen.append({"x": x.clone(), "recon": out[3].detach().clone(), "disc": copy.deepcopy(common.unwrap(disc))})
+        seen.append({"x": x.clone(), "target": out[2].detach().clone(), "recon": out[3].detach().clone(),
+                     "disc": copy.deepcopy(common.unwrap(disc))})
         return out
 
     def spy_d(real_logits, fake_logits):
@@ -720,13 +724,20 @@ def test_stage1_discriminator_sees_real_images_as_real_and_reconstructions_as_fa
         return real_d(real_logits, fake_logits)
     monkeypatch.setattr(train_vae, "generator_loss", spy_g)
     monkeypatch.setattr(train_vae, "hinge_d_loss", spy_d)
-    train_vae.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "2", "--gan-start", "1", "--val-every", "0",
-                    "--sample-every", "100", "--ckpt-every", "100"])
+    extra = [] if gan_real == "target" else ["--gan-real", "image"]
+    train_vae.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "6", "--gan-start", "1", "--val-every", "0",
+                    "--sample-every", "100", "--ckpt-every", "100", *extra])
     assert "logits" not in seen[0]                                             # before --gan-start
-    s = seen[1]
-    with torch.no_grad():
-        torch.testing.assert_close(s["logits"][0], s["disc"](s["x"]))
-        torch.testing.assert_close(s["logits"][1], s["disc"](s["recon"]))
+    blurred = 0
+    for s in seen[1:]:
+        real = s["target"] if gan_real == "target" else s["x"]
+        with torch.no_grad():
+            torch.testing.assert_close(s["logits"][0], s["disc"](real))
+            torch.testing.assert_close(s["logits"][1], s["disc"](s["recon"]))
+            if not torch.equal(s["target"], s["x"]):                          # a level l > 0: G_l(x) != x
+                blurred += 1
+                assert not torch.allclose(s["disc"](s["target"]), s["disc"](s["x"]), atol=1e-6)
+    assert blurred >= 1                                                        # the two readings were told apart
 
 
 def test_inception_score_is_of_the_samples_not_the_reference():
@@ -750,7 +761,7 @@ def test_inception_score_is_of_the_samples_not_the_reference():
 
 def test_stage2_measures_its_own_statistics_on_other_data_over_stats_images(smoke_models, tmp_path):
     """The smoke VAE's statistics were taken on 64 dead-leaves images; on 48 Stage 2 measures its own, over a
-    seeded random subset of --stats-images of them, and stores them."""
+    seeded random subset of --stats-images of its training images (never the held-out ones), and stores them."""
     from data import random_subset
     td.main(smoke(smoke_models, tmp_path, "--n-images", "48", "--stats-images", "20", "--steps", "1", "--seed", "2",
                   "--val-every", "0", "--sample-every", "100"))
@@ -758,7 +769,8 @@ def test_stage2_measures_its_own_statistics_on_other_data_over_stats_images(smok
     vae, _ = load_vae(str(smoke_models / "vae" / "last.pt"))
     ds = DeadLeaves(n=48, resolution=16, seed=2)
     with torch.no_grad():
-        mu = vae.encode(torch.stack([ds[i][0] for i in random_subset(48, 20, 2)])).mean
+        train_idx, _ = train_val_split(48, 8, 2)                  # the smoke preset's 8 held-out images excluded
+        mu = vae.encode(torch.stack([ds[train_idx[i]][0] for i in random_subset(len(train_idx), 20, 2)])).mean
     assert st["n_images"] == 20
     torch.testing.assert_close(st["mean"], mu.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(st["std"], mu.transpose(0, 1).flatten(1).std(1, unbiased=False), atol=1e-5, rtol=1e-4)
