@@ -490,6 +490,20 @@ def make_jpegs(folder, n, w, h, classes=4):
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
 
 
+def cache_encoder(ae, ds, args, dev, root):
+    """A function that builds Stage 2's latent cache of `ds` (one process) into a fresh folder ROOT-i on each
+    call, so every call encodes; identity latent statistics (the encode rate does not depend on them)."""
+    C, d, count = ae.latent_dim, types.SimpleNamespace(rank=0, world_size=1, main=True), {"i": 0}
+    stats = {"mean": torch.zeros(C), "std": torch.ones(C), "level_std": torch.ones(4, C)}
+
+    def encode():
+        count["i"] += 1
+        lat = td.Latents(ae, stats, args, 0, dev)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            lat.build_cache(ds, f"{root}-{count['i']}", d)
+    return encode
+
+
 def bench_data(b):
     n, w, h, res, vae_size = b.cfg["jpeg"]
     dev = b.device
@@ -499,8 +513,6 @@ def bench_data(b):
     torch.manual_seed(0)
     vae = build_vae(vae_size, res).to(dev)
     ae = ViTVAEAutoencoder(vae)
-    C = ae.latent_dim
-    stats = {"mean": torch.zeros(C), "std": torch.ones(C), "level_std": torch.ones(4, C)}
     rounds = max(2, b.a.repeats // 2)
     for workers in (0, 2):
         def decode_only():
@@ -509,14 +521,7 @@ def bench_data(b):
         b.measure(f"jpeg-decode-w{workers}", f"{n} JPEGs {w}x{h} -> ADM crop {res}px, DataLoader {workers} workers",
                   decode_only, n, warmup=0, repeats=rounds, iters=1)
         args = td.get_args(["--out", os.path.join(b.tmp, "cache"), "--image-size", str(res), "--workers", str(workers)])
-        d = types.SimpleNamespace(rank=0, world_size=1, main=True)
-        count = {"i": 0}
-
-        def encode():
-            count["i"] += 1                        # a fresh cache folder each time: every call encodes
-            lat = td.Latents(ae, stats, args, 0, dev)
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-                lat.build_cache(ds, os.path.join(b.tmp, f"cache-{workers}-{count['i']}"), d)
+        encode = cache_encoder(ae, ds, args, dev, os.path.join(b.tmp, f"cache-{workers}"))
         b.measure(f"cache-encode-w{workers}",
                   f"latent cache of the {n} JPEGs (both flips: {2 * n} latents), ViT-VAE {vae_size}, {workers} workers",
                   encode, 2 * n, warmup=0, repeats=rounds, iters=1)
@@ -979,21 +984,12 @@ def phase_cache_encode(ph):
     spec = "diffusers:" + ae_dir
     ae = load_autoencoder(spec, dev)                    # the path a run takes with --vae diffusers:FOLDER
     ds = ImageFolder(folder, res)
-    C = ae.latent_dim
-    stats = {"mean": torch.zeros(C), "std": torch.ones(C), "level_std": torch.ones(4, C)}
     args = td.get_args(["--out", ph.work, "--image-size", str(res), "--workers", str(workers), "--vae", spec])
-    d = types.SimpleNamespace(rank=0, world_size=1, main=True)
-    count = {"i": 0}
-
-    def encode():
-        count["i"] += 1                                 # a fresh cache folder each time: every call encodes
-        lat = td.Latents(ae, stats, args, 0, dev)
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            lat.build_cache(ds, os.path.join(ph.work, f"cache-{count['i']}"), d)
+    encode = cache_encoder(ae, ds, args, dev, os.path.join(ph.work, "cache"))
     ns = types.SimpleNamespace(compile=False, no_bf16=False, warmup=1, repeats=2, iters=1)
     b = Bench(ns, dev, tmp=ph.work)
     label = (f"diffusers AutoencoderKL STAND-IN ({kind} architecture, random weights), {n} JPEGs {w}x{h} -> "
-             f"{res} px, both flips ({2 * n} latents {C}x{res // ae.downsample}x{res // ae.downsample}), "
+             f"{res} px, both flips ({2 * n} latents {ae.latent_dim}x{res // ae.downsample}x{res // ae.downsample}), "
              f"float32 encode, {workers} workers")
     r = b.measure("cache-encode", label, encode, 2 * n)
     ph.item(what=label, latents_per_s=r["img_s"], seconds_per_cache=r["step_ms"] / 1e3, mem_mib=r["mem_mib"],

@@ -126,7 +126,19 @@ class DiagonalGaussian:
 
 # ----------------------------------------------------------------------------- the VAE
 
-class ViTVAE(nn.Module):
+class PatchLatents(nn.Module):
+    """What Stage 1's autoencoders share: `patch` is the downsampling factor f, latents are (d, S/f, S/f)."""
+
+    @property
+    def downsample(self):
+        return self.patch
+
+    def latent_shape(self, image_size=None):
+        s = (image_size or self.config["image_size"]) // self.patch
+        return (self.latent_dim, s, s)
+
+
+class ViTVAE(PatchLatents):
     def __init__(self, image_size=32, patch=4, width=128, depth=3, heads=4, latent_dim=8, mlp_ratio=4.0):
         super().__init__()
         if image_size % patch:
@@ -148,14 +160,6 @@ class ViTVAE(nn.Module):
         nn.init.zeros_(self.refine[2].weight)
         nn.init.zeros_(self.refine[2].bias)
         self.apply(_init_linear)
-
-    @property
-    def downsample(self):
-        return self.patch
-
-    def latent_shape(self, image_size=None):
-        s = (image_size or self.config["image_size"]) // self.patch
-        return (self.latent_dim, s, s)
 
     def encode(self, x):
         """x (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over z (B, d, H/f, W/f)."""
@@ -244,7 +248,7 @@ class DeterministicLatent:
         return self.mean
 
 
-class DCAE(nn.Module):
+class DCAE(PatchLatents):
     """A DC-AE-style autoencoder for Stage 1 (train_vae.py --arch dcae): a diffusers AutoencoderDC from a named
     layout, wrapped with the ViTVAE interface (encode -> .mean, decode, forward with S_l of Eq. 3).
 
@@ -270,14 +274,6 @@ class DCAE(nn.Module):
         self.config = dict(arch="dcae", preset=preset, image_size=image_size, diffusers=cfg)
         self.latent_dim = c
         self.model = diffusers.AutoencoderDC(**cfg)
-
-    @property
-    def downsample(self):
-        return self.patch
-
-    def latent_shape(self, image_size=None):
-        s = (image_size or self.config["image_size"]) // self.patch
-        return (self.latent_dim, s, s)
 
     def encode(self, x):
         """x (B, 3, H, W) in [-1, 1] -> DeterministicLatent over z (B, c, H/f, W/f)."""
