@@ -50,7 +50,7 @@ SETTINGS = {
                   levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
                   dl=["--dl-train-images", "200", "--dl-steps", "30"],
                   dcae=["--preset", "dcae-smoke"], dcae_size=16, dcae_dims=(4,), dcae_seeds=1,
-                  d_sit=["--preset", "smoke", "--val-every", "2"], d_segments=(2, 4), d_seeds=1, d_r0s=("auto",)),
+                  d_sit=["--preset", "smoke", "--val-every", "2"], d_kept=(2, 4), d_seeds=1, d_r0s=("auto",)),
     "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
                 image_size=32,
                 sit=["--preset", "cpu-demo", "--steps", "300", "--val-every", "100", "--sample-every", "100000"],
@@ -59,7 +59,7 @@ SETTINGS = {
                 dcae=["--preset", "dcae-cpu", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
                 dcae_size=32, dcae_dims=(4, 16, 64, 128), dcae_seeds=3,
                 d_sit=["--preset", "cpu-demo", "--val-every", "250", "--sample-every", "100000"],
-                d_segments=(500, 1000, 1500, 2000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
+                d_kept=(500, 1000, 1500, 2000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
                      "--val-every", "2000", "--workers", "8"], image_size=64,
@@ -75,7 +75,7 @@ SETTINGS = {
                 d_sit=["--model", "S/2", "--n-images", "20000", "--global-batch", "256", "--lr", "2e-4",
                        "--cache-latents", "--val-every", "2000", "--ckpt-every", "5000", "--sample-every", "100000",
                        "--workers", "8"],
-                d_segments=(5000, 10000, 15000, 20000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
+                d_kept=(5000, 10000, 15000, 20000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
 }
 HELDOUT_SEED = 1000         # dead-leaves seed of the evaluation images: no run trains on it (runs: seeds 0 ..)
 PLAIN = ["--mlsr-fractions", "0", "0", "0", "0", "--mlsr-sigmas", "0", "0", "0", "0"]
@@ -258,9 +258,9 @@ def part_b_conv(run, s, out, heldout):
 
 def part_d(run, s, out, clearest):
     """SiT on the conv autoencoder with the clearest F3 peak: baseline and FreqWarm at each r0 of d_r0s (auto:
-    the run's own choice at the F3 peak), each trained once keeping its EMA weights every d_segments[0] steps;
-    `evaluate.py curve` then samples every kept checkpoint and scores it with the offline metric."""
-    steps, keep = s["d_segments"][-1], s["d_segments"][0]
+    the run's own choice at the F3 peak), each trained once to d_kept[-1] steps, keeping its EMA weights at the
+    steps d_kept; `evaluate.py curve` then samples every kept checkpoint and scores it with the offline metric."""
+    steps, keep = s["d_kept"][-1], s["d_kept"][0]
     vae, warm = "diffusers:" + clearest["folder"], steps // 2                        # warm-up: half the steps
     configs = [("baseline", [])] + [(f"FreqWarm r0={r}", ["--freqwarm", "--r0", r, "--warmup-steps", warm])
                                     for r in s["d_r0s"]]
