@@ -57,7 +57,7 @@ import fft_ops
 import train_diffusion as td
 import train_vae
 from common import (StepLoop, UserError, adamw, atomic_write, autocast, check_device, check_range, ema_update,
-                    global_rand, global_randn, load_checkpoint, run_main, write_json)
+                    global_rand, global_randn, load_checkpoint, read_jsonl, run_main, write_json)
 from data import ImageFolder, image_batches
 from dit import build_denoiser, build_sit, guided_velocity, sample_ode
 from vae import PatchDiscriminator, ViTVAEAutoencoder, build_vae, sincos_2d
@@ -786,7 +786,7 @@ def checkpoint_tensors(ck):
 
 def same_run(dir_a, dir_b):
     """(equal, what differs): losses of every step and every tensor of the final checkpoints, bit for bit."""
-    la, lb = ([json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l] for d in (dir_a, dir_b))
+    la, lb = ([r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" in r] for d in (dir_a, dir_b))
     if [r["loss"] for r in la] != [r["loss"] for r in lb]:
         return False, f"losses {[r['loss'] for r in la]} vs {[r['loss'] for r in lb]}"
     ta, tb = (checkpoint_tensors(load_checkpoint(os.path.join(d, "last.pt"), "sit")) for d in (dir_a, dir_b))
@@ -839,7 +839,7 @@ def phase_train_resume(ph):
         ph.item(run=what, command=shown, seconds=sec, ok=ok)
         if not ok:
             return
-    phases = [json.loads(l).get("phase") for l in open(f"{w}/run-b/metrics.jsonl") if '"loss"' in l]
+    phases = [r.get("phase") for r in read_jsonl(f"{w}/run-b/metrics.jsonl") if "loss" in r]
     ph.check("resumed run's FreqWarm phases", phases == ["warmup", "warmup", "full", "full"], f"per step: {phases}")
     equal, detail = same_run(f"{w}/run-a", f"{w}/run-b")
     ph.check("resume is bit-exact (run of 2 + 2 steps == run of 4 steps)", equal, detail)
@@ -1015,8 +1015,7 @@ def phase_study(ph):
         ok, sec, shown = ph.run([script, *args], what=f"study setting {setting}: {what} command")
         if not ok:
             continue
-        lines = [json.loads(l) for l in open(os.path.join(args[args.index("--out") + 1], "metrics.jsonl"))
-                 if '"loss"' in l]
+        lines = [r for r in read_jsonl(os.path.join(args[args.index("--out") + 1], "metrics.jsonl")) if "loss" in r]
         rate = lines[-1]["img_per_s"]                    # the last window: after start-up and compilation
         ph.item(setting=setting, model=what, command=shown, seconds=sec, img_s=rate, batch=full.global_batch,
                 steps_in_study=full.steps, minutes_per_study_run=full.steps * full.global_batch / rate / 60)

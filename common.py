@@ -678,15 +678,15 @@ class MetricsLog:
         self.path, self.enabled, self.tb = path, enabled, None
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            keep = []
+            kept = []                                    # the records of steps up to `step`
             if os.path.isfile(path):
-                keep = [json.dumps(r) + "\n" for r in read_jsonl(path) if step > 0 and r.get("step", 0) <= step]
+                kept = [r for r in read_jsonl(path) if step > 0 and r.get("step", 0) <= step]
                 with open(path + ".tmp", "w") as f:
-                    f.writelines(keep)
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
                 os.replace(path + ".tmp", path)
             out = os.path.dirname(os.path.abspath(path))
             if tensorboard:
-                self.tb = TensorBoardLog(out, [json.loads(line) for line in keep], step)
+                self.tb = TensorBoardLog(out, kept, step)
             elif os.path.isdir(os.path.join(out, TB_DIR)):      # a stale view of another run or of fewer steps
                 shutil.rmtree(os.path.join(out, TB_DIR))
                 log0(f"removed {os.path.join(out, TB_DIR)}/: this run logs to metrics.jsonl only "

@@ -924,13 +924,8 @@ def sample_set_labels(src):
     class-balanced ones (image i has class i mod K). A folder drawn with --labels random is refused: its
     labels are in the .npz beside it."""
     if src.endswith(".npz"):
-        with zipfile.ZipFile(src) as zf:
-            if "arr_1.npy" not in zf.namelist():
-                return None
-            with zf.open("arr_1.npy") as f:
-                return np.lib.format.read_array(f)
-    manifest = os.path.join(src, "manifest.json")
-    if os.path.isfile(manifest) and json.load(open(manifest)).get("labels", "balanced") != "balanced":
+        return read_npz_array(src, "arr_1", "--samples") if "arr_1" in npz_keys(src, "--samples") else None
+    if (samples_manifest(src) or {}).get("labels", "balanced") != "balanced":
         raise UserError(f"{src} was drawn with --labels random: pass {src.rstrip('/')}.npz, which holds its labels")
     return None
 
