@@ -12,7 +12,7 @@ Rows (each on whatever device is present, bf16 autocast on CUDA unless --no-bf16
     vae-step        one Stage-1 step: MLSR generator loss (pixel + KL + hinge GAN), backward, discriminator
                     loss and backward, clipping and the non-finite guard, both AdamW steps, EMA
     <model>-step    one Stage-2 step of each model in STAGE2 (SiT, ...): velocity loss on latents, backward,
-                    clipping and the non-finite guard, AdamW, EMA, the step's bookkeeping (StepLoop); the
+                    clipping and the non-finite guard, AdamW, EMA, the step's bookkeeping (common.Run); the
                     "+FDA" row adds the alignment loss with the EMA teacher
     sit-official    the same SiT configuration as an independent re-implementation of the official SiT
                     (willisma/SiT models.py + train.py step), for comparison at equal settings
@@ -53,14 +53,16 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import evaluate as ev
 import fft_ops
+import study
 import train_diffusion as td
 import train_vae
-from common import (StepLoop, UserError, adamw, atomic_write, autocast, check_device, check_range, ema_update,
-                    global_rand, global_randn, load_checkpoint, read_jsonl, run_main, write_json)
-from data import ImageFolder, image_batches
-from dit import build_denoiser, build_sit, guided_velocity, sample_ode
-from vae import PatchDiscriminator, ViTVAEAutoencoder, build_vae, sincos_2d
+from common import (Run, UserError, adamw, atomic_write, autocast, check_device, check_range, ema_update,
+                    load_checkpoint, read_jsonl, run_main, write_json)
+from data import ImageFolder, cache_latents, image_batches
+from dit import SIZES, build_denoiser, build_sit, guided_velocity, sample_ode
+from vae import PatchDiscriminator, ViTVAEAutoencoder, build_vae, load_autoencoder, sincos_2d
 
 # Stage-2 models timed by the <model>-step rows: name -> builder(size "S/2", latent side, channels, classes).
 # Adding a model is one line here.
@@ -205,7 +207,7 @@ def bench_vae(b):
     def step():
         s = state["step"]
         level = train_vae.sample_level(args, s)
-        noise = global_randn(lat, args.seed, s, train_vae.STREAM_Z, slice(None), dev)
+        noise = loop.randn(lat[1:], s, train_vae.STREAM_Z, 0)
         with autocast(dev, b.bf16):
             loss, parts, target, recon = train_vae.generator_loss(train_model, disc, None, x, noise, level, args, s)
         loss.backward()
@@ -213,8 +215,8 @@ def bench_vae(b):
             parts["d_gan"] = train_vae.hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
         parts["d_gan"].backward()
         totals = {}
-        loop.accumulate(totals, {"loss": loss, **parts}, 1)
-        metrics = loop.reduce_and_clip(totals, model.parameters(), s, "none", args.grad_clip, disc.parameters())
+        loop.accumulate(totals, {"loss": loss, **parts})
+        metrics = loop.clip(totals, model.parameters(), s, disc.parameters())
         opt.step(), opt.zero_grad(set_to_none=True)
         opt_d.step(), opt_d.zero_grad(set_to_none=True)
         ema_update(ema, model, args.ema_decay)
@@ -227,9 +229,9 @@ def bench_vae(b):
 
 
 def quiet_loop(args, device):
-    """The trainers' StepLoop, silent (no bar, no metrics file), as between two metrics lines."""
+    """The trainers' Run bookkeeping, silent (no bar, no metrics file), as between two metrics lines."""
     d = types.SimpleNamespace(main=False, rank=0, world_size=1, device=device)
-    return StepLoop(args, d, 0, "bench")
+    return Run(args, d, "bench").start(0)
 
 
 # ----------------------------------------------------------------------------- Stage 2
@@ -263,17 +265,17 @@ def stage2_step(b, model_name, build, fda=False):
 
     def step():
         s = state["step"]
-        t = global_rand((batch,), args.seed, s, td.STREAM_T, slice(None), dev)
-        eps = global_randn(lat, args.seed, s, td.STREAM_EPS, slice(None), dev)
-        drop = global_rand((batch,), args.seed, s, td.STREAM_DROP, slice(None), dev) < args.class_dropout
+        t = loop.rand(s, td.STREAM_T, 0)                   # one rank, one micro-batch: the whole batch
+        eps = loop.randn(lat[1:], s, td.STREAM_EPS, 0)
+        drop = loop.rand(s, td.STREAM_DROP, 0) < args.class_dropout
         yy = torch.where(drop, torch.full_like(y, ncls), y)
         with autocast(dev, b.bf16):
             loss, parts = td.diffusion_loss(train_model, teacher, z, yy, t, eps, args, s,
                                             lambda v, lvl: fft_ops.attenuate(v, lvl, fractions))
         loss.backward()
         totals = {}
-        loop.accumulate(totals, {"loss": loss, **parts}, 1)
-        metrics = loop.reduce_and_clip(totals, student.parameters(), s, "none", args.grad_clip)
+        loop.accumulate(totals, {"loss": loss, **parts})
+        metrics = loop.clip(totals, student.parameters(), s)
         opt.step(), opt.zero_grad(set_to_none=True)
         ema_update(ema, student.sit, args.ema_decay)
         state["step"] = s + 1
@@ -389,7 +391,6 @@ class RefSiT(nn.Module):
 def official_step(b):
     """The official training step: linear path, velocity target, mean-flat MSE, AdamW(lr 1e-4, wd 0), EMA as a
     per-parameter loop, loss.item() every step (SiT train.py)."""
-    from dit import SIZES
     name, side, ch, batch = b.cfg["dit"]
     size, _, patch = name.partition("/")
     depth, dim, heads = SIZES[size]
@@ -491,16 +492,17 @@ def make_jpegs(folder, n, w, h, classes=4):
 
 
 def cache_encoder(ae, ds, args, dev, root):
-    """A function that builds Stage 2's latent cache of `ds` (one process) into a fresh folder ROOT-i on each
-    call, so every call encodes; identity latent statistics (the encode rate does not depend on them)."""
-    C, d, count = ae.latent_dim, types.SimpleNamespace(rank=0, world_size=1, main=True), {"i": 0}
-    stats = {"mean": torch.zeros(C), "std": torch.ones(C), "level_std": torch.ones(4, C)}
+    """A function that builds Stage 2's latent cache of `ds` (one process, full frequency, both flips) into a
+    fresh folder ROOT-i on each call, so every call encodes."""
+    d, count = types.SimpleNamespace(rank=0, world_size=1, main=True, device=dev), {"i": 0}
+    args.image_size = ds.resolution
 
     def encode():
         count["i"] += 1
-        lat = td.Latents(ae, stats, args, 0, dev)
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            lat.build_cache(ds, f"{root}-{count['i']}", d)
+            cache_latents(ds, f"{root}-{count['i']}", td.cache_key(ae, ds, args, False), True,
+                          ae.latent_shape(ds.resolution), lambda x: td.encode_images(ae, x, False, args), d,
+                          args.workers)
     return encode
 
 
@@ -550,7 +552,6 @@ class StandInFeatures(nn.Module):
 
 
 def bench_features(b, folder, n, res, rounds):
-    import evaluate as ev
     path = os.path.join(ev.CLEANFID_CACHE, ev.INCEPTION_FILE)
     if os.path.isfile(path):
         ext, label = ev.InceptionExtractor(path, b.device, mode="clean"), "Inception-v3 (clean-fid)"
@@ -975,7 +976,6 @@ def standin_autoencoder(kind):
 
 
 def phase_cache_encode(ph):
-    from vae import load_autoencoder
     dev, (n, w, h, res, kind), workers = ph.dev, ph.sizes["cache"], ph.sizes["workers"]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     folder, ae_dir = os.path.join(ph.work, "jpegs"), os.path.join(ph.work, "ae-standin")
@@ -999,13 +999,11 @@ def phase_cache_encode(ph):
 # ---- phase 5: the study's setting, each of its training commands for a few steps
 
 def phase_study(ph):
-    import study
-    import train_vae as tv
     dev, setting, steps = ph.dev, ph.sizes["study"], ph.sizes["study_steps"]
     s, w = study.SETTINGS[setting], ph.work
     short = ["--steps", steps, "--log-every", max(1, steps // 2), "--ckpt-every", steps, "--val-every", 0,
              "--sample-every", 10 ** 6, "--n-images", 1000 if setting == "gpu" else 64, *device_flags(dev)]
-    cmds = [("VAE", "train_vae.py", tv.get_args, [*s["vae"], *short, "--stats-images", 256, "--out", f"{w}/study-vae"]),
+    cmds = [("VAE", "train_vae.py", train_vae.get_args, [*s["vae"], *short, "--stats-images", 256, "--out", f"{w}/study-vae"]),
             ("SiT", "train_diffusion.py", td.get_args,
              [*s["sit"], *short, "--vae", f"{w}/study-vae/last.pt", "--out", f"{w}/study-sit"])]
     for what, script, parse, args in cmds:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import hashlib
 import errno
+import fcntl
 import io
 import json
 import math
@@ -40,6 +41,22 @@ class UserError(RuntimeError):
     """Bad input or a stopped run: printed as one line, exit status 2."""
 
 
+class DataError(RuntimeError):
+    """A problem with the input data, reported as one line.
+
+    Raised in a DataLoader worker, it comes back to the main process re-built from the text
+    "Caught DataError in DataLoader worker process N. Original Traceback ... common.DataError: MSG";
+    only MSG is kept, so the user sees the one line once.
+    """
+
+    def __init__(self, msg=""):
+        msg = str(msg)
+        if "\nOriginal Traceback" in msg:
+            last = msg.rstrip().splitlines()[-1]
+            msg = last.split("DataError: ", 1)[-1]
+        super().__init__(msg)
+
+
 class SignalStop(Exception):
     """A run stopped by SIGTERM / SIGINT after saving its checkpoint: exit status 128 + signal number."""
 
@@ -55,7 +72,6 @@ def run_main(main):
     2: bad input or a stopped run (UserError, data errors); 128 + N: stopped by signal N after saving
     (143 for SIGTERM, 130 for SIGINT); 130 also for Ctrl-C outside the training loop.
     """
-    from data import DataError
     try:
         main()
     except (UserError, DataError, ValueError) as e:
@@ -164,6 +180,13 @@ def parse_with_presets(parser, presets, argv=None):
     return args
 
 
+def parse_training_args(parser, presets, argv=None):
+    """A trainer's settings: parse_with_presets, then the checks of add_common_args' settings."""
+    args = parse_with_presets(parser, presets, argv)
+    validate_common(args)
+    return args
+
+
 def explicit_dests(parser, argv=None):
     """The settings given on the command line itself (not by a default or a preset)."""
     saved = {a: a.default for a in parser._actions}
@@ -246,30 +269,6 @@ def wait_for_files(paths, what, poll_s=1.0):
         missing = [p for p in missing if not os.path.exists(p)]
 
 
-def all_reduce_mean(values, device):
-    """Average a dict of floats over ranks (identity on one process)."""
-    if not dist.is_initialized():
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
-def any_rank(flag, device):
-    """True on every rank if `flag` is true on any rank."""
-    return bool(max_over_ranks(1 if flag else 0, device))
-
-
-def max_over_ranks(value, device):
-    """The largest of an integer over all ranks (the value itself on one process)."""
-    if not dist.is_initialized():
-        return int(value)
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def batch_split(global_batch, world_size, micro_batch=None):
     """Fixed global batch -> (per-rank batch, gradient-accumulation steps, micro-batch)."""
     if global_batch < 1 or (micro_batch is not None and micro_batch < 1):
@@ -281,19 +280,6 @@ def batch_split(global_batch, world_size, micro_batch=None):
     if per_rank % micro:
         raise UserError(f"per-rank batch {per_rank} is not divisible by --micro-batch {micro}")
     return per_rank, per_rank // micro, micro
-
-
-def micro_rows(d, per_rank, micro, j):
-    """Rows of micro-batch j of this rank inside the global batch (for the per-step random draws)."""
-    start = d.rank * per_rank + j * micro
-    return slice(start, start + micro)
-
-
-def sync_grads_on(model, j, accum):
-    """DDP all-reduces gradients only on the last micro-batch of a step; no_sync() before it."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and j < accum - 1:
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 def unwrap(model):
@@ -324,21 +310,24 @@ def autocast(device, enabled=True):
 
 # ----------------------------------------------------------------------------- randomness
 
+SEED_SCHEME = "derive_seed-1"     # checkpoints record how their random streams are seeded (Run.resume checks it)
+
+
+def derive_seed(*parts):
+    """A 63-bit seed for one named random stream, e.g. derive_seed(seed, "step", step, stream): a hash of all its
+    parts, so streams named differently never share a seed (a sum like seed * P + step could)."""
+    parts = tuple(p if isinstance(p, str) else int(p) for p in parts)        # 5, np.int64(5), tensor(5) alike
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
 def step_generator(seed, step, stream, device):
     """A generator for one (seed, step, stream) triple; streams name independent draws."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2 ** 63))
-    return g
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, "step", step, stream))
 
 
-def global_randn(shape, seed, step, stream, rows, device):
-    """randn over the global batch (shape[0] = global batch), sliced to `rows` (a slice)."""
-    return torch.randn(shape, generator=step_generator(seed, step, stream, device), device=device)[rows]
-
-
-def global_rand(shape, seed, step, stream, rows, device):
-    """Uniform [0, 1) over the global batch, sliced to `rows`."""
-    return torch.rand(shape, generator=step_generator(seed, step, stream, device), device=device)[rows]
+def step_uniform(seed, step, stream):
+    """One uniform [0, 1) number for a whole step, the same on every rank (e.g. the step's MLSR level)."""
+    return torch.rand((1,), generator=step_generator(seed, step, stream, "cpu")).item()
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -832,10 +821,7 @@ class Throughput:
     """Images per second over the last reporting window."""
 
     def __init__(self):
-        self.t, self.n = time.perf_counter(), 0
-
-    def add(self, n):
-        self.n += n
+        self.t, self.n = time.perf_counter(), 0        # images since the last rate()
 
     def rate(self):
         now = time.perf_counter()
@@ -854,26 +840,42 @@ def save_grid(images, path, nrow):
         torchvision.utils.save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, f, nrow=nrow, padding=1, format="png")
 
 
-def count_params(model):
-    return sum(p.numel() for p in model.parameters())
+FIXED_GROUP = "what is trained (fixed on resume)"
+
+
+def fixed_group(p):
+    """The parser's group of settings that define what is trained: a resumed run may not change them (Run.resume
+    refuses one line), while every other flag may change on resume (and the change is logged). Where a flag is
+    defined is its resume policy: nothing else lists it."""
+    for g in p._action_groups:
+        if g.title == FIXED_GROUP:
+            return g
+    return p.add_argument_group(FIXED_GROUP)
+
+
+def fixed_on_resume(p):
+    """The settings of the parser's fixed group (their dest names)."""
+    return tuple(a.dest for a in fixed_group(p)._group_actions)
 
 
 def add_common_args(p):
-    """Settings every training script shares."""
-    p.add_argument("--data", default="deadleaves", help="'deadleaves' (built-in) or an ImageNet-style folder")
-    p.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+    """Settings every training script shares; returns the parser's fixed group (fixed_group), for the script's
+    own settings that define what is trained."""
+    fixed = fixed_group(p)
+    fixed.add_argument("--data", default="deadleaves", help="'deadleaves' (built-in) or an ImageNet-style folder")
+    fixed.add_argument("--n-images", type=int, default=10000, help="size of the dead-leaves set")
+    fixed.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (part of the sample key; the latent cache stores both flips)")
-    p.add_argument("--val-images", type=int, default=256,
+    fixed.add_argument("--val-images", type=int, default=256,
                    help="images held out of training for the validation metrics (a seeded random subset)")
     p.add_argument("--val-every", type=int, default=5000, help="steps between validation metrics (0: never)")
     p.add_argument("--steps", type=int, default=400000, help="optimizer steps in total")
-    p.add_argument("--global-batch", type=int, default=256, help="images per optimizer step over all ranks")
+    fixed.add_argument("--global-batch", type=int, default=256, help="images per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=None, help="per-rank forward batch (gradient accumulation)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--seed", type=int, default=0)
+    fixed.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100, help="steps between metric lines")
     p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=10000, help="steps between PNG grids")
@@ -894,7 +896,7 @@ def add_common_args(p):
     p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
                    help="a step whose loss or gradient norm is NaN / inf: stop the run (keeping the last good "
                         "checkpoint) or skip that step's update")
-    return p
+    return fixed
 
 
 def resume_path(args):
@@ -959,54 +961,142 @@ def set_lr(opt, lr):
         g["lr"] = lr
 
 
-class RunLock:
-    """An exclusive lock on a run folder (OUT/.lock, held by rank 0 while the run lasts): two runs never share
-    one. `with RunLock(out, d): ...`; the lock goes with the process, so a killed run leaves none behind."""
+class Run:
+    """Everything that keeps a training run safe, behind one object that both trainers use, so that the
+    trainers themselves read as the method. A trainer's `main` is:
 
-    def __init__(self, out, d):
-        self.out, self.main, self.f = out, d.main, None
+        with Run(args, d, "sit", FIXED_ON_RESUME) as run:     # OUT/.lock: one run per folder
+            ck = run.resume(data_fp, model_config)           # the checked checkpoint to continue, or None
+            step = run.restore(ck, {"model": m, "ema": e, "opt": o}, lr={"opt": args.lr}) if ck else 0
+            run.start(step)                                  # progress bar, metrics log, signal handler
+            while step < args.steps:
+                ... the method: forward, (loss / run.accum).backward() per micro-batch ...
+                totals = run.clip(totals, m.parameters())    # losses averaged over ranks, gradients clipped
+                opt.step(); ...; step += 1
+                run.end_step(step, metrics)                  # metrics line, signal agreed by all ranks
+                if run.due(step, args.ckpt_every) or run.stopping:
+                    run.save(lambda: state)                  # rank 0 writes atomically; nothing non-finite
+                if run.stopping: break
+            run.finish(step, "done: ...")                    # the last line, or the signal's exit
 
-    def __enter__(self):
-        if self.main:
-            import fcntl
-            os.makedirs(self.out, exist_ok=True)
-            self.f = open(os.path.join(self.out, ".lock"), "w")
-            try:
-                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.f.close()
-                raise UserError(f"another run is using {self.out} (it holds {self.out}/.lock); "
-                                f"wait for it or use another --out") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self.f is not None:
-            self.f.close()
-
-
-class StepLoop:
-    """Per-step bookkeeping shared by the trainers: progress bar with images/s and ETA, JSONL metrics every
-    --log-every steps, the non-finite guard, and the SIGTERM / SIGINT flag agreed by all ranks.
-
-    No host synchronisation inside a step (--on-nonfinite stop, the default): a step's loss parts and
-    gradient norm stay on the device, are summed there, and are read once per --log-every steps as the mean
-    over the steps since the last metrics line. Non-finite values are remembered on the device (the first
-    such step and its values) and looked at before every metrics line, sample grid and checkpoint, and
-    before a signal-stop save (`end_step` does it, then the trainer samples and saves): the run stops
-    there, naming the step that went non-finite and the last good checkpoint, so no file is ever written
-    from a non-finite state (the weights in memory may be, in the steps between). --on-nonfinite skip must
-    decide before each optimizer step, so it reads one flag per step (the only per-step host read).
+    What it guarantees:
+    - resume: settings in `fixed` (the flags of the parser's "fixed on resume" group) may not change, nor the
+      data (its fingerprint) or the model's config; other settings may, and each change is logged. A fresh
+      start clears the folder of an earlier run's files.
+    - randomness: every draw of a step comes from a generator seeded by (seed, step, stream) over the global
+      batch and sliced to this rank's micro-batch (`rand`, `randn`), so a resumed run and any number of ranks
+      draw the same numbers.
+    - no host synchronisation inside a step (--on-nonfinite stop, the default): a step's loss parts and
+      gradient norm stay on the device, are summed there, and are read once per --log-every steps as the mean
+      over the steps since the last metrics line. Non-finite values are remembered on the device and looked
+      at before every metrics line, sample grid, checkpoint and signal-stop save: the run stops there, naming
+      the step that went non-finite and the last good checkpoint, so no file is ever written from a non-finite
+      state. --on-nonfinite skip decides before each optimizer step (the only per-step host read).
+    - SIGTERM / SIGINT: agreed by all ranks one step later; the trainer saves and `finish` exits 128 + N.
     """
 
-    def __init__(self, args, d, step, desc):
-        self.args, self.d = args, d
-        self.bar = progress(args.steps, step, d, desc)
-        self.log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), d.main, step,
-                              tensorboard=getattr(args, "log_to", "jsonl") == "tensorboard")
-        self.stop, self.speed = StopSignal(), Throughput()
-        self.skipped, self.first_step = 0, step        # skipped steps in this run (--on-nonfinite skip)
+    def __init__(self, args, d, kind, fixed=()):
+        self.args, self.d, self.kind, self.fixed = args, d, kind, tuple(fixed)
         self.ckpt_path = os.path.join(args.out, "last.pt")
-        self._step = None                              # (keys, values on the device) of the step just reduced
+        self.per_rank, self.accum, self.micro = batch_split(args.global_batch, d.world_size,
+                                                            getattr(args, "micro_batch", None))
+        start = d.rank * self.per_rank                 # rows of this rank's micro-batches in the global batch
+        self.rows = [slice(start + j * self.micro, start + (j + 1) * self.micro) for j in range(self.accum)]
+        self.data_fp, self.stopping, self._lock, self._started = None, 0, None, False
+
+    # -- the folder
+    def __enter__(self):
+        """Take OUT/.lock (rank 0, for as long as the run lasts): two runs never share a folder. The lock goes
+        with the process, so a killed run leaves none behind."""
+        if self.d.main:
+            os.makedirs(self.args.out, exist_ok=True)
+            self._lock = open(os.path.join(self.args.out, ".lock"), "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise UserError(f"another run is using {self.args.out} (it holds {self.args.out}/.lock); "
+                                f"wait for it or use another --out") from None
+        self.start_path = resume_path(self.args)       # refused now (--resume none in a used folder), before work
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:                       # after an error, that error is the one the user sees
+                raise
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    # -- resume
+    def resume(self, data_fp, model_config=None, check=None, check_after=None):
+        """The checkpoint this run continues from (--resume; checked against this run), or None: a fresh start,
+        for which the folder is cleared of an earlier run's files. `check(ck, path)` runs the trainer's own
+        checks first (they may fill in settings the checkpoint decides, such as --r0 auto's choice);
+        `check_after(ck, path)` those that assume the same settings and data."""
+        self.data_fp = data_fp
+        path = self.start_path if hasattr(self, "start_path") else resume_path(self.args)
+        if not path:
+            clear_run_folder(self.args.out, self.d)
+            return None
+        ck = load_checkpoint(path, self.kind)
+        if ck.get("seeds") != SEED_SCHEME:
+            raise UserError(f"{path} was written by an earlier version whose random streams (data order, noise, "
+                            f"levels) were seeded differently: resuming it here would change them mid-run; finish "
+                            f"it with that version, or start a fresh run with another --out")
+        if ck.get("ema_only"):
+            raise UserError(f"{path} is a kept EMA-only checkpoint (for `evaluate.py curve`), not one to resume from")
+        if check is not None:
+            check(ck, path)
+        check_resume_settings(ck["config"], self.args, self.fixed, path, self.d)
+        check_same_data(ck, data_fp, self.args.data, path)
+        if check_after is not None:
+            check_after(ck, path)
+        if ck["step"] > self.args.steps:
+            raise UserError(f"{path} is already at step {ck['step']}, past --steps {self.args.steps}")
+        if model_config is not None and ck["model_config"] != model_config:
+            raise UserError(f"{path} holds a {self.kind} model {ck['model_config']}, but the settings build "
+                            f"{model_config}")
+        ck["path"] = path
+        return ck
+
+    def restore(self, ck, states, lr=None):
+        """Load `states` ({checkpoint key: module or optimizer}) from `ck`, give optimizers the learning rate
+        of this command (lr: {key: value}), restore the global RNG; returns the step to continue from."""
+        for key, obj in states.items():
+            obj.load_state_dict(ck[key])
+        for key, value in (lr or {}).items():
+            set_lr(states[key], value)
+        set_rng_state(ck["rng"], self.d.device)
+        return ck["step"]
+
+    def checkpoint(self, step, **state):
+        """A checkpoint: `state` plus what every run records (kind, settings, step, RNG, data fingerprint)."""
+        return {"kind": self.kind, "config": vars(self.args), "step": step, "rng": rng_state(self.d.device),
+                "data_fingerprint": self.data_fp, "seeds": SEED_SCHEME, **state}
+
+    def save(self, state_fn, path=None, also=None):
+        """Rank 0 writes state_fn() to `path` (OUT/last.pt) atomically, then `also()` (e.g. a diffusers folder);
+        all ranks wait. Never from a non-finite model."""
+        self.check_finite()
+        if self.d.main:
+            save_checkpoint(path or self.ckpt_path, state_fn())
+            if also is not None:
+                also()
+        barrier()
+
+    # -- the loop
+    def start(self, step):
+        """Progress bar (images/s, ETA), metrics log (OUT/metrics.jsonl), signal handler, from `step`."""
+        a = self.args
+        self.bar = progress(a.steps, step, self.d, self.kind)
+        self.log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), self.d.main, step,
+                              tensorboard=getattr(a, "log_to", "jsonl") == "tensorboard")
+        self.signal, self.speed = StopSignal(), Throughput()
+        self.skipped, self.first_step = 0, step        # skipped steps in this run (--on-nonfinite skip)
+        self._step = None                              # (keys, values on the device, skipped) of the last step
         self._sums = {}                                # keys -> [device sum, steps] since the last metrics line
         self._interval_skipped = 0
         self._bad_step = None                          # device int64: first non-finite step, -1 while none
@@ -1014,20 +1104,43 @@ class StepLoop:
         self._signal_group, self._pending_signal = None, None
         if dist.is_initialized():                      # the signal flag goes over gloo, off the device stream
             self._signal_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self._started = True
+        return self
 
     def due(self, step, every):
-        return step % every == 0 or step == self.args.steps
+        """Periodic work (every > 0) at multiples of `every` and at the last step."""
+        return every > 0 and (step % every == 0 or step == self.args.steps)
 
-    @staticmethod
-    def accumulate(totals, parts, accum):
+    def rand(self, step, stream, j):
+        """Uniform [0, 1) draws (micro,) of micro-batch j: sliced from a draw over the global batch."""
+        g = step_generator(self.args.seed, step, stream, self.d.device)
+        return torch.rand((self.args.global_batch,), generator=g, device=self.d.device)[self.rows[j]]
+
+    def randn(self, shape, step, stream, j):
+        """Normal draws (micro, *shape) of micro-batch j: sliced from a draw over the global batch."""
+        g = step_generator(self.args.seed, step, stream, self.d.device)
+        return torch.randn((self.args.global_batch, *shape), generator=g, device=self.d.device)[self.rows[j]]
+
+    def no_sync(self, model, j):
+        """Around micro-batch j's forward and backward: DDP all-reduces the gradients only on the last
+        micro-batch of the step (no_sync() before it)."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and j < self.accum - 1:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        """bf16 autocast on CUDA unless --no-bf16; float32 on CPU."""
+        return autocast(self.d.device, not self.args.no_bf16)
+
+    def accumulate(self, totals, parts):
         """Add one micro-batch's loss parts (tensors) to the step's running averages, on the device."""
         for k, v in parts.items():
-            v = v.detach().float() / accum
+            v = v.detach().float() / self.accum
             totals[k] = totals[k] + v if k in totals else v
 
-    def reduce_and_clip(self, totals, params, step, ckpt_path, clip, other_params=()):
-        """Average the step's losses over ranks and clip the gradients; returns the step's metrics (device
-        tensors, and `skipped`).
+    def clip(self, totals, params, step, other_params=()):
+        """Average the step's losses over ranks and clip the gradients (--grad-clip); returns the step's
+        metrics (device tensors, and `skipped`).
 
         The losses are averaged with one all-reduce (queued on the device stream: no host wait) and the
         gradient norm comes from the DDP-averaged gradients, so every rank sees the same values and takes
@@ -1037,13 +1150,12 @@ class StepLoop:
         `other_params` are dropped, so the optimizers leave the weights as they were, and `skipped` is 1.
         """
         params, other_params = list(params), list(other_params)
-        self.ckpt_path = ckpt_path
         keys = sorted(totals)
         vec = torch.stack([totals[k] for k in keys])
         if dist.is_initialized():
             dist.all_reduce(vec)
             vec = vec / dist.get_world_size()
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
         keys = tuple(keys) + ("grad_norm",)
         vec = torch.cat([vec, norm.detach().float().reshape(1).to(vec.device)])
         bad = ~torch.isfinite(vec).all()
@@ -1065,10 +1177,10 @@ class StepLoop:
         self._step = (keys, vec, skipped)
         return {**dict(zip(keys, vec.unbind())), "skipped": skipped}
 
-    def check_finite(self, step=None):
+    def check_finite(self):
         """Stop (UserError naming the first non-finite step and the last good checkpoint) if any step since
         the start of this run had a non-finite loss or gradient norm. One host read."""
-        if self._bad_step is None:
+        if not self._started or self._bad_step is None:
             return
         bad_step = int(self._bad_step)
         if bad_step < 0:
@@ -1084,13 +1196,13 @@ class StepLoop:
         step starts an asynchronous all-reduce (MAX) of the local flag over gloo and reads the one started
         the step before, so all ranks agree on it, one step later. One process: the local flag."""
         if not dist.is_initialized():
-            return self.stop.signum
+            return self.signal.signum
         agreed = 0
         if self._pending_signal is not None:
             work, buf = self._pending_signal
             work.wait()
             agreed = int(buf[0])
-        buf = torch.tensor([self.stop.signum], dtype=torch.int64)
+        buf = torch.tensor([self.signal.signum], dtype=torch.int64)
         work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._signal_group, async_op=True)
         self._pending_signal = (work, buf)
         return agreed
@@ -1108,13 +1220,14 @@ class StepLoop:
         return {k: sums[k] / counts[k] for k in sums}
 
     def end_step(self, step, metrics):
-        """Record a finished step; returns the signal number (non-zero) when the run must save and stop.
+        """Record a finished step: a metrics line every --log-every steps; sets `stopping` (the signal number)
+        when the run must save and stop.
 
         Before a metrics line, a sample grid, a checkpoint or a signal-stop save, checks that no step went
         non-finite (and stops the run if one did, writing nothing). `metrics` holds the step's plain values
-        (level, phase: logged as of the metrics line's step) and those returned by reduce_and_clip."""
+        (level, phase: logged as of the metrics line's step) and those returned by `clip`."""
         a = self.args
-        self.speed.add(a.global_batch)
+        self.speed.n += a.global_batch
         self.bar.update(1)
         if self._step is not None:
             keys, vec, skipped = self._step
@@ -1123,11 +1236,11 @@ class StepLoop:
             else:
                 entry = self._sums.get(keys)
                 self._sums[keys] = [vec.detach().clone(), 1] if entry is None else [entry[0] + vec, entry[1] + 1]
-        stopping = self._agree_signal()
+        self.stopping = self._agree_signal()
         log_due = self.due(step, a.log_every)
-        if stopping or log_due or self.due(step, a.ckpt_every) or step % a.sample_every == 0:
-            self.check_finite(step)
-        if (stopping or self.due(step, a.ckpt_every)) and self.skipped == step - self.first_step:
+        if self.stopping or log_due or self.due(step, a.ckpt_every) or step % a.sample_every == 0:
+            self.check_finite()
+        if (self.stopping or self.due(step, a.ckpt_every)) and self.skipped == step - self.first_step:
             raise UserError(f"every step of this run ({self.first_step + 1}-{step}) had a non-finite loss or "
                             f"gradient norm and was skipped (--on-nonfinite skip): nothing was learned, so no "
                             f"checkpoint is written; last checkpoint: "
@@ -1140,20 +1253,39 @@ class StepLoop:
             self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}")
             self.log.write(**record)
             self._sums, self._interval_skipped, self._step = {}, 0, None
-        return stopping
+        return self.stopping
+
+    def record(self, step, metrics_fn):
+        """Validation metrics at `step` into the metrics log: checked finite on every rank first (never a metric
+        of a non-finite model), then metrics_fn() on rank 0 (None where a rank has nothing to record)."""
+        self.check_finite()
+        if metrics_fn is not None:
+            self.log.write(step=step, **metrics_fn())
+
+    def grid(self, path, step):
+        """--log-to tensorboard: a sample / reconstruction grid just written, as an image there too."""
+        self.log.grid(path, step)
 
     def close(self):
+        if not self._started:
+            return
+        self._started = False
         if self._pending_signal is not None:
             self._pending_signal[0].wait()
             self._pending_signal = None
         self.log.close()
         self.bar.close()
-        self.stop.restore()
+        self.signal.restore()
 
-
-def finish_message(step, first_step, args, ckpt_path, done):
-    """The last line of a training run: `done` only when this run trained and wrote its final checkpoint."""
-    if step == args.steps and step > first_step:
-        return done
-    return (f"nothing to train: at step {step} of --steps {args.steps}; "
-            f"{'no checkpoint written' if step == 0 else 'no new checkpoint written'}")
+    def finish(self, step, done):
+        """The end of the loop: exit 128 + N after a signal-stop save, else the run's last line: `done` only
+        when this run trained and wrote its final checkpoint."""
+        self.close()
+        if self.stopping:
+            log0(f"stop signal: saved {self.ckpt_path} at step {step}", self.d)
+            raise SignalStop(self.stopping, self.ckpt_path, step)
+        if step == self.args.steps and step > self.first_step:
+            log0(done, self.d)
+        else:
+            log0(f"nothing to train: at step {step} of --steps {self.args.steps}; "
+                 f"{'no checkpoint written' if step == 0 else 'no new checkpoint written'}", self.d)

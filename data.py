@@ -17,30 +17,19 @@ image k - N mirrored (`FlipView`), which is also how the latent cache stores bot
 import argparse
 import colorsys
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
+
+from common import (DataError, atomic_write, barrier, derive_seed, log0, run_main, save_grid, to_device,
+                    wait_for_files, write_json)
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class DataError(RuntimeError):
-    """A problem with the input data, reported as one line.
-
-    Raised in a DataLoader worker, it comes back to the main process re-built from the text
-    "Caught DataError in DataLoader worker process N. Original Traceback ... data.DataError: MSG";
-    only MSG is kept, so the user sees the one line once.
-    """
-
-    def __init__(self, msg=""):
-        msg = str(msg)
-        if "\nOriginal Traceback" in msg:
-            last = msg.rstrip().splitlines()[-1]
-            msg = last.split("DataError: ", 1)[-1]
-        super().__init__(msg)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -235,7 +224,6 @@ class DeadLeaves(torch.utils.data.Dataset):
 
 def export_imagefolder(dataset, out_dir):
     """Write a dataset as ROOT/<class>/<index>.png (ImageFolder layout). Returns the root."""
-    from common import atomic_write
     out = Path(out_dir)
     for i in range(len(dataset)):
         x, y = dataset[i]
@@ -313,10 +301,6 @@ def image_batches(dataset, indices, batch, workers=0):
                                        num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
-def num_classes_of(dataset):
-    return dataset.num_classes
-
-
 # ----------------------------------------------------------------------------- flips and sampling
 
 class FlipView(torch.utils.data.Dataset):
@@ -357,7 +341,7 @@ class StepSampler(torch.utils.data.Sampler):
         out, m = torch.empty_like(pos), len(self.pool)
         for e in pos.div(m, rounding_mode="floor").unique().tolist():
             if e != self._epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", e))
                 perm = torch.randperm(m, generator=g)
                 flips = torch.randint(0, 2, (m,), generator=g) if self.flip else torch.zeros(m, dtype=torch.long)
                 self._epoch, self._perm = e, self.pool[perm] + self.n * flips
@@ -385,6 +369,101 @@ def make_loader(dataset, sampler, num_workers=0):
                                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
+# ----------------------------------------------------------------------------- latent cache
+
+CACHE_SHARD_KEYS = 16384                 # latent-cache keys per shard file (the unit a stopped build resumes from)
+
+
+def cache_latents(dataset, out_dir, key, hflip, shape, encode, d, workers=0, meta=None, batch=64):
+    """Encode every sample key of `dataset` once, into OUT/latents-KEY/ as float16 shards; returns its CachedRows.
+
+    Keys are those of FlipView (k >= N is image k - N mirrored) when `hflip`, else 0..N-1; encode(x) gives the
+    latents (B, *shape) of images x (B, 3, H, W) on d.device. Shard j holds keys [j S, (j + 1) S) with
+    S = CACHE_SHARD_KEYS in rows-LO-HI.npy (renamed into place when complete) and is encoded by rank j mod W;
+    shards already there are kept, so a stopped build resumes from its finished shards (with any number of
+    ranks). No rank waits in a collective, however long the others take: rank 0 waits for the shard files,
+    writes index.json (with `meta`), and the others wait for it (then a barrier, which they all reach within a
+    poll). A cache is complete exactly when its index exists; any number of ranks can read it.
+    """
+    view = FlipView(dataset)
+    n_keys = len(view) if hflip else len(dataset)
+    folder = os.path.join(out_dir, f"latents-{key}")
+    index_path = os.path.join(folder, "index.json")
+    if not os.path.isfile(index_path):
+        bounds = list(range(0, n_keys, CACHE_SHARD_KEYS)) + [n_keys]
+        names = [f"rows-{lo:09d}-{hi:09d}.npy" for lo, hi in zip(bounds[:-1], bounds[1:])]
+        paths = [os.path.join(folder, n) for n in names]
+        os.makedirs(folder, exist_ok=True)
+        mine = range(d.rank, len(names), d.world_size)
+        todo = [j for j in mine if not os.path.isfile(paths[j])]
+        if len(todo) < len(mine):
+            log0(f"latent cache: keeping {len(mine) - len(todo)} finished shard(s) of rank {d.rank}", d)
+        what = "low-passed" if (meta or {}).get("low_passed") else "full"
+        bar = tqdm(total=sum(bounds[j + 1] - bounds[j] for j in todo), unit="img", mininterval=2.0,
+                   desc=f"latent cache ({what})", disable=not d.main)
+        for j in todo:
+            _encode_shard(view, bounds[j], bounds[j + 1], paths[j], shape, encode, d.device, workers, batch, bar)
+        bar.close()
+        if d.main:
+            wait_for_files(paths, "the latent cache")
+            write_json(index_path, {"key": key, "shards": names, "bounds": bounds, "shape": list(shape),
+                                    **(meta or {})})
+        else:
+            wait_for_files([index_path], "the latent cache")
+        barrier()                                  # all ranks are here within a poll: a short wait
+        log0(f"latent cache written: {folder} ({n_keys} x {tuple(shape)})", d)
+    return CachedRows(folder, dataset)
+
+
+def _encode_shard(view, lo, hi, path, shape, encode, device, workers, batch, bar):
+    """Latents of keys [lo, hi) into the float16 file `path`, which appears only when complete."""
+    tmp = path + ".part"
+    try:                                               # a stopped or failed build leaves no partial shard
+        arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (hi - lo, *shape))   # (keys, C, h, w)
+        row = 0
+        for x in image_batches(view, range(lo, hi), batch, workers):
+            arr[row:row + len(x)] = encode(x.to(device)).cpu().numpy().astype(np.float16)
+            row += len(x)
+            bar.update(len(x))
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CachedRows:
+    """Rows of a sharded latent cache, memory-mapped: rows[keys] -> float32 numpy (len(keys), C, h, w);
+    batch(keys, device) -> the latents and labels of those sample keys as tensors on `device`."""
+
+    def __init__(self, folder, dataset=None):
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        self.bounds = np.array(index["bounds"])
+        self.shards = [np.load(os.path.join(folder, s), mmap_mode="r") for s in index["shards"]]
+        if dataset is not None:
+            self.n, self.all_labels = len(dataset), torch.tensor([dataset.label(i) for i in range(len(dataset))])
+
+    def __len__(self):
+        return int(self.bounds[-1])
+
+    def __getitem__(self, keys):
+        keys = np.asarray(keys)
+        which = np.searchsorted(self.bounds, keys, side="right") - 1             # shard of each key
+        out = np.empty((len(keys), *self.shards[0].shape[1:]), dtype=np.float32)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.shards[s][keys[sel] - self.bounds[s]]
+        return out
+
+    def batch(self, keys, device):
+        """Latents (B, C, h, w) float32 and labels (B,) of sample keys (key k: image k mod N), on `device`."""
+        z = to_device(torch.from_numpy(self[keys]), device)
+        return z, to_device(self.all_labels[[k % self.n for k in keys]], device)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
@@ -407,11 +486,9 @@ def main(argv=None):
         ds = DeadLeaves(n=10 * a.per_class, resolution=a.resolution)
         idx = [c + 10 * j for c in range(10) for j in range(a.per_class)]
         grid = torch.stack([ds[i][0] for i in idx])
-        from common import save_grid
         save_grid(grid, a.out, nrow=a.per_class)
         print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
-    from common import run_main
     run_main(main)

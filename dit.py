@@ -4,7 +4,7 @@
     (library module: trained by train_diffusion.py, sampled by evaluate.py; the single-GPU,
      torchrun and multi-node commands are in those scripts)
 
-Time convention (DESIGN.md section 2) -- the OPPOSITE of SiT's released code:
+Time convention (README, "Conventions") -- the OPPOSITE of SiT's released code:
     x_t = (1 - t) x0 + t eps,  t in [0, 1],  t = 0 is data, t = 1 is pure noise,
     the network predicts the velocity v = d x_t / dt = eps - x0,
     samplers integrate dx/dt = v from t = 1 down to t = 0 (Euler or Heun), or the reverse SDE (sample_sde).
@@ -303,9 +303,9 @@ def velocity_target(x0, eps):
     return eps - x0
 
 
-def flow_matching_loss(model, x0, y, t, eps):
-    """Mean squared velocity error (per sample (B,)) at times t."""
-    v = model(interpolate(x0, eps, t), t, y)
+def velocity_loss(v, x0, eps):
+    """Squared error of a predicted velocity v = model(x_t, t, y) against eps - x0, per sample (B,), in float32:
+    the flow-matching objective (Denoising-VAE Eq. 5 with z^(l) as x0), used by training and validation alike."""
     return (v.float() - velocity_target(x0, eps)).pow(2).mean(dim=tuple(range(1, x0.dim())))
 
 

@@ -45,10 +45,10 @@ from PIL import Image
 
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
-                    file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main, setup_distributed,
-                    wait_for_files, write_export, write_json)
+                    derive_seed, file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main,
+                    setup_distributed, wait_for_files, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
-from dit import SAMPLERS
+from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
 from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_scores, find_vgg_weights,
                  latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
 
@@ -82,13 +82,13 @@ def sample_labels(n, num_classes, mode, seed):
     sample_ddp.py draw them; here one seeded draw for the whole set, so independent of ranks and batches)."""
     if mode == "balanced":
         return balanced_labels(range(n), num_classes)
-    g = torch.Generator().manual_seed(2 ** 40 + seed)          # above every per-image seed (image_generators)
+    g = torch.Generator().manual_seed(derive_seed(seed, "labels"))
     return torch.randint(num_classes, (n,), generator=g)
 
 
 def image_generators(indices, seed):
     """One random stream per image: its initial noise, then (SDE sampler) its Brownian increments."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+    return [torch.Generator().manual_seed(derive_seed(seed, "image", i)) for i in indices]
 
 
 def image_noise(indices, shape, seed, generators=None):
@@ -103,7 +103,6 @@ def load_sit(path, device, vae=None):
     (absolute, then relative to the working directory, then to the checkpoint's folder); whichever is used
     must hash to the content recorded in the checkpoint, so a retrained or swapped VAE is refused.
     """
-    from dit import denoiser_from_config
     ck = export_as_checkpoint(path) if os.path.isdir(path) else load_checkpoint(path, "sit")
     ema = denoiser_from_config(ck["model_config"])
     ema.load_state_dict(ck["ema"])
@@ -171,7 +170,6 @@ def folder_to_npz(folder, n, path, chunk=1000, labels=None):
 
 @torch.no_grad()
 def cmd_sample(a, d):
-    from dit import guided_velocity, sample_ode, sample_sde
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
     labels = sample_labels(a.num_samples, ema.num_classes, a.labels, a.seed)            # (num_samples,)
     if d.main:

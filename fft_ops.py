@@ -4,7 +4,7 @@
     (library module: imported by train_vae.py, train_diffusion.py and evaluate.py;
      it has no single-GPU / torchrun / multi-node entry point of its own)
 
-Conventions (DESIGN.md section 2):
+Conventions (the README's "Conventions"):
 - Radius is measured in cycles per pixel from torch.fft.fftfreq: 0.5 is the Nyquist
   frequency along one axis, sqrt(0.5) ~ 0.707 the corner of the spectrum.
 - Every mask here is a function of the radius only, so it is Hermitian-symmetric
@@ -173,7 +173,7 @@ def attenuate(z, level, fractions=MLSR_FRACTIONS):
     """Denoising-VAE Eq. 3: S_l(z) = F^-1(M_l * F(z)) on latents (B, C, h, w).
 
     Level l removes the fraction p_l of latent frequency bins with the largest radius
-    (DESIGN.md's reading of "attenuate the highest frequencies"). l = 0 is the identity.
+    (our reading of "attenuate the highest frequencies"; README, "Known ambiguities"). l = 0 is the identity.
     """
     level = int(level)
     if not 0 <= level < len(fractions):

@@ -40,22 +40,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
-from common import (VAE_OUT, RunLock, SignalStop, StepLoop, UserError, adamw, add_common_args, autocast, barrier,
-                    batch_split, check_range, check_resume_settings, check_same_data, clear_run_folder, ema_update,
-                    finish_message, global_rand, global_randn, load_checkpoint, log0, micro_rows, parse_with_presets,
-                    resume_path, rng_state, run_main, save_checkpoint, save_grid, set_lr, set_rng_state,
-                    setup_distributed, sync_grads_on, unwrap, validate_common)
+from common import (VAE_OUT, Run, UserError, adamw, add_common_args, barrier, check_range, ema_update,
+                    fixed_on_resume, log0, parse_training_args, resume_path, run_main, save_checkpoint, save_grid,
+                    setup_distributed, step_uniform, unwrap)
 from data import StepSampler, build_dataset, fingerprint, make_loader, train_val_split
 from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
                  build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
-
-# Settings that define what is trained: a resume may not change them (the others may, and are logged).
-FIXED_ON_RESUME = ("arch", "dcae_config",
-                   "size", "latent_dim", "image_size", "data", "n_images", "val_images", "hflip", "global_batch", "seed",
-                   "mlsr_fractions", "mlsr_sigmas", "pixel_weight", "perceptual_weight", "kl_weight", "gan_weight",
-                   "gan_start", "gan_real", "disc_channels", "disc_layers")
 
 PRESETS = {
     "smoke": dict(size="smoke", image_size=16, n_images=64, steps=6, global_batch=8, lr=1e-3, ema_decay=0.9,
@@ -81,38 +73,44 @@ PRESETS = {
 }
 
 
-def get_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description="Stage 1: ViT VAE (or DC-AE) with MLSR",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p)
+    fixed = add_common_args(p)              # what is trained: a resumed run may not change these (common.Run)
+    fixed.add_argument("--arch", default="vit", choices=("vit", "dcae"),
+                       help="vit: the ViT VAE (--size); dcae: a diffusers AutoencoderDC (--dcae-config), deterministic")
+    fixed.add_argument("--dcae-config", default="f32c32", choices=sorted(DCAE_CONFIGS), help="named DC-AE layout")
+    fixed.add_argument("--size", default="f16d32", choices=sorted(SIZES), help="named VAE size")
+    fixed.add_argument("--latent-dim", type=int, default=None, help="override the size's latent channels d")
+    fixed.add_argument("--image-size", type=int, default=256)
+    fixed.add_argument("--mlsr-fractions", type=float, nargs=4, default=list(fft_ops.MLSR_FRACTIONS),
+                       help="p_l: fraction of latent bins removed at levels 0..3 (Eq. 3)")
+    fixed.add_argument("--mlsr-sigmas", type=float, nargs=4, default=list(fft_ops.MLSR_SIGMAS),
+                       help="sigma_l in pixels of the image blur at levels 0..3 (Eq. 4)")
+    fixed.add_argument("--pixel-weight", type=float, default=1.0)
+    fixed.add_argument("--perceptual-weight", type=float, default=1.0)
+    fixed.add_argument("--kl-weight", type=float, default=1e-6)
+    fixed.add_argument("--gan-weight", type=float, default=0.1, help="fixed weight of the generator hinge loss")
+    fixed.add_argument("--gan-start", type=int, default=200000, help="step at which the GAN losses switch on")
+    fixed.add_argument("--gan-real", default="target", choices=("target", "image"),
+                       help="the discriminator's real images: G_l(x), the target of Eq. 2 at the step's level "
+                            "(target), or the sharp x at every level (image)")
+    fixed.add_argument("--disc-channels", type=int, default=64)
+    fixed.add_argument("--disc-layers", type=int, default=3)
     p.add_argument("--out", default=VAE_OUT, help="output folder: checkpoints, logs, grids")
-    p.add_argument("--arch", default="vit", choices=("vit", "dcae"),
-                   help="vit: the ViT VAE (--size); dcae: a diffusers AutoencoderDC (--dcae-config), deterministic")
-    p.add_argument("--dcae-config", default="f32c32", choices=sorted(DCAE_CONFIGS), help="named DC-AE layout")
-    p.add_argument("--size", default="f16d32", choices=sorted(SIZES), help="named VAE size")
-    p.add_argument("--latent-dim", type=int, default=None, help="override the size's latent channels d")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--mlsr-fractions", type=float, nargs=4, default=list(fft_ops.MLSR_FRACTIONS),
-                   help="p_l: fraction of latent bins removed at levels 0..3 (Eq. 3)")
-    p.add_argument("--mlsr-sigmas", type=float, nargs=4, default=list(fft_ops.MLSR_SIGMAS),
-                   help="sigma_l in pixels of the image blur at levels 0..3 (Eq. 4)")
-    p.add_argument("--pixel-weight", type=float, default=1.0)
-    p.add_argument("--perceptual-weight", type=float, default=1.0)
     p.add_argument("--perceptual-weights", default=None, help="local VGG16 weights file (torchvision format)")
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--gan-weight", type=float, default=0.1, help="fixed weight of the generator hinge loss")
-    p.add_argument("--gan-start", type=int, default=200000, help="step at which the GAN losses switch on")
-    p.add_argument("--gan-real", default="target", choices=("target", "image"),
-                   help="the discriminator's real images: G_l(x), the target of Eq. 2 at the step's level "
-                        "(target), or the sharp x at every level (image)")
     p.add_argument("--disc-lr", type=float, default=None, help="discriminator lr (default: --lr)")
-    p.add_argument("--disc-channels", type=int, default=64)
-    p.add_argument("--disc-layers", type=int, default=3)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--stats-images", type=int, default=10000, help="images used for the latent mean / std")
     p.add_argument("--stats-only", action="store_true", help="only (re)compute latent statistics of --resume")
-    args = parse_with_presets(p, PRESETS, argv)
-    validate_common(args)
+    return p
+
+
+FIXED_ON_RESUME = fixed_on_resume(parser())
+
+
+def get_args(argv=None):
+    args = parse_training_args(parser(), PRESETS, argv)
     other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight")}[args.arch]   # flags the arch would ignore
     for name in other:
         if name in args.explicit:
@@ -124,20 +122,23 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- one training step
+# ----------------------------------------------------------------------------- the method: MLSR (Eq. 1-4)
 
 def sample_level(args, step):
     """Eq. 1: one level l ~ Unif{0..3} per step, the same on every rank."""
-    u = global_rand((1,), args.seed, step, STREAM_LEVEL, slice(None), torch.device("cpu")).item()
+    u = step_uniform(args.seed, step, STREAM_LEVEL)
     return min(int(u * len(args.mlsr_fractions)), len(args.mlsr_fractions) - 1)
 
 
 def generator_loss(model, disc, perceptual, x, noise, level, args, step):
-    """Eq. 2 with d = pixel + perceptual + GAN + KL, for one micro-batch.
+    """Eq. 2 with d = pixel + perceptual + GAN + KL, for one micro-batch at MLSR level l (Eq. 1).
 
-    Returns (loss, parts, target, recon); losses are computed in float32.
+    model(x, noise, l, p) is D(S_l(z)) with z = E(x) sampled with `noise` (ViTVAE.forward, the one DDP
+    unit): S_l removes the fraction p_l of z's highest radial frequencies (Eq. 3, fft_ops.attenuate), and the
+    reconstruction is compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target,
+    recon); losses are computed in float32.
     """
-    recon, post = model(x, noise, level, args.mlsr_fractions)                   # (B, 3, H, W)
+    recon, post = model(x, noise, level, args.mlsr_fractions)                   # D(S_l(z)), Eq. 3 (B, 3, H, W)
     target = fft_ops.gaussian_blur(x, args.mlsr_sigmas[level])                  # G_l(x), Eq. 4
     recon = recon.float()
     parts = {"pix": F.mse_loss(recon, target)}
@@ -149,12 +150,117 @@ def generator_loss(model, disc, perceptual, x, noise, level, args, step):
         parts["perc"] = perceptual(recon, target)
         loss = loss + args.perceptual_weight * parts["perc"]
     if args.gan_weight > 0 and step >= args.gan_start:
-        d = unwrap(disc)                                  # no DDP hooks: D's params are frozen here
-        d.requires_grad_(False)
-        parts["g_gan"] = hinge_g_loss(d(recon).float())
-        d.requires_grad_(True)
+        critic = unwrap(disc)                             # no DDP hooks: its params are frozen here
+        critic.requires_grad_(False)
+        parts["g_gan"] = hinge_g_loss(critic(recon).float())
+        critic.requires_grad_(True)
         loss = loss + args.gan_weight * parts["g_gan"]
     return loss, parts, target, recon
+
+
+def discriminator_loss(disc, real, recon):
+    """The discriminator's hinge loss: real images (G_l(x) with --gan-real target, Eq. 2) against detached
+    reconstructions."""
+    return hinge_d_loss(disc(real).float(), disc(recon.detach()).float())
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    args = get_args(argv)
+    d = setup_distributed(args.device, args.dist_timeout)
+    if args.stats_only:
+        return stats_only(args, d)
+    with Run(args, d, "vae", FIXED_ON_RESUME) as run:             # OUT/.lock: one run per folder
+        train(args, run)
+
+
+def train(args, run):
+    d = run.d
+    torch.manual_seed(args.seed)
+    dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
+    if args.arch == "dcae":
+        model = DCAE(args.dcae_config, args.image_size, args.latent_dim).to(d.device)
+    else:
+        model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
+    perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None
+    opt = adamw(model.parameters(), d.device, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt_d = adamw(disc.parameters(), d.device, lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
+    ck = run.resume(fingerprint(dataset), model.config, check=lambda ck, path: ck["config"].setdefault(
+        "gan_real", "image"))                              # runs from before --gan-real used the sharp x
+    if ck:
+        step = run.restore(ck, {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d},
+                           lr={"opt": args.lr, "opt_d": args.disc_lr or args.lr})
+        log0(f"resumed from {ck['path']} at step {step}", d)
+    else:
+        step = 0
+        if d.main:                                  # a fresh run: no DC-AE folder of an earlier run stays behind
+            shutil.rmtree(os.path.join(args.out, DCAE_FOLDER), ignore_errors=True)
+    name = f"VAE {args.size}" if args.arch == "vit" else f"DC-AE {args.dcae_config}"
+    log0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
+         f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {run.per_rank} images "
+         f"({run.accum} micro-batch(es) of {run.micro}); device {d.device}", d)
+    train_model = torch.compile(model) if args.compile else model
+    if d.world_size > 1:
+        train_model, disc = DDP(train_model), DDP(disc)
+    train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
+    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, run.accum, args.seed, step,
+                          flip=args.hflip, indices=train_idx)
+    batches = iter(make_loader(dataset, sampler, args.workers))
+    fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(d.device)
+    val_x = torch.stack([dataset[i][0] for i in val_idx]).to(d.device) if val_idx and args.val_every and d.main else None
+    latent_shape = model.latent_shape(args.image_size)
+    run.start(step)
+    while step < args.steps:
+        model.train()
+        level = sample_level(args, step)                     # Eq. 1: one MLSR level per step
+        use_gan = args.gan_weight > 0 and step >= args.gan_start
+        totals = {}
+        for j in range(run.accum):                           # micro-batches of this rank's share of the batch
+            x, _ = next(batches)                             # (b, 3, H, W) in [-1, 1]
+            x = x.to(d.device, non_blocking=True)
+            noise = run.randn(latent_shape, step, STREAM_Z, j)                      # the posterior sample's
+            with run.no_sync(train_model, j):
+                with run.autocast():
+                    loss, parts, target, recon = generator_loss(train_model, disc, perceptual, x, noise, level,
+                                                                args, step)
+                (loss / run.accum).backward()
+            if use_gan:
+                with run.no_sync(disc, j):
+                    with run.autocast():
+                        real = target if args.gan_real == "target" else x          # G_l(x) (Eq. 2) or x
+                        parts["d_gan"] = discriminator_loss(disc, real, recon)
+                    (parts["d_gan"] / run.accum).backward()
+            run.accumulate(totals, {"loss": loss, **parts})
+        totals = run.clip(totals, model.parameters(), step, disc.parameters())      # --grad-clip, NaN guard
+        opt.step(), opt.zero_grad(set_to_none=True)
+        if use_gan:
+            opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        ema_update(ema, model, args.ema_decay)
+        step += 1
+        run.end_step(step, dict(level=level, lr=opt.param_groups[0]["lr"], **totals))
+
+        if run.due(step, args.val_every):                   # once in a while: held-out PSNR per level
+            run.record(step, (lambda: validation_recon(ema, val_x, args)) if val_x is not None else None)
+        if step % args.sample_every == 0 and d.main:
+            grid = os.path.join(args.out, f"recon_{step:07d}.png")
+            save_recon_grid(ema, fixed, args.mlsr_fractions, grid)
+            run.grid(grid, step)
+        if run.due(step, args.ckpt_every) or run.stopping:
+            stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None   # for Stage 2
+            run.save(lambda: checkpoint_state(run, step, model, ema, disc, opt, opt_d, stats),
+                     also=(lambda: save_diffusers_folder(ema, args.out)) if args.arch == "dcae" else None)
+        if run.stopping:
+            break
+    run.close()                                     # signals act normally again while the last grid is written
+    if d.main and step == args.steps and step > run.first_step and not run.stopping:
+        save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, "recon_final.png"))
+    folder = (f"; for Stages 2-3: --vae diffusers:{os.path.join(args.out, DCAE_FOLDER)}" if args.arch == "dcae" else "")
+    run.finish(step, f"done: {run.ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png"
+                     + folder)
 
 
 # ----------------------------------------------------------------------------- latent statistics, grids
@@ -169,7 +275,7 @@ def vae_latent_stats(vae, dataset, args, d):
 
 @torch.no_grad()
 def validation_recon(ema, x, args, batch=64):
-    """Validation of Stage 1 (DESIGN.md section 9): the EMA VAE on fixed held-out images x, per MLSR level l:
+    """Validation of Stage 1: the EMA VAE on fixed held-out images x, per MLSR level l:
     PSNR of D(S_l(z)) against x (not G_l(x)) and the latent HF ratio of S_l(z) (fft_ops.latent_hf_ratio)."""
     ae = ViTVAEAutoencoder(ema, args.mlsr_fractions)
     rows = [level_scores(ae, x[i:i + batch]) for i in range(0, len(x), batch)]
@@ -189,20 +295,21 @@ def save_recon_grid(vae, x, fractions, path):
     save_grid(torch.cat(rows), path, nrow=x.shape[0])
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints, --stats-only
 
-def checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats=None, data_fp=None):
-    return {"kind": "vae", "config": vars(args), "model_config": unwrap(model).config, "data_fingerprint": data_fp,
-            "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "disc": unwrap(disc).state_dict(),
-            "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "rng": rng_state(d.device),
-            "data_position": {"step": step, "seed": args.seed}, "latent_stats": stats}
+def checkpoint_state(run, step, model, ema, disc, opt, opt_d, stats=None):
+    """OUT/last.pt: weights (model, EMA, discriminator), optimizers, RNG, settings; at the last step also the
+    latent statistics Stage 2 normalises with."""
+    return run.checkpoint(step, model_config=unwrap(model).config, model=unwrap(model).state_dict(),
+                          ema=ema.state_dict(), disc=unwrap(disc).state_dict(), opt=opt.state_dict(),
+                          opt_d=opt_d.state_dict(), latent_stats=stats)
 
 
 def save_diffusers_folder(ema, out):
     """--arch dcae: OUT/diffusers, the EMA autoencoder as a diffusers folder, replaced whole: it is written to
     a temporary folder first, so a reader finds the previous folder or the new one, never a half-written one."""
     final = os.path.join(out, DCAE_FOLDER)
-    tmp, old = final + ".part", final + ".old"          # one run per folder (RunLock): fixed names, and what a
+    tmp, old = final + ".part", final + ".old"          # one run per folder (OUT/.lock): fixed names, and what a
     for left in (tmp, old):                             # killed save left behind is removed here
         shutil.rmtree(left, ignore_errors=True)
     try:
@@ -215,7 +322,6 @@ def save_diffusers_folder(ema, out):
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- main
 
 def stats_only(args, d):
     """--stats-only: (re)compute the latent statistics of a finished checkpoint, in place, atomically.
@@ -239,125 +345,6 @@ def stats_only(args, d):
     log0(f"latent statistics of {start} ({ck['latent_stats']['source']}, data {pick['data']}): "
          f"mean {[round(v, 4) for v in ck['latent_stats']['mean'].tolist()]}, "
          f"std {[round(v, 4) for v in ck['latent_stats']['std'].tolist()]}", d)
-
-
-def main(argv=None):
-    args = get_args(argv)
-    d = setup_distributed(args.device, args.dist_timeout)
-    if args.stats_only:
-        return stats_only(args, d)
-    with RunLock(args.out, d):                                     # one run per folder
-        train(args, d)
-
-
-def train(args, d):
-    torch.manual_seed(args.seed)
-    dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
-    data_fp = fingerprint(dataset)
-    ckpt_path = os.path.join(args.out, "last.pt")
-    start = resume_path(args)
-    if args.arch == "dcae":
-        model = DCAE(args.dcae_config, args.image_size, args.latent_dim).to(d.device)
-    else:
-        model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
-    perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None
-    opt = adamw(model.parameters(), d.device, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    opt_d = adamw(disc.parameters(), d.device, lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
-    step = 0
-    if not start and d.main:                      # a fresh run: no DC-AE folder of an earlier run stays behind
-        shutil.rmtree(os.path.join(args.out, DCAE_FOLDER), ignore_errors=True)
-    if start:
-        ck = load_checkpoint(start, "vae")
-        ck["config"].setdefault("gan_real", "image")             # runs from before --gan-real used the sharp x
-        check_resume_settings(ck["config"], args, FIXED_ON_RESUME, start, d)
-        check_same_data(ck, data_fp, args.data, start)
-        if ck["model_config"] != model.config:
-            raise UserError(f"{start} holds a VAE {ck['model_config']}, but the settings build {model.config}")
-        if ck["step"] > args.steps:
-            raise UserError(f"{start} is already at step {ck['step']}, past --steps {args.steps}")
-        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), disc.load_state_dict(ck["disc"])
-        opt.load_state_dict(ck["opt"]), opt_d.load_state_dict(ck["opt_d"])
-        set_lr(opt, args.lr), set_lr(opt_d, args.disc_lr or args.lr)
-        set_rng_state(ck["rng"], d.device)
-        step = ck["step"]
-        log0(f"resumed from {start} at step {step}", d)
-    else:
-        clear_run_folder(args.out, d)                             # a fresh start: nothing of an earlier run stays
-
-    per_rank, accum, micro = batch_split(args.global_batch, d.world_size, args.micro_batch)
-    name = f"VAE {args.size}" if args.arch == "vit" else f"DC-AE {args.dcae_config}"
-    log0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
-         f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {per_rank} images "
-         f"({accum} micro-batch(es) of {micro}); device {d.device}", d)
-    train_model = torch.compile(model) if args.compile else model
-    if d.world_size > 1:
-        train_model, disc = DDP(train_model), DDP(disc)
-    train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
-    sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, accum, args.seed, step,
-                          flip=args.hflip, indices=train_idx)
-    batches = iter(make_loader(dataset, sampler, args.workers))
-    fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(d.device)
-    val_x = torch.stack([dataset[i][0] for i in val_idx]).to(d.device) if val_idx and args.val_every and d.main else None
-    loop, first_step, stopping = StepLoop(args, d, step, "vae"), step, 0
-    lat_shape = (args.global_batch, *model.latent_shape(args.image_size))
-    while step < args.steps:
-        model.train()
-        level = sample_level(args, step)
-        use_gan = args.gan_weight > 0 and step >= args.gan_start
-        totals = {}
-        for j in range(accum):
-            x, _ = next(batches)
-            x = x.to(d.device, non_blocking=True)
-            noise = global_randn(lat_shape, args.seed, step, STREAM_Z, micro_rows(d, per_rank, micro, j), d.device)
-            with sync_grads_on(train_model, j, accum):
-                with autocast(d.device, not args.no_bf16):
-                    loss, parts, target, recon = generator_loss(train_model, disc, perceptual, x, noise, level, args, step)
-                (loss / accum).backward()
-            if use_gan:
-                with sync_grads_on(disc, j, accum):
-                    with autocast(d.device, not args.no_bf16):
-                        real = target if args.gan_real == "target" else x          # G_l(x) (Eq. 2) or x
-                        parts["d_gan"] = hinge_d_loss(disc(real).float(), disc(recon.detach()).float())
-                    (parts["d_gan"] / accum).backward()
-            loop.accumulate(totals, {"loss": loss, **parts}, accum)
-        totals = loop.reduce_and_clip(totals, model.parameters(), step, ckpt_path, args.grad_clip, disc.parameters())
-        opt.step(), opt.zero_grad(set_to_none=True)
-        if use_gan:
-            opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-        ema_update(ema, model, args.ema_decay)
-        step += 1
-        stopping = loop.end_step(step, dict(level=level, lr=opt.param_groups[0]["lr"], **totals))
-        if args.val_every and loop.due(step, args.val_every):
-            loop.check_finite(step)                 # on every rank: never a metric of a non-finite model
-            if val_x is not None:
-                loop.log.write(step=step, **validation_recon(ema, val_x, args))
-        if step % args.sample_every == 0 and d.main:
-            grid = os.path.join(args.out, f"recon_{step:07d}.png")
-            save_recon_grid(ema, fixed, args.mlsr_fractions, grid)
-            loop.log.grid(grid, step)                   # --log-to tensorboard: the grid as an image there too
-        if loop.due(step, args.ckpt_every) or stopping:
-            stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None
-            if d.main:
-                state = checkpoint_state(args, model, ema, disc, opt, opt_d, step, d, stats, data_fp)
-                save_checkpoint(ckpt_path, state)
-                if args.arch == "dcae":
-                    save_diffusers_folder(ema, args.out)
-            barrier()
-        if stopping:
-            log0(f"stop signal: saved {ckpt_path} at step {step}", d)
-            break
-    loop.close()
-    if stopping:
-        raise SignalStop(stopping, ckpt_path, step)
-    if d.main and step == args.steps and step > first_step:
-        save_recon_grid(ema, fixed, args.mlsr_fractions, os.path.join(args.out, "recon_final.png"))
-    folder = (f"; for Stages 2-3: --vae diffusers:{os.path.join(args.out, DCAE_FOLDER)}" if args.arch == "dcae" else "")
-    log0(finish_message(step, first_step, args, ckpt_path,
-                        f"done: {ckpt_path} (kind 'vae', with latent statistics); grid {args.out}/recon_final.png"
-                        + folder), d)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fft_ops
-from common import UserError
+from common import UserError, file_hash, load_checkpoint, read_export
+from data import fingerprint, image_batches, random_subset, train_val_split
 
 # Named sizes. The paper sizes are ViT-B-like encoder and decoder (~86M each).
 SIZES = {
@@ -417,7 +418,6 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", use_ema=True):
         """A Stage-1 checkpoint (kind 'vae'): EMA weights, its MLSR fractions, its latent statistics."""
-        from common import file_hash, load_checkpoint
         ck = load_checkpoint(path, "vae")
         if ck["model_config"].get("arch") == "dcae":
             folder = os.path.join(os.path.dirname(path), DCAE_FOLDER)
@@ -435,7 +435,6 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
     def from_export(cls, folder, device="cpu"):
         """A Stage-1 export (evaluate.py export of a 'vae' checkpoint): the same EMA weights, MLSR fractions and
         latent statistics, and the checkpoint's content hash, so Stage 2 and 3 see the same autoencoder."""
-        from common import read_export
         cfg, weights = read_export(folder, ("vae",))
         vae = ViTVAE(**cfg["model_config"])
         vae.load_state_dict(weights)
@@ -828,7 +827,6 @@ def dataset_latent_stats(ae, dataset, n_images, seed, d, batch=64, workers=0, va
     The result records what it was computed from (subset size and seed, the held-out split, resolution, data
     fingerprint), so a consumer can tell whether the statistics belong to its data and split.
     """
-    from data import fingerprint, image_batches, random_subset, train_val_split
     train_idx, _ = train_val_split(len(dataset), val_images, seed)
     idx = [train_idx[i] for i in random_subset(len(train_idx), n_images, seed)]
     batches = image_batches(dataset, idx[d.rank::d.world_size], batch, workers)

@@ -93,3 +93,34 @@ def assert_ema_weights_and_statistics(seen, ck, vae_ckpt):
     mean, std = stats["mean"].view(1, -1, 1, 1), stats["std"].view(1, -1, 1, 1)
     assert not torch.allclose(std, torch.ones_like(std), atol=0.05) and not torch.allclose(mean, 0 * mean, atol=0.05)
     torch.testing.assert_close(seen["decoder_input"], seen["z"] * std + mean)
+
+
+class Stage2Latents:
+    """Stage 2's latents of a batch as train_diffusion's loop makes them, for a given step: the frozen
+    encoder's latents of x (of lowpass(x, r0) while FreqWarm warms up: steps < warmup), normalised by the
+    run's LatentSpace; from the images (get(step, images=x)) or the latent cache (get(step, keys=...))."""
+
+    def __init__(self, ae, stats, args, warmup, device="cpu"):
+        from vae import LatentSpace
+        self.ae, self.args, self.warmup, self.device = ae, args, warmup, torch.device(device)
+        self.space = LatentSpace(stats, ae.mlsr_fractions, args.denoise_level, args.renorm_level, device)
+        self.cache = None
+
+    def warming(self, step):
+        return self.args.freqwarm and step < self.warmup
+
+    def get(self, step, images=None, keys=None):
+        import train_diffusion as td
+        lp = self.warming(step)
+        if keys is not None:
+            return self.space.normalize(self.cache[lp].batch(keys, self.device)[0])
+        return self.space.normalize(td.encode_images(self.ae, images, lp, self.args))
+
+    def build_cache(self, dataset, out_dir, d):
+        import train_diffusion as td
+        from data import cache_latents
+        d = type("D", (), dict(rank=d.rank, world_size=d.world_size, main=d.main, device=self.device))()
+        self.cache = {lp: cache_latents(dataset, out_dir, td.cache_key(self.ae, dataset, self.args, lp),
+                                        self.args.hflip, self.ae.latent_shape(self.args.image_size),
+                                        lambda x, lp=lp: td.encode_images(self.ae, x, lp, self.args), d)
+                      for lp in ([False, True] if self.args.freqwarm else [False])}

@@ -10,7 +10,7 @@ import train_vae
 from common import UserError, load_checkpoint, save_checkpoint
 from data import DeadLeaves
 from vae import load_autoencoder, load_vae
-from helpers import (assert_ema_weights_and_statistics, assert_one_line_error, read_metrics, run,
+from helpers import (Stage2Latents, assert_ema_weights_and_statistics, assert_one_line_error, read_metrics, run,
                      sigterm_after_first_log, spy_sampling)
 
 
@@ -29,7 +29,7 @@ def test_latents_before_and_after_the_freqwarm_switch(vae_ckpt, tmp_path):
     args = td.get_args(smoke(vae_ckpt, tmp_path, "--freqwarm", "--r0", "0.2", "--warmup-steps", "5"))
     args.image_size = 16
     vae, ck = load_vae(vae_ckpt)
-    lat = td.Latents(load_autoencoder(vae_ckpt), ck["latent_stats"], args, 5, torch.device("cpu"))
+    lat = Stage2Latents(load_autoencoder(vae_ckpt), ck["latent_stats"], args, 5)
     ds = DeadLeaves(n=64, resolution=16)
     x = torch.stack([ds[i][0] for i in range(6)])
     mean, std = ck["latent_stats"]["mean"].view(1, -1, 1, 1), ck["latent_stats"]["std"].view(1, -1, 1, 1)
@@ -232,15 +232,15 @@ def test_resume_keeps_the_stored_switch_and_restores_the_ema_teacher(vae_ckpt, t
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(vae_ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = td.velocity_target
+    real = td.velocity_loss
 
-    def target_then_nan(x0, eps):
+    def loss_then_nan(v, x0, eps):
         calls["n"] += 1
-        return real(x0, eps) * (float("nan") if calls["n"] > 3 else 1.0)
+        return real(v, x0, eps) * (float("nan") if calls["n"] > 3 else 1.0)
 
-    monkeypatch.setattr(td, "velocity_target", target_then_nan)
+    monkeypatch.setattr(td, "velocity_loss", loss_then_nan)
     with pytest.raises(UserError, match="loss is nan at step 3: stopped; last good checkpoint"):
-        td.main(smoke(vae_ckpt, tmp_path, "--val-every", "0"))          # counts the training targets only
+        td.main(smoke(vae_ckpt, tmp_path, "--val-every", "0"))          # counts the training losses only
     assert load_checkpoint(str(tmp_path / "last.pt"), "sit")["step"] == 3
 
 

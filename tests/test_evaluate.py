@@ -6,7 +6,6 @@ import pytest
 import scipy.signal
 import torch
 
-import dit
 import evaluate as ev
 import fft_ops
 from vae import load_autoencoder
@@ -141,7 +140,7 @@ def test_sample_writes_pngs_npz_and_resumes(smoke_models, tmp_path):
 
 
 def test_sample_uses_ema_guidance_and_latent_statistics(smoke_models, tmp_path, monkeypatch):
-    seen = spy_sampling(monkeypatch, dit, ev)
+    seen = spy_sampling(monkeypatch, ev, ev)
     ckpt, out = str(smoke_models / "sit" / "last.pt"), tmp_path / "s"
     ev.main(["sample", "--ckpt", ckpt, "--num-samples", "2", "--batch", "2", "--sample-steps", "2", "--sampler", "euler",
              "--cfg-scale", "3.5", "--cfg-interval", "0.1", "0.9", "--out", str(out)])

@@ -10,7 +10,7 @@ import evaluate as ev
 import fft_ops
 import train_diffusion as td
 import train_vae
-from common import file_hash, load_checkpoint
+from common import derive_seed, file_hash, load_checkpoint
 from data import DeadLeaves, StepSampler, to_uint8, train_val_split
 from dit import build_sit
 from helpers import read_metrics
@@ -56,7 +56,7 @@ def test_stage2_validation_is_held_out_and_equal_across_freqwarm_at_step_0(vae_c
     z = (ae.encode(torch.stack([ds[i][0] for i in val_idx])) - st["mean"].view(1, -1, 1, 1)) / st["std"].view(1, -1, 1, 1)
     y = torch.tensor([ds.label(i) for i in val_idx])
     t, i = td.VAL_TS[5], 5
-    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0 * 1_000_003 + 7_777 + i))
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(derive_seed(0, "val", i)))
     with torch.no_grad():
         v = ema((1 - t) * z + t * eps, torch.full((8,), t), y)
     assert runs["fw"][-1][f"val_loss_t{t:.4f}"] == pytest.approx(((v - (eps - z)) ** 2).mean().item(), rel=1e-5)

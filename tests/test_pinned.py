@@ -15,7 +15,7 @@ import train_vae
 from common import load_checkpoint, save_checkpoint
 from data import DeadLeaves, train_val_split
 from dit import build_denoiser, guided_velocity, sample_ode
-from helpers import read_metrics
+from helpers import Stage2Latents, read_metrics
 from vae import load_autoencoder, load_vae
 
 
@@ -214,10 +214,10 @@ def test_stage2_validation_is_at_the_run_level_on_full_frequency_held_out_latent
                              "--warmup-steps", "100", *(["--renorm-level"] if renorm else [])))
     ae, ds, _, _, _ = td.build(args, CPU)
     stats = td.training_stats(ae, ds, args, CPU)
-    latents = td.Latents(ae, stats, args, 100, CPU.device)
+    latents = Stage2Latents(ae, stats, args, 100)
     assert latents.warming(0)
     _, val_idx = train_val_split(len(ds), args.val_images, args.seed)
-    res = td.Validation(latents, ds, val_idx, args, CPU.device)(XOverT())
+    res = td.Validation(ae, latents.space, ds, val_idx, args, CPU.device)(XOverT())
     vae, ck = load_vae(vae_path)
     x = torch.stack([DeadLeaves(n=64, resolution=16)[i][0] for i in val_idx])
     with torch.no_grad():
@@ -590,7 +590,7 @@ def test_freqwarm_warmup_latents_use_the_lowpass_kind(smoke_models, tmp_path, ki
                              "--warmup-steps", "2"))
     ae, ds, _, _, _ = td.build(args, CPU)
     stats = td.training_stats(ae, ds, args, CPU)
-    lat = td.Latents(ae, stats, args, 2, CPU.device)
+    lat = Stage2Latents(ae, stats, args, 2)
     x = torch.stack([ds[i][0] for i in range(6)])
     vae, _ = load_vae(str(smoke_models / "vae" / "last.pt"))
     mean, std = stats["mean"].view(1, -1, 1, 1), stats["std"].view(1, -1, 1, 1)

@@ -14,13 +14,12 @@ from PIL import Image
 
 import diffusers
 
-import dit
 import evaluate as ev
 import fft_ops
 import train_diffusion as td
 from common import UserError, load_checkpoint, run_main
 from data import FlipView, ImageFolder
-from helpers import assert_one_line_error, read_metrics, run, spy_sampling
+from helpers import Stage2Latents, assert_one_line_error, read_metrics, run, spy_sampling
 from vae import DiffusersAutoencoder, dataset_latent_stats, load_autoencoder, locate_autoencoder, scalar_stats
 
 CPU = types.SimpleNamespace(rank=0, world_size=1, main=True, device=torch.device("cpu"))
@@ -185,7 +184,7 @@ def test_freqwarm_latents_and_cache(aes, folder, tmp_path, kind):
     stats = dataset_latent_stats(ae, ds, len(ds), 0, CPU)
     args = td.get_args(["--preset", "smoke", "--vae", spec, "--out", str(tmp_path), "--image-size", str(SIZE),
                         "--freqwarm", "--r0", "0.2", "--warmup-steps", "3"])
-    lat = td.Latents(ae, stats, args, 3, torch.device("cpu"))
+    lat = Stage2Latents(ae, stats, args, 3)
     mean, std = stats["mean"].view(1, -1, 1, 1), stats["std"].view(1, -1, 1, 1)
     low = (direct_encode(kind, model, fft_ops.lowpass(x, 0.2)) - mean) / std
     full = (direct_encode(kind, model, x) - mean) / std
@@ -232,7 +231,7 @@ def test_train_sample_and_diagnose(aes, folder, tmp_path, monkeypatch, kind):
     torch.testing.assert_close(st["mean"], z.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(st["std"], z.transpose(0, 1).flatten(1).std(1, unbiased=False), atol=1e-4, rtol=1e-4)
 
-    seen = spy_sampling(monkeypatch, dit, ev)
+    seen = spy_sampling(monkeypatch, ev, ev)
     ev.main(["sample", "--ckpt", str(out / "last.pt"), "--num-samples", "3", "--sample-steps", "2",
              "--out", str(tmp_path / "samples")])
     assert sorted(os.listdir(tmp_path / "samples")) == ["000000.png", "000001.png", "000002.png", "manifest.json"]
@@ -317,11 +316,11 @@ def test_scalar_latent_norm_round_trips_through_sample(aes, folder, tmp_path, mo
 
     args = td.get_args([*flags, "--latent-norm", "scalar"])
     ae = load_autoencoder(spec)
-    latents = td.Latents(ae, td.training_stats(ae, None, args, CPU), args, 0, CPU.device)
+    latents = Stage2Latents(ae, td.training_stats(ae, None, args, CPU), args, 0)
     ds, x = images(folder)
     torch.testing.assert_close(latents.get(0, images=x), (direct_encode("AutoencoderKL", model, x) - 0.1) * 0.37)
 
-    seen = spy_sampling(monkeypatch, dit, ev)
+    seen = spy_sampling(monkeypatch, ev, ev)
     ev.main(["sample", "--ckpt", str(out / "last.pt"), "--num-samples", "2", "--sample-steps", "2",
              "--out", str(tmp_path / "samples")])
     torch.testing.assert_close(seen["decoder_input"], seen["z"] / 0.37 + 0.1)

@@ -16,9 +16,9 @@ import fft_ops
 import train_diffusion as td
 import train_vae
 from common import load_checkpoint
-from data import DeadLeaves, ImageFiles, ImageFolder, center_crop_arr, fingerprint, random_subset
+from data import CachedRows, DeadLeaves, ImageFiles, ImageFolder, center_crop_arr, fingerprint, random_subset
 from helpers import ROOT, assert_one_line_error, run
-from vae import FrozenAutoencoder, ViTVAEAutoencoder, dataset_latent_stats, load_autoencoder
+from vae import FrozenAutoencoder, LatentSpace, ViTVAEAutoencoder, dataset_latent_stats, load_autoencoder
 
 CPU = type("D", (), dict(rank=0, world_size=1, main=True, device=torch.device("cpu")))()
 
@@ -51,6 +51,13 @@ class Pool(FrozenAutoencoder):
 
     def decode(self, z):
         return F.interpolate(z, scale_factor=4, mode="nearest")
+
+
+class Identity(Pool):
+    """An 'encoder' that returns its input: shows what train_diffusion.encode_images hands the encoder."""
+
+    def encode(self, x):
+        return x
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +322,7 @@ def test_lowpass_overshoot_and_clamp(sit_ckpt):
     assert (low.abs() > 1).float().mean() > 0.001                              # Gibbs ringing of the ideal filter
     for clamp in (False, True):
         args = td.get_args(["--preset", "smoke", "--freqwarm"] + (["--lowpass-clamp"] if clamp else []))
-        got = td.Latents(Pool(), {"mean": torch.zeros(3), "std": torch.ones(3)}, args, 1, "cpu").images_for(x, True)
+        got = td.encode_images(Identity(), x, True, args)                       # what the encoder sees
         torch.testing.assert_close(got, low.clamp(-1, 1) if clamp else low)
 
 
@@ -336,12 +343,12 @@ def test_one_latent_hf_definition_and_level_renormalisation():
     stats = dataset_latent_stats(Pool(), ds, 40, 0, CPU)
     x = torch.stack([ds[i][0] for i in range(40)])
     args = td.get_args(["--preset", "smoke", "--renorm-level"])
-    lat = td.Latents(Pool(), stats, args, 0, "cpu")
+    lat = LatentSpace(stats, Pool().mlsr_fractions, args.denoise_level, True)
     for level in (1, 2, 3):
         zl = lat.at_level(lat.normalize(Pool().encode(x)), level)
         assert zl.transpose(0, 1).flatten(1).std(1, unbiased=False).tolist() == pytest.approx([1.0] * 3, abs=1e-4)
         assert stats["level_std"][level].max() < 1.0                          # S_l removes variance
-    lat.args.denoise_level, lat.level = 2, 2
+    lat.level = 2                                                              # a run at level 2
     zn = lat.normalize(Pool().encode(x))
     torch.testing.assert_close(lat.to_autoencoder(lat.at_level(zn, 2)),
                                lat.denormalize(fft_ops.attenuate(zn, 2)), atol=1e-5, rtol=1e-5)
@@ -377,7 +384,7 @@ def test_card_command_after_plain_train_vae(tmp_path):
     for c in caches:
         index = json.load(open(c / "index.json"))
         assert index["shards"] == ["rows-000000000-000000128.npy"] and index["bounds"] == [0, 128]   # one shard
-        rows = td.CachedRows(str(c))
+        rows = CachedRows(str(c))
         keys = [0, 5, 63, 64, 100, 127]
         src = torch.cat([x, x.flip(-1)])[keys]
         want = ae.encode(fft_ops.lowpass(src, 0.2) if index["low_passed"] else src)

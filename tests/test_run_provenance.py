@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import bench
+import data
 import evaluate as ev
 import fft_ops
 import study
@@ -254,7 +255,7 @@ if os.environ["RANK"] == "1":                          # rank 1 falls far behind
                 time.sleep({sleep})
             return fn(*a, **k)
         return wrapped
-    td.Latents.encode = late(td.Latents.encode)
+    td.encode_images = late(td.encode_images)
     dit.sample_ode = late(dit.sample_ode)
 def both():
     td.main({train!r})
@@ -277,17 +278,17 @@ def test_cache_build_and_sampling_survive_a_rank_later_than_the_timeout(smoke_mo
 
 
 def test_a_stopped_cache_build_resumes_from_its_finished_shards(smoke_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(td, "CACHE_SHARD_KEYS", 40)                 # 128 keys: shards of 40, 40, 40, 8
+    monkeypatch.setattr(data, "CACHE_SHARD_KEYS", 40)                 # 128 keys: shards of 40, 40, 40, 8
     args = sit_args(smoke_models / "vae" / "last.pt", tmp_path / "a", "--steps", "1", "--cache-latents")
-    real, encoded = td.Latents.encode, []
+    real, encoded = td.encode_images, []
 
-    def counting(self, images, lowpassed):
+    def counting(ae, images, lowpassed, args):
         encoded.append(len(images))
         if len(encoded) == 3 and stop["on"]:
             raise KeyboardInterrupt
-        return real(self, images, lowpassed)
+        return real(ae, images, lowpassed, args)
     stop = {"on": True}
-    monkeypatch.setattr(td.Latents, "encode", counting)
+    monkeypatch.setattr(td, "encode_images", counting)
     with pytest.raises(KeyboardInterrupt):
         td.main(args + ["--val-images", "0"])
     assert sum(encoded[:2]) == 80 and not list((tmp_path / "a").rglob("*.part"))   # two shards were finished
@@ -297,7 +298,7 @@ def test_a_stopped_cache_build_resumes_from_its_finished_shards(smoke_models, tm
     fresh = sit_args(smoke_models / "vae" / "last.pt", tmp_path / "b", "--steps", "1", "--cache-latents")
     td.main(fresh + ["--val-images", "0"])
     (ca,), (cb,) = (list((tmp_path / r).glob("latents-*")) for r in "ab")
-    rows_a, rows_b = td.CachedRows(str(ca)), td.CachedRows(str(cb))
+    rows_a, rows_b = data.CachedRows(str(ca)), data.CachedRows(str(cb))
     assert len(rows_a) == 128 and np.array_equal(rows_a[np.arange(128)], rows_b[np.arange(128)])
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import dit
 import evaluate as ev
 import train_diffusion as td
 import train_vae
@@ -134,7 +133,7 @@ def test_export_samples_bit_identically_and_holds_only_ema_weights(smoke_models,
     assert not {"opt", "rng", "model", "ema", "disc"} & set(cfg)
     assert os.path.getsize(exp / "model.safetensors") < os.path.getsize(ckpt) / 2
 
-    seen = spy_sampling(monkeypatch, dit, ev)
+    seen = spy_sampling(monkeypatch, ev, ev)
     runs = {}
     for name, src in (("ckpt", ckpt), ("export", exp)):
         ev.main(["sample", "--ckpt", str(src), "--num-samples", "4", "--batch", "4", "--sample-steps", "3",

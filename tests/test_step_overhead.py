@@ -6,7 +6,7 @@ import torch
 
 import train_diffusion as td
 import train_vae
-from common import StepLoop, UserError, load_checkpoint
+from common import Run, UserError, load_checkpoint
 from helpers import read_metrics
 
 
@@ -20,13 +20,13 @@ def vae_ckpt(tmp_path_factory):
 def test_nan_between_log_points_stops_without_writing_from_the_nonfinite_state(vae_ckpt, tmp_path, monkeypatch):
     """A NaN loss at step 5 (between the metrics lines and checkpoints of steps 4 and 8) trains on unseen
     until step 8, where the run stops before logging or saving, naming step 5 and the step-4 checkpoint."""
-    calls, real = {"n": 0}, td.velocity_target
+    calls, real = {"n": 0}, td.velocity_loss
 
-    def target_then_nan(x0, eps):                                  # one call per step (no micro-batches)
+    def loss_then_nan(v, x0, eps):                                  # one call per step (no micro-batches)
         calls["n"] += 1
-        return real(x0, eps) * (float("nan") if calls["n"] == 6 else 1.0)
+        return real(v, x0, eps) * (float("nan") if calls["n"] == 6 else 1.0)
 
-    monkeypatch.setattr(td, "velocity_target", target_then_nan)
+    monkeypatch.setattr(td, "velocity_loss", loss_then_nan)
     out = tmp_path / "sit"
     argv = ["--preset", "smoke", "--vae", vae_ckpt, "--out", str(out), "--steps", "12", "--log-every", "4",
             "--ckpt-every", "4", "--sample-every", "100", "--val-every", "0"]
@@ -52,12 +52,12 @@ def _tensors(obj):
 
 
 def test_metrics_are_interval_means_read_only_at_metrics_lines(tmp_path, monkeypatch):
-    """StepLoop reads no tensor on the host between metrics lines (it would wait for the GPU there), and the
+    """Run reads no tensor on the host between metrics lines (it would wait for the GPU there), and the
     logged values are the means over the steps since the previous line."""
     args = types.SimpleNamespace(steps=6, out=str(tmp_path), log_every=3, ckpt_every=100, sample_every=100,
-                                 global_batch=2, on_nonfinite="stop")
+                                 global_batch=2, on_nonfinite="stop", grad_clip=1e9)
     d = types.SimpleNamespace(main=True, device=torch.device("cpu"), rank=0, world_size=1)
-    loop = StepLoop(args, d, 0, "test")
+    loop = Run(args, d, "test").start(0)
     w = torch.nn.Parameter(torch.zeros(3))
     reads = {"n": 0}
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
@@ -72,8 +72,8 @@ def test_metrics_are_interval_means_read_only_at_metrics_lines(tmp_path, monkeyp
         w.grad = torch.full((3,), float(step + 1))
         before = reads["n"]
         totals = {}
-        loop.accumulate(totals, {"loss": torch.tensor(float(step)), "diff": torch.tensor(2.0 * step)}, 1)
-        metrics = loop.reduce_and_clip(totals, [w], step, str(tmp_path / "last.pt"), clip=1e9)
+        loop.accumulate(totals, {"loss": torch.tensor(float(step)), "diff": torch.tensor(2.0 * step)})
+        metrics = loop.clip(totals, [w], step)
         loop.end_step(step + 1, dict(phase="full", **metrics))
         per_step.append(reads["n"] - before)
         if (step + 1) % 3:
