@@ -198,7 +198,8 @@ def bench_vae(b):
     disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(dev)
     opt = adamw(model.parameters(), dev, lr=args.lr, betas=(0.9, 0.95))
     opt_d = adamw(disc.parameters(), dev, lr=args.lr, betas=(0.5, 0.9))
-    train_model = torch.compile(model) if b.a.compile else model
+    train_model = train_vae.MLSRPath(model)
+    train_model = torch.compile(train_model) if b.a.compile else train_model
     x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
     lat = (batch, *model.latent_shape(res))
     loop = quiet_loop(args, dev)

@@ -130,13 +130,27 @@ def sample_level(args, step):
     return min(int(u * len(args.mlsr_fractions)), len(args.mlsr_fractions) - 1)
 
 
+class MLSRPath(torch.nn.Module):
+    """The autoencoder's path in Eq. 2: x -> z ~ q(z | x) -> S_l(z) (Eq. 3) -> D(S_l(z)), as one module so that
+    DDP and torch.compile see one forward. It holds the autoencoder (ViT VAE or DC-AE), whose own weights are
+    what checkpoints store."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x, noise, level, fractions):
+        post = self.ae.encode(x)                                    # q(z | x); a DC-AE's latent is deterministic
+        z = fft_ops.attenuate(post.sample(noise), level, fractions)  # S_l(z): the top p_l of z's radii removed
+        return self.ae.decode(z), post                              # D(S_l(z)) (B, 3, H, W), posterior
+
+
 def generator_loss(model, disc, perceptual, x, noise, level, args, step):
     """Eq. 2 with d = pixel + perceptual + GAN + KL, for one micro-batch at MLSR level l (Eq. 1).
 
-    model(x, noise, l, p) is D(S_l(z)) with z = E(x) sampled with `noise` (ViTVAE.forward, the one DDP
-    unit): S_l removes the fraction p_l of z's highest radial frequencies (Eq. 3, fft_ops.attenuate), and the
-    reconstruction is compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target,
-    recon); losses are computed in float32.
+    model: an MLSRPath (possibly under DDP / torch.compile): D(S_l(z)) with z sampled with `noise` (Eq. 3),
+    compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target, recon); losses are
+    computed in float32.
     """
     recon, post = model(x, noise, level, args.mlsr_fractions)                   # D(S_l(z)), Eq. 3 (B, 3, H, W)
     target = fft_ops.gaussian_blur(x, args.mlsr_sigmas[level])                  # G_l(x), Eq. 4
@@ -188,8 +202,7 @@ def train(args, run):
     perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None
     opt = adamw(model.parameters(), d.device, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     opt_d = adamw(disc.parameters(), d.device, lr=args.disc_lr or args.lr, betas=(0.5, 0.9))
-    ck = run.resume(fingerprint(dataset), model.config, check=lambda ck, path: ck["config"].setdefault(
-        "gan_real", "image"))                              # runs from before --gan-real used the sharp x
+    ck = run.resume(fingerprint(dataset), model.config)                # None: a fresh start
     if ck:
         step = run.restore(ck, {"model": model, "ema": ema, "disc": disc, "opt": opt, "opt_d": opt_d},
                            lr={"opt": args.lr, "opt_d": args.disc_lr or args.lr})
@@ -202,7 +215,8 @@ def train(args, run):
     log0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
          f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {run.per_rank} images "
          f"({run.accum} micro-batch(es) of {run.micro}); device {d.device}", d)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = MLSRPath(model)                    # the trained forward: D(S_l(z)); its weights are model's
+    train_model = torch.compile(train_model) if args.compile else train_model
     if d.world_size > 1:
         train_model, disc = DDP(train_model), DDP(disc)
     train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)

@@ -183,12 +183,6 @@ class ViTVAE(PatchLatents):
         x = unpatchify(self.to_pixels(self.dec_norm(t)), self.patch, h, w)                     # (B, 3, H, W)
         return x + self.refine(x)
 
-    def forward(self, x, noise=None, level=0, fractions=fft_ops.MLSR_FRACTIONS):
-        """MLSR path of Eq. 2: x -> z ~ q(z|x) -> S_l(z) (Eq. 3) -> D(S_l(z)). Returns (x_hat, posterior)."""
-        post = self.encode(x)
-        z = fft_ops.attenuate(post.sample(noise), level, fractions)      # (B, d, h, w)
-        return self.decode(z), post
-
 
 def _init_linear(m):
     if isinstance(m, nn.Linear):
@@ -282,11 +276,6 @@ class DCAE(PatchLatents):
 
     def decode(self, z):
         return self.model.decode(z).sample
-
-    def forward(self, x, noise=None, level=0, fractions=fft_ops.MLSR_FRACTIONS):
-        """MLSR path of Eq. 2 without sampling: x -> z -> S_l(z) (Eq. 3) -> D(S_l(z)). Returns (x_hat, latent)."""
-        post = self.encode(x)
-        return self.decode(fft_ops.attenuate(post.mean, level, fractions)), post
 
     def save_pretrained(self, folder):
         self.model.save_pretrained(folder, safe_serialization=True)

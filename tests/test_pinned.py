@@ -372,7 +372,7 @@ def test_stage1_loss_follows_every_weight_sigma_and_fraction_flag():
     x, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 4, 4)
     perc = lambda a, b: (a - b).abs().mean()                             # a stand-in perceptual distance
     for step, gan in ((4, False), (5, True)):
-        loss, parts, target, recon = train_vae.generator_loss(vae, disc, perc, x, noise, 2, args, step)
+        loss, parts, target, recon = train_vae.generator_loss(train_vae.MLSRPath(vae), disc, perc, x, noise, 2, args, step)
         with torch.no_grad():
             post = vae.encode(x)
             ref_recon = vae.decode(fft_ops.attenuate(post.sample(noise), 2, fr))

@@ -24,7 +24,7 @@ def test_encode_decode_shapes(cfg):
     s = cfg["image_size"] // cfg["patch"]
     assert post.mean.shape == (2, cfg["latent_dim"], s, s) and post.mean.dtype == torch.float32
     assert vae.decode(post.sample()).shape == x.shape
-    recon, _ = vae(x, level=2)
+    recon, _ = train_vae.MLSRPath(vae)(x, None, 2, fft_ops.MLSR_FRACTIONS)
     assert recon.shape == x.shape
     with pytest.raises(ValueError, match="channels"):
         vae.decode(torch.randn(1, cfg["latent_dim"] + 1, s, s))
@@ -80,7 +80,7 @@ def test_generator_hinge_loss_sign_and_value():
     torch.manual_seed(0)
     vae, disc = ViTVAE(image_size=16, patch=4, width=32, depth=1, heads=2, latent_dim=4), PatchDiscriminator(16, 2)
     x, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 4, 4)
-    loss, parts, target, recon = train_vae.generator_loss(vae, disc, None, x, noise, 1, args, 0)
+    loss, parts, target, recon = train_vae.generator_loss(train_vae.MLSRPath(vae), disc, None, x, noise, 1, args, 0)
     fake = disc(recon)
     torch.testing.assert_close(parts["g_gan"], -fake.mean())
     post = vae.encode(x)
@@ -151,9 +151,9 @@ def test_level0_target_is_x_and_level_targets_blurred():
     vae = ViTVAE(image_size=16, patch=4, width=32, depth=1, heads=2, latent_dim=4)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     noise = torch.randn(2, 4, 4, 4)
-    _, _, target0, _ = train_vae.generator_loss(vae, None, None, x, noise, 0, args, 0)
+    _, _, target0, _ = train_vae.generator_loss(train_vae.MLSRPath(vae), None, None, x, noise, 0, args, 0)
     assert torch.equal(target0, x)
-    _, parts, target3, recon3 = train_vae.generator_loss(vae, None, None, x, noise, 3, args, 0)
+    _, parts, target3, recon3 = train_vae.generator_loss(train_vae.MLSRPath(vae), None, None, x, noise, 3, args, 0)
     torch.testing.assert_close(target3, fft_ops.gaussian_blur(x, 0.5))
     # the reconstruction at level 3 decodes S_3 of the sampled latent
     z = vae.encode(x).sample(noise)
