@@ -269,7 +269,7 @@ def train(args, run):
         train_model = DDP(train_model)
     run.start(step)
     if validation is not None and step == 0:
-        run.log.write(step=0, **validation(ema))
+        run.record(0, lambda: validation(ema))              # the EMA's held-out loss before training
     while step < args.steps:
         student.train()
         lowpassed = step < freqwarm_end                     # FreqWarm: low-passed latents until the switch
