@@ -963,19 +963,27 @@ def set_lr(opt, lr):
 
 class Run:
     """Everything that keeps a training run safe, behind one object that both trainers use, so that the
-    trainers themselves read as the method. A trainer's `main` is:
+    trainers themselves read as the method. A trainer's `main` and `train` are:
 
         with Run(args, d, "sit", FIXED_ON_RESUME) as run:     # OUT/.lock: one run per folder
             ck = run.resume(data_fp, model_config)           # the checked checkpoint to continue, or None
             step = run.restore(ck, {"model": m, "ema": e, "opt": o}, lr={"opt": args.lr}) if ck else 0
             run.start(step)                                  # progress bar, metrics log, signal handler
             while step < args.steps:
-                ... the method: forward, (loss / run.accum).backward() per micro-batch ...
-                totals = run.clip(totals, m.parameters())    # losses averaged over ranks, gradients clipped
+                totals = {}
+                for j in range(run.accum):                   # this rank's micro-batches
+                    t = run.rand(step, STREAM_T, j)          # draws over the global batch, rows of micro-batch j
+                    with run.no_sync(model, j):              # DDP all-reduces on the last micro-batch only
+                        with run.autocast():
+                            loss = ...                       # the method
+                        (loss / run.accum).backward()
+                    run.accumulate(totals, {"loss": loss})
+                totals = run.clip(totals, m.parameters(), step)   # averaged over ranks, gradients clipped
                 opt.step(); ...; step += 1
                 run.end_step(step, metrics)                  # metrics line, signal agreed by all ranks
+                if run.due(step, args.val_every): run.record(step, validation_fn)
                 if run.due(step, args.ckpt_every) or run.stopping:
-                    run.save(lambda: state)                  # rank 0 writes atomically; nothing non-finite
+                    run.save(lambda: run.checkpoint(step, ...))   # rank 0 writes atomically; never non-finite
                 if run.stopping: break
             run.finish(step, "done: ...")                    # the last line, or the signal's exit
 

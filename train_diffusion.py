@@ -10,9 +10,10 @@
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              train_diffusion.py --preset freqwarm-512 --vae VAE.pt --data /data/imagenet/train
 
-Latents: z = posterior mean of the frozen VAE (EMA weights), normalised per channel with
-the statistics stored in the VAE checkpoint: z_n = (z - mean) / std (--latent-norm scalar: one scale for
-all channels, z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
+Latents: z = posterior mean of the frozen VAE (EMA weights), normalised per channel, z_n = (z - mean) / std,
+with the statistics stored in our VAE's checkpoint when they were taken on this data, size and held-out split,
+else computed here over --stats-images training images (--latent-norm scalar: one scale for all channels,
+z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
 
   --denoise-level l    train on z^(l) = S_l(z_n) (Denoising-VAE Eq. 5, with the linear
                        interpolant x_t = (1 - t) z^(l) + t eps and velocity target eps - z^(l))
@@ -31,7 +32,7 @@ all channels, z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per
                        training images); the curve and the choice are stored in the checkpoint, and a
                        resumed run keeps the stored choice. A curve without an interior peak is refused.
   --cache-latents      encode the dataset once (both flips; also the low-passed copy with FreqWarm)
-                       into OUT/latents-*.npy (float16, memory-mapped) instead of every step.
+                       into OUT/latents-KEY/ (float16 shards, memory-mapped) instead of every step.
   --keep-every N       also keep the EMA weights at steps N, 2N, ... (OUT/keep/ema_STEP.pt) for
                        convergence curves (`evaluate.py curve`).
 """
@@ -168,7 +169,7 @@ def get_args(argv=None):
 @torch.no_grad()
 def encode_images(ae, x, lowpassed, args):
     """The frozen encoder's latent (B, C, h, w) of images x (B, 3, H, W) in [-1, 1]; during FreqWarm's warm-up
-    (lowpassed) of lowpass(x, r0): the RGB spectrum cut at radius r0 cycles/pixel (FreqWarm Sec. 3; the ideal
+    (lowpassed) of lowpass(x, r0): the RGB spectrum cut at radius r0 cycles/pixel (FreqWarm Sec. 4; the ideal
     filter rings past [-1, 1], --lowpass-clamp clips it)."""
     if lowpassed:
         x = fft_ops.lowpass(x, args.r0, args.lowpass_kind)
@@ -199,7 +200,8 @@ def teacher_level(args, step):
 
 
 def fda_lambda(t, args):
-    """lambda_align(t): larger at high noise (t -> 1) for the coarse-to-fine schedule."""
+    """lambda_align(t) (Eq. 8): w * t with --fda-schedule linear (larger at high noise, t -> 1: coarse to fine),
+    or the constant w."""
     return args.fda_weight * (t if args.fda_schedule == "linear" else torch.ones_like(t))
 
 

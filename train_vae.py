@@ -28,7 +28,8 @@ The GAN weight is fixed (no VQGAN adaptive weight: it needs the decoder's last-l
 gradient, which DDP and torch.compile make awkward) and starts at --gan-start.
 The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of the
 posterior means over a seeded random subset of --stats-images training images (every class
-of a class-sorted folder is represented): Stage 2 normalises with them.
+of a class-sorted folder is represented): Stage 2 normalises with them (a DC-AE is read by Stage 2 from
+OUT/diffusers, with its --mlsr-fractions in OUT/diffusers/freqldm.json; Stage 2 measures its statistics).
 """
 import argparse
 import copy
@@ -41,10 +42,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
 from common import (VAE_OUT, Run, UserError, adamw, add_common_args, barrier, check_range, ema_update,
-                    fixed_on_resume, log0, parse_training_args, resume_path, run_main, save_checkpoint, save_grid,
-                    setup_distributed, step_uniform, unwrap)
+                    fixed_on_resume, load_checkpoint, log0, parse_training_args, resume_path, run_main,
+                    save_checkpoint, save_grid, setup_distributed, step_uniform, unwrap, write_json)
 from data import StepSampler, build_dataset, fingerprint, make_loader, train_val_split
-from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
+from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, MLSR_FILE, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
                  build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
@@ -148,8 +149,8 @@ class MLSRPath(torch.nn.Module):
 def generator_loss(model, disc, perceptual, x, noise, level, args, step):
     """Eq. 2 with d = pixel + perceptual + GAN + KL, for one micro-batch at MLSR level l (Eq. 1).
 
-    model: an MLSRPath (possibly under DDP / torch.compile): D(S_l(z)) with z sampled with `noise` (Eq. 3),
-    compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target, recon); losses are
+    model: an MLSRPath (possibly under DDP / torch.compile): D(S_l(z)) (Eq. 3) with z ~ q(z | x) drawn with
+    `noise` (Eq. 2), compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target, recon); losses are
     computed in float32.
     """
     recon, post = model(x, noise, level, args.mlsr_fractions)                   # D(S_l(z)), Eq. 3 (B, 3, H, W)
@@ -266,7 +267,8 @@ def train(args, run):
         if run.due(step, args.ckpt_every) or run.stopping:
             stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None   # for Stage 2
             run.save(lambda: checkpoint_state(run, step, model, ema, disc, opt, opt_d, stats),
-                     also=(lambda: save_diffusers_folder(ema, args.out)) if args.arch == "dcae" else None)
+                     also=(lambda: save_diffusers_folder(ema, args.out, args.mlsr_fractions)) if args.arch == "dcae"
+                     else None)
         if run.stopping:
             break
     run.close()                                     # signals act normally again while the last grid is written
@@ -319,15 +321,18 @@ def checkpoint_state(run, step, model, ema, disc, opt, opt_d, stats=None):
                           opt_d=opt_d.state_dict(), latent_stats=stats)
 
 
-def save_diffusers_folder(ema, out):
-    """--arch dcae: OUT/diffusers, the EMA autoencoder as a diffusers folder, replaced whole: it is written to
-    a temporary folder first, so a reader finds the previous folder or the new one, never a half-written one."""
+def save_diffusers_folder(ema, out, fractions):
+    """--arch dcae: OUT/diffusers, the EMA autoencoder as a diffusers folder, with this run's MLSR fractions in
+    freqldm.json (vae.DiffusersAutoencoder reads them, so S_l in Stages 2-3 is the one it was trained with);
+    replaced whole: it is written to a temporary folder first, so a reader finds the previous folder or the new
+    one, never a half-written one."""
     final = os.path.join(out, DCAE_FOLDER)
     tmp, old = final + ".part", final + ".old"          # one run per folder (OUT/.lock): fixed names, and what a
     for left in (tmp, old):                             # killed save left behind is removed here
         shutil.rmtree(left, ignore_errors=True)
     try:
         ema.save_pretrained(tmp)
+        write_json(os.path.join(tmp, MLSR_FILE), {"mlsr_fractions": list(fractions)})
         if os.path.isdir(final):
             os.replace(final, old)
         os.replace(tmp, final)
@@ -336,16 +341,19 @@ def save_diffusers_folder(ema, out):
         shutil.rmtree(old, ignore_errors=True)
 
 
-
 def stats_only(args, d):
     """--stats-only: (re)compute the latent statistics of a finished checkpoint, in place, atomically.
 
-    Data, dataset size, seed and image size come from the checkpoint's own config (an explicit --data,
-    --n-images, --stats-images or --seed overrides them); the model from its model config; no VGG needed.
+    Data, dataset size, seed, workers, held-out images and image size come from the checkpoint's own config (an
+    explicit --data, --n-images, --stats-images, --seed, --workers or --val-images overrides them); the model
+    from its model config; no VGG needed.
     """
     start = resume_path(args)
     if not start:
         raise UserError(f"--stats-only needs a checkpoint: --resume PATH (none at {os.path.join(args.out, 'last.pt')})")
+    if load_checkpoint(start, "vae")["model_config"].get("arch") == "dcae":
+        raise UserError(f"--stats-only is for the ViT VAE: Stage 2 measures the latent statistics of a DC-AE "
+                        f"({start}) itself, from its diffusers folder")
     ae = ViTVAEAutoencoder.from_checkpoint(start, d.device)
     ck, cfg = ae.checkpoint, ae.checkpoint["config"]
     pick = {k: getattr(args, k) if k in args.explicit else cfg.get(k, getattr(args, k))

@@ -15,6 +15,7 @@ import copy
 import functools
 import hashlib
 import inspect
+import json
 import os
 
 import torch
@@ -245,7 +246,7 @@ class DeterministicLatent:
 
 class DCAE(PatchLatents):
     """A DC-AE-style autoencoder for Stage 1 (train_vae.py --arch dcae): a diffusers AutoencoderDC from a named
-    layout, wrapped with the ViTVAE interface (encode -> .mean, decode, forward with S_l of Eq. 3).
+    layout, wrapped with the ViTVAE interface (encode -> .mean, decode; train_vae.MLSRPath adds S_l of Eq. 3).
 
         x (B, 3, S, S) --encoder--> z (B, c, S/f, S/f), deterministic --decoder--> x_hat (B, 3, S, S)
 
@@ -448,6 +449,7 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
 
 DIFFUSERS_PREFIX = "diffusers:"
 DCAE_FOLDER = "diffusers"           # train_vae.py --arch dcae writes OUT/diffusers beside OUT/last.pt
+MLSR_FILE = "freqldm.json"          # ... with its --mlsr-fractions in OUT/diffusers/freqldm.json
 DEFAULT_IMAGE_SIZE = 256            # image side for autoencoders without a native one, unless --image-size
 DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderDC", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
 VIDEO_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo")
@@ -558,6 +560,10 @@ class DiffusersAutoencoder(FrozenAutoencoder):
             diffusers.utils.logging.set_verbosity(quiet)
         model = model.float()
         ae = cls(model, class_name, f"{class_name} {where}", weights_hash(model, class_name), spec)
+        mlsr = os.path.join(source, sub or "", MLSR_FILE)
+        if os.path.isfile(mlsr):                   # a DC-AE of train_vae.py: S_l with the p_l it was trained with
+            with open(mlsr) as f:
+                ae.mlsr_fractions = tuple(float(p) for p in json.load(f)["mlsr_fractions"])
         return ae.to(device)
 
     def _check_latent(self, x, z):

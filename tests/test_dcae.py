@@ -105,6 +105,25 @@ def test_dcae_errors_are_one_clear_line(dcae_runs, tmp_path, capsys):
     p = in_process(lambda: td.main(["--preset", "smoke", "--vae", str(dcae_runs / "a" / "last.pt"), "--out", out]),
                    capsys)
     assert_one_line_error(p, "is a DC-AE", f"--vae diffusers:{dcae_runs / 'a' / 'diffusers'}")
+    p = in_process(lambda: train_vae.main(["--stats-only", "--resume", str(dcae_runs / "a" / "last.pt")]), capsys)
+    assert_one_line_error(p, "--stats-only is for the ViT VAE")
+
+
+def test_a_dcae_folder_carries_its_mlsr_fractions_to_stage2(tmp_path):
+    """S_l in Stages 2-3 uses the p_l the DC-AE was trained with (OUT/diffusers/freqldm.json), not the paper's
+    defaults; a diffusers folder without that file (a released autoencoder) gets the defaults."""
+    fr = [0.0, 0.1, 0.3, 0.6]
+    train_vae.main(DCAE_SMOKE + ["--steps", "2", "--mlsr-fractions", *map(str, fr), "--out", str(tmp_path / "a")])
+    folder = tmp_path / "a" / "diffusers"
+    assert json.load(open(folder / "freqldm.json")) == {"mlsr_fractions": fr}
+    ae = load_autoencoder(f"diffusers:{folder}")
+    assert ae.mlsr_fractions == tuple(fr) != tuple(fft_ops.MLSR_FRACTIONS)
+    td.main(["--preset", "smoke", "--vae", f"diffusers:{folder}", "--image-size", "16", "--steps", "1",
+             "--denoise-level", "2", "--out", str(tmp_path / "sit")])
+    ck = load_checkpoint(str(tmp_path / "sit" / "last.pt"), "sit")
+    assert ck["autoencoder"]["mlsr_fractions"] == fr
+    os.remove(folder / "freqldm.json")
+    assert load_autoencoder(f"diffusers:{folder}").mlsr_fractions == tuple(fft_ops.MLSR_FRACTIONS)
 
 
 # ----------------------------------------------------------------------------- --r0 auto
