@@ -821,7 +821,10 @@ class Throughput:
     """Images per second over the last reporting window."""
 
     def __init__(self):
-        self.t, self.n = time.perf_counter(), 0        # images since the last rate()
+        self.t, self.n = time.perf_counter(), 0
+
+    def add(self, n):
+        self.n += n
 
     def rate(self):
         now = time.perf_counter()
@@ -1025,7 +1028,7 @@ class Run:
                 self._lock.close()
                 raise UserError(f"another run is using {self.args.out} (it holds {self.args.out}/.lock); "
                                 f"wait for it or use another --out") from None
-        self.start_path = resume_path(self.args)       # refused now (--resume none in a used folder), before work
+        resume_path(self.args)                         # --resume none in a used folder: refused now, before any work
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -1045,7 +1048,7 @@ class Run:
         checks first (they may fill in settings the checkpoint decides, such as --r0 auto's choice);
         `check_after(ck, path)` those that assume the same settings and data."""
         self.data_fp = data_fp
-        path = self.start_path if hasattr(self, "start_path") else resume_path(self.args)
+        path = resume_path(self.args)
         if not path:
             clear_run_folder(self.args.out, self.d)
             return None
@@ -1235,7 +1238,7 @@ class Run:
         non-finite (and stops the run if one did, writing nothing). `metrics` holds the step's plain values
         (level, phase: logged as of the metrics line's step) and those returned by `clip`."""
         a = self.args
-        self.speed.n += a.global_batch
+        self.speed.add(a.global_batch)
         self.bar.update(1)
         if self._step is not None:
             keys, vec, skipped = self._step

@@ -374,8 +374,9 @@ def make_loader(dataset, sampler, num_workers=0):
 CACHE_SHARD_KEYS = 16384                 # latent-cache keys per shard file (the unit a stopped build resumes from)
 
 
-def cache_latents(dataset, out_dir, key, hflip, shape, encode, d, workers=0, meta=None, batch=64):
-    """Encode every sample key of `dataset` once, into OUT/latents-KEY/ as float16 shards; returns its CachedRows.
+def cache_latents(dataset, out_dir, key, hflip, shape, encode, d, workers=0, meta=None, labels=None, batch=64):
+    """Encode every sample key of `dataset` once, into OUT/latents-KEY/ as float16 shards; returns its CachedRows
+    (with `labels`, the class of each image (N,), for CachedRows.batch).
 
     Keys are those of FlipView (k >= N is image k - N mirrored) when `hflip`, else 0..N-1; encode(x) gives the
     latents (B, *shape) of images x (B, 3, H, W) on d.device. Shard j holds keys [j S, (j + 1) S) with
@@ -412,7 +413,7 @@ def cache_latents(dataset, out_dir, key, hflip, shape, encode, d, workers=0, met
             wait_for_files([index_path], "the latent cache")
         barrier()                                  # all ranks are here within a poll: a short wait
         log0(f"latent cache written: {folder} ({n_keys} x {tuple(shape)})", d)
-    return CachedRows(folder, dataset)
+    return CachedRows(folder, labels)
 
 
 def _encode_shard(view, lo, hi, path, shape, encode, device, workers, batch, bar):
@@ -438,13 +439,12 @@ class CachedRows:
     """Rows of a sharded latent cache, memory-mapped: rows[keys] -> float32 numpy (len(keys), C, h, w);
     batch(keys, device) -> the latents and labels of those sample keys as tensors on `device`."""
 
-    def __init__(self, folder, dataset=None):
+    def __init__(self, folder, labels=None):
         with open(os.path.join(folder, "index.json")) as f:
             index = json.load(f)
         self.bounds = np.array(index["bounds"])
         self.shards = [np.load(os.path.join(folder, s), mmap_mode="r") for s in index["shards"]]
-        if dataset is not None:
-            self.n, self.all_labels = len(dataset), torch.tensor([dataset.label(i) for i in range(len(dataset))])
+        self.labels = labels                           # (N,) class of image i; key k is image k mod N
 
     def __len__(self):
         return int(self.bounds[-1])
@@ -461,7 +461,7 @@ class CachedRows:
     def batch(self, keys, device):
         """Latents (B, C, h, w) float32 and labels (B,) of sample keys (key k: image k mod N), on `device`."""
         z = to_device(torch.from_numpy(self[keys]), device)
-        return z, to_device(self.all_labels[[k % self.n for k in keys]], device)
+        return z, to_device(self.labels[torch.as_tensor(keys) % len(self.labels)], device)
 
 
 # ----------------------------------------------------------------------------- CLI

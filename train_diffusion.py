@@ -474,9 +474,11 @@ def auto_r0(ae, dataset, stats, args, d, batch=64):
 def build_cache(ae, dataset, args, d):
     """--cache-latents: {lowpassed: data.CachedRows}, the latents of every sample key (both flips with --hflip)
     encoded once, full-frequency and, with FreqWarm, low-passed; in OUT/latents-KEY/ (KEY: cache_key)."""
+    labels = torch.tensor([dataset.label(i) for i in range(len(dataset))])          # (N,), shared by both
     return {lp: cache_latents(dataset, args.out, cache_key(ae, dataset, args, lp), args.hflip,
                               ae.latent_shape(args.image_size), lambda x, lp=lp: encode_images(ae, x, lp, args), d,
-                              args.workers, {"autoencoder": ae.name, "low_passed": lp, "r0": args.r0 if lp else None})
+                              args.workers, {"autoencoder": ae.name, "low_passed": lp, "r0": args.r0 if lp else None},
+                              labels)
             for lp in ([False, True] if args.freqwarm else [False])}
 
 

@@ -45,8 +45,8 @@ from common import (VAE_OUT, Run, UserError, adamw, add_common_args, barrier, ch
                     fixed_on_resume, load_checkpoint, log0, parse_training_args, resume_path, run_main,
                     save_checkpoint, save_grid, setup_distributed, step_uniform, unwrap, write_json)
 from data import StepSampler, build_dataset, fingerprint, make_loader, train_val_split
-from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, MLSR_FILE, SIZES, PatchDiscriminator, VGGPerceptual, ViTVAEAutoencoder,
-                 build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
+from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, MLSR_FILE, SIZES, PatchDiscriminator, VGGPerceptual,
+                 ViTVAEAutoencoder, build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
 STREAM_LEVEL, STREAM_Z = 1, 2          # independent random streams of one step
 
@@ -150,8 +150,8 @@ def generator_loss(model, disc, perceptual, x, noise, level, args, step):
     """Eq. 2 with d = pixel + perceptual + GAN + KL, for one micro-batch at MLSR level l (Eq. 1).
 
     model: an MLSRPath (possibly under DDP / torch.compile): D(S_l(z)) (Eq. 3) with z ~ q(z | x) drawn with
-    `noise` (Eq. 2), compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target, recon); losses are
-    computed in float32.
+    `noise` (Eq. 2), compared with G_l(x), x blurred by sigma_l (Eq. 4). Returns (loss, parts, target, recon);
+    losses are computed in float32.
     """
     recon, post = model(x, noise, level, args.mlsr_fractions)                   # D(S_l(z)), Eq. 3 (B, 3, H, W)
     target = fft_ops.gaussian_blur(x, args.mlsr_sigmas[level])                  # G_l(x), Eq. 4

@@ -117,10 +117,10 @@ class Stage2Latents:
         return self.space.normalize(td.encode_images(self.ae, images, lp, self.args))
 
     def build_cache(self, dataset, out_dir, d):
+        """train_diffusion.build_cache into `out_dir`."""
+        import copy
         import train_diffusion as td
-        from data import cache_latents
         d = type("D", (), dict(rank=d.rank, world_size=d.world_size, main=d.main, device=self.device))()
-        self.cache = {lp: cache_latents(dataset, out_dir, td.cache_key(self.ae, dataset, self.args, lp),
-                                        self.args.hflip, self.ae.latent_shape(self.args.image_size),
-                                        lambda x, lp=lp: td.encode_images(self.ae, x, lp, self.args), d)
-                      for lp in ([False, True] if self.args.freqwarm else [False])}
+        args = copy.copy(self.args)
+        args.out = str(out_dir)
+        self.cache = td.build_cache(self.ae, dataset, args, d)

@@ -47,7 +47,8 @@ def test_every_flag_of_the_fixed_group_and_no_other_is_refused_on_resume(trainer
         Run(args, CPU, kind, fixed).resume("fp", {"m": 1})
     with pytest.raises(UserError, match=f"holds a {kind} model .* but the settings build"):
         Run(args, CPU, kind, fixed).resume("x", {"m": 2})
-    save_checkpoint(path, {"kind": kind, "config": stored, "step": 0, "model_config": {"m": 1}, "data_fingerprint": "x"})
+    save_checkpoint(path, {"kind": kind, "config": stored, "step": 0, "model_config": {"m": 1},
+                           "data_fingerprint": "x"})
     with pytest.raises(UserError, match="seeded differently: resuming it here would change them mid-run"):
         Run(args, CPU, kind, fixed).resume("x", {"m": 1})          # a checkpoint of the earlier seed formulas
 
