@@ -501,8 +501,8 @@ def cache_encoder(ae, ds, args, dev, root):
     def encode():
         count["i"] += 1
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            cache_latents(ds, f"{root}-{count['i']}", td.cache_key(ae, ds, args, False), True,
-                          ae.latent_shape(ds.resolution), lambda x: td.encode_images(ae, x, False, args), d,
+            cache_latents(ds, f"{root}-{count['i']}", td.cache_key(ae, ds, args, None), True,
+                          ae.latent_shape(ds.resolution), lambda x: td.encode_images(ae, x, None, args), d,
                           args.workers)
     return encode
 

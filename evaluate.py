@@ -47,10 +47,12 @@ import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
                     derive_seed, file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main,
                     setup_distributed, wait_for_files, write_export, write_json)
-from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
+from data import (DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8,
+                  train_val_split)
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
-from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_scores, find_vgg_weights,
-                 latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_peak_test, f3_scores,
+                 find_vgg_weights, latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr,
+                 resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -169,6 +171,21 @@ def folder_to_npz(folder, n, path, chunk=1000, labels=None):
 
 
 @torch.no_grad()
+def draw_latents(ema, idx, labels, a, device):
+    """The latents (b, C, h, w) of images `idx` of a sample set, before decoding: each image's noise (and, with
+    the SDE, its Brownian increments) from its own seeded stream, its label labels[i]; the same whatever the
+    batch split or rank count. a: --seed, --sampler, --sample-steps, --cfg-scale, --cfg-interval, --no-bf16."""
+    shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
+    gens = image_generators(idx, a.seed)
+    noise = image_noise(idx, shape, a.seed, gens).to(device)
+    velocity = guided_velocity(ema, labels[idx].to(device), a.cfg_scale, tuple(a.cfg_interval))
+    with autocast(device, not a.no_bf16):
+        if a.sampler == "sde":                                      # each image's increments from its own stream
+            return sample_sde(velocity, noise, a.sample_steps, generator=gens)
+        return sample_ode(velocity, noise, a.sample_steps, a.sampler)
+
+
+@torch.no_grad()
 def cmd_sample(a, d):
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
     labels = sample_labels(a.num_samples, ema.num_classes, a.labels, a.seed)            # (num_samples,)
@@ -182,18 +199,9 @@ def cmd_sample(a, d):
     todo = [i for i in shard(a.num_samples, d.rank, d.world_size) if not os.path.exists(os.path.join(a.out, f"{i:06d}.png"))]
     log0(f"sampling {a.num_samples} images ({len(todo)} left on rank {d.rank}) with {a.sampler} x {a.sample_steps}, "
          f"CFG {a.cfg_scale} on t in {a.cfg_interval}, {a.labels} labels; decoder {ae.name}", d)
-    shape = (ema.in_channels, ema.config["input_size"], ema.config["input_size"])
     for s in range(0, len(todo), a.batch):
         idx = todo[s:s + a.batch]
-        y = labels[idx].to(d.device)
-        gens = image_generators(idx, a.seed)
-        noise = image_noise(idx, shape, a.seed, gens).to(d.device)
-        velocity = guided_velocity(ema, y, a.cfg_scale, tuple(a.cfg_interval))
-        with autocast(d.device, not a.no_bf16):
-            if a.sampler == "sde":                                  # each image's increments from its own stream
-                z = sample_sde(velocity, noise, a.sample_steps, generator=gens)
-            else:
-                z = sample_ode(velocity, noise, a.sample_steps, a.sampler)
+        z = draw_latents(ema, idx, labels, a, d.device)             # (b, C, h, w), in the SiT's latent space
         x = ae.decode(space.to_autoencoder(z))                       # float32 decode, outside autocast
         if not (torch.isfinite(z).all() and torch.isfinite(x).all()):   # checked like a training loss
             raise UserError(f"sampling images {idx[0]}..{idx[-1]} gave non-finite "
@@ -1149,11 +1157,18 @@ def diagnose(ae, x, normalize, radii=RADII, r0_sweep=R0_SWEEP, hf_radius=HF_RADI
     out["f2_radii"] = [i / 100 for i in range(0, 72)]                       # F2
     out["f2_cumulative_energy"] = cumulative_energy(x, out["f2_radii"])
     out["f3_r0"], out["f3_latent_hf_energy"], out["f3_latent_hf_ratio"] = list(r0_sweep), [], []
+    per_image = []
     for r0 in r0_sweep:                                                     # F3
-        energy, ratio = f3_scores(ae, x, normalize, r0, hf_radius)
+        energy, ratio = f3_scores(ae, x, normalize, r0, hf_radius)         # (B,) each
+        per_image.append(energy)
         out["f3_latent_hf_energy"].append(energy.mean().item())
         out["f3_latent_hf_ratio"].append(ratio.mean().item())
     out["f3_peak_r0"] = f3_peak(r0_sweep, out["f3_latent_hf_energy"])       # None: no interior peak
+    if len(x) >= 2 * F3_SUBSETS:                                            # its spread: disjoint image subsets
+        e = torch.stack(per_image, 1)                                       # (B, len(r0_sweep))
+        test = f3_peak_test(r0_sweep, [e[k::F3_SUBSETS].mean(0).tolist() for k in range(F3_SUBSETS)])
+        out["f3_subsets"] = {"n_subsets": F3_SUBSETS, "std": test["std"], "peak": test["peak"],
+                             "height": test["height"], "height_std": test["height_std"], "stands": test["stands"]}
     out["f3_hf_radius"], out["hf_definition"] = hf_radius, HF_DEFINITION
     out["spectra"] = {}
     for level in range(len(ae.mlsr_fractions)):                             # latent spectra per MLSR level
@@ -1219,7 +1234,114 @@ def cmd_diagnose(a, d):
          f"  F1 PSNR at r=0.25: D(z_low) {res['f1_psnr_low'][4]:.2f} dB, D(z_high) {res['f1_psnr_high'][4]:.2f} dB\n"
          f"  F2 RGB energy within r=0.2: {res['f2_cumulative_energy'][20]:.3f}\n"
          f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}; "
-         + (f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak"))
+         + (f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak")
+         + (f" ({res['f3_subsets']['height']:.3g} ± {res['f3_subsets']['height_std']:.2g} above the higher end over "
+            f"{F3_SUBSETS} image subsets: {'stands above' if res['f3_subsets']['stands'] else 'within'} its spread)"
+            if res.get("f3_subsets", {}).get("height") is not None else ""))
+
+
+# ----------------------------------------------------------------------------- the mechanism: latent spectra
+
+SPECTRUM_HF_RADIUS = 0.25
+SPECTRUM_NAME = "latent_hf_log_ratio"
+SPECTRUM_DEFINITION = (
+    f"{SPECTRUM_NAME}: ln(P_gen / P_real), P = the mean power per frequency bin at radius > {SPECTRUM_HF_RADIUS} "
+    f"cycles/latent pixel (orthonormal FFT, each channel's spatial mean removed, averaged over channels and "
+    f"images) of the SiT's generated latents before decoding (P_gen) and of real full-frequency latents of the "
+    f"same autoencoder in the same normalised space and level (P_real: held-out images of the run's data); 0: the "
+    f"generated latents carry the real high frequencies, < 0: they lack them (FreqWarm's mechanism)")
+
+
+def latent_power(z):
+    """Power per frequency bin (h, w), fft order, of latents z (N, C, h, w): each channel's spatial mean
+    removed, orthonormal FFT (white noise of variance s^2 gives s^2 everywhere), averaged over images and channels."""
+    z = z.float() - z.float().mean(dim=(-2, -1), keepdim=True)
+    return torch.fft.fft2(z, norm="ortho").abs().pow(2).mean(dim=(0, 1))
+
+
+def spectrum_comparison(z_gen, z_real, hf_radius=SPECTRUM_HF_RADIUS):
+    """Generated against real latents (N, C, h, w), per radius band and in one number (SPECTRUM_DEFINITION):
+    {radii, power_gen, power_real, log_ratio per band, latent_hf_log_ratio}. Bands are 1 / h wide (fft_ops)."""
+    if z_gen.shape[1:] != z_real.shape[1:]:
+        raise UserError(f"generated latents {tuple(z_gen.shape[1:])} and real ones {tuple(z_real.shape[1:])} "
+                        f"differ in shape: not latents of one autoencoder")
+    p_gen, p_real = latent_power(z_gen), latent_power(z_real)                       # (h, w) each
+    h, w = p_gen.shape
+    rad = fft_ops.radius_grid(h, w, device=p_gen.device)
+    b = torch.round(rad * min(h, w)).long().flatten()                                # the radial bands
+    n = int(b.max()) + 1
+    band = lambda p: (torch.zeros(n, dtype=torch.float64).index_add_(0, b, p.flatten().double())
+                      / torch.zeros(n, dtype=torch.float64).index_add_(0, b, torch.ones(h * w, dtype=torch.float64)))
+    bg, br = band(p_gen), band(p_real)
+    hf = rad > hf_radius
+    return {"radii": [i / min(h, w) for i in range(n)], "power_gen": bg.tolist(), "power_real": br.tolist(),
+            "log_ratio": torch.log(bg.clamp(min=1e-30) / br.clamp(min=1e-30)).tolist(),
+            "hf_power_gen": p_gen[hf].mean().item(), "hf_power_real": p_real[hf].mean().item(),
+            SPECTRUM_NAME: math.log(max(p_gen[hf].mean().item(), 1e-30) / max(p_real[hf].mean().item(), 1e-30)),
+            "hf_radius": hf_radius, "n_gen": len(z_gen), "n_real": len(z_real), "definition": SPECTRUM_DEFINITION}
+
+
+@torch.no_grad()
+def real_latents(ck, ae, space, n, device, data=None, batch=64):
+    """Full-frequency latents of up to n images the run held out (its validation images; a seeded random subset
+    of its data when it held none out), normalised and at the run's level as the SiT sees them: (n, C, h, w)."""
+    cfg = ck["config"]
+    dataset = build_dataset(data or cfg["data"], cfg["image_size"], n=cfg.get("n_images"), seed=cfg.get("seed", 0))
+    train_idx, val_idx = train_val_split(len(dataset), cfg.get("val_images", 0), cfg.get("seed", 0))
+    idx = val_idx[:n] if val_idx else [train_idx[i] for i in random_subset(len(train_idx), n, cfg.get("seed", 0))]
+    zs = [space.at_level(space.normalize(ae.encode(x.to(device).float())), cfg.get("denoise_level", 0))
+          for x in image_batches(dataset, idx, batch, 0)]
+    return torch.cat(zs)
+
+
+@torch.no_grad()
+def checkpoint_spectrum(ema, ae, space, ck, a, device, n, real=None):
+    """spectrum_comparison of n latents drawn as a sample set of `a`'s settings draws images 0..n-1 (the
+    same streams, so these are that set's first latents) against the run's real latents (`real`, else made)."""
+    labels = sample_labels(n, ema.num_classes, a.labels, a.seed)
+    z = torch.cat([draw_latents(ema, list(range(i, min(i + a.batch, n))), labels, a, device).float()
+                   for i in range(0, n, a.batch)])
+    if not torch.isfinite(z).all():
+        raise UserError(f"the latents drawn from {a.ckpt} are not finite (--cfg-scale {a.cfg_scale})")
+    real = real if real is not None else real_latents(ck, ae, space, n, device, getattr(a, "data", None))
+    return spectrum_comparison(z, real)
+
+
+def plot_spectra(series, path, title):
+    """Radial power of generated latents (one line per entry of series: label -> spectrum_comparison result)
+    beside the real latents' (dashed), log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.8, 3.3), dpi=120)
+    first = next(iter(series.values()))
+    ax.semilogy(first["radii"], first["power_real"], "k--", label="real latents")
+    for label, res in series.items():
+        ax.semilogy(res["radii"], res["power_gen"], marker="o", ms=2.5, label=f"{label}: {res[SPECTRUM_NAME]:+.3f}")
+    ax.axvline(first["hf_radius"], color="gray", lw=0.8, ls=":")
+    ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power per bin", title=title)
+    ax.legend(fontsize=7, title=SPECTRUM_NAME, title_fontsize=7), ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def cmd_spectrum(a, d):
+    """The latent spectrum of one checkpoint's samples against real latents (SPECTRUM_DEFINITION)."""
+    ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
+    if not d.main:
+        return
+    res = checkpoint_spectrum(ema, ae, space, ck, a, d.device, a.num_samples)
+    res.update(checkpoint=a.ckpt, checkpoint_hash=file_hash(a.ckpt) if os.path.isfile(a.ckpt) else None,
+               step=ck["step"], sampler=a.sampler, sample_steps=a.sample_steps, cfg_scale=a.cfg_scale,
+               cfg_interval=list(a.cfg_interval), labels=a.labels, seed=a.seed, autoencoder=ae.name)
+    os.makedirs(a.out, exist_ok=True)
+    write_json(os.path.join(a.out, "spectrum.json"), res)
+    plot_spectra({f"step {ck['step']}": res}, os.path.join(a.out, "spectrum.png"),
+                 f"Latent spectra, {a.num_samples} samples vs real")
+    log0(f"{SPECTRUM_NAME} = {res[SPECTRUM_NAME]:+.4f} ({a.ckpt}, step {ck['step']}; {a.num_samples} latents drawn "
+         f"with {a.sampler} x {a.sample_steps}, CFG {a.cfg_scale}, {a.labels} labels, seed {a.seed}, against "
+         f"{res['n_real']} real latents of {ae.name}) -> {a.out}/spectrum.json, spectrum.png\n  {SPECTRUM_DEFINITION}",
+         d)
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -1397,6 +1519,24 @@ def sample_set_metrics(a, npz, d, cache):
     return {"fid_mode": ext.mode, "network_hash": ext.network_hash, **ref.describe(), **res}
 
 
+def curve_extras(a, run, step, path, sa, d):
+    """Beside the sample metric at one kept checkpoint: the latent spectrum of its samples against the run's real
+    latents (--spectrum-samples, the real ones made once per run) and the run's validation loss at that step."""
+    out = {}
+    if a.spectrum_samples:
+        ema, ae, space, ck = load_sit(path, d.device)
+        if "real" not in run:
+            run["real"] = real_latents(ck, ae, space, a.spectrum_samples, d.device)
+        res = checkpoint_spectrum(ema, ae, space, ck, sa, d.device, a.spectrum_samples, run["real"])
+        out.update({SPECTRUM_NAME: res[SPECTRUM_NAME], "spectrum": {k: res[k] for k in
+                    ("radii", "power_gen", "power_real", "log_ratio", "n_gen", "n_real", "hf_radius")}})
+    log = os.path.join(run["dir"], "metrics.jsonl")
+    val = [r for r in read_jsonl(log) if r.get("step") == step and "val_loss" in r] if os.path.isfile(log) else []
+    if val:
+        out["val_loss"] = val[-1]["val_loss"]
+    return out
+
+
 def cmd_curve(a, d):
     """Sample every kept checkpoint of every run (OUT/samples/RUN-ID/step_STEP, resumable as `sample`), score
     each sample set, and tabulate the metric against the step: runs that differ only in --seed form one column
@@ -1420,7 +1560,8 @@ def cmd_curve(a, d):
             cmd_sample(sa, d)
             if d.main:
                 res = sample_set_metrics(a, out + ".npz", d, cache)
-                run["points"][step] = {"checkpoint": path, "checkpoint_hash": file_hash(path), "step": step, **res}
+                run["points"][step] = {"checkpoint": path, "checkpoint_hash": file_hash(path), "step": step, **res,
+                                       **curve_extras(a, run, step, path, sa, d)}
     if not d.main:
         return
     groups = group_runs(runs)
@@ -1429,16 +1570,23 @@ def cmd_curve(a, d):
     what = (f"{metric} ({first['network']}; {a.num_samples} samples per point, {a.sampler} x {a.sample_steps}, "
             f"CFG {a.cfg_scale} on t in {list(a.cfg_interval)}, {a.labels} labels, sampling seed {a.seed}"
             + (f"; reference {a.ref}" if a.features == "inception" else "") + ")")
-    lines = [f"{what}, EMA weights kept at each step; mean ± sample std over the seeds of a column", "",
-             "| step | " + " | ".join(f"{label} (seeds {','.join(str(r['config'].get('seed')) for r in rs)})"
-                                       for label, rs in groups.items()) + " |", "|---" * (1 + len(groups)) + "|"]
-    for step in steps:
-        cells = []
-        for rs in groups.values():
-            vals = [r["points"][step][metric] for r in rs if step in r["points"]]
-            cells.append((mean_spread(vals) + (f" ({len(vals)} of {len(rs)} seeds)" if len(vals) < len(rs) else ""))
-                         if vals else "-")
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    metrics = [m for m in (metric, SPECTRUM_NAME, "val_loss") if any(m in p for r in runs for p in r["points"].values())]
+    lines = [f"{what}, EMA weights kept at each step; mean ± sample std over the seeds of a column"]
+    if SPECTRUM_NAME in metrics:
+        lines.append(f"{SPECTRUM_NAME}: {a.spectrum_samples} latents per point drawn as the samples; {SPECTRUM_DEFINITION}")
+    if "val_loss" in metrics:
+        lines.append("val_loss: the run's own validation line at that step (metrics.jsonl: EMA, held-out latents)")
+    for m in metrics:
+        lines += ["", f"**{m}**", "",
+                  "| step | " + " | ".join(f"{label} (seeds {','.join(str(r['config'].get('seed')) for r in rs)})"
+                                           for label, rs in groups.items()) + " |", "|---" * (1 + len(groups)) + "|"]
+        for step in steps:
+            cells = []
+            for rs in groups.values():
+                vals = [r["points"][step][m] for r in rs if step in r["points"] and m in r["points"][step]]
+                cells.append((mean_spread(vals) + (f" ({len(vals)} of {len(rs)} seeds)" if len(vals) < len(rs) else ""))
+                             if vals else "-")
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     os.makedirs(a.out, exist_ok=True)
     with atomic_write(os.path.join(a.out, "curve.md"), text=True) as f:
@@ -1448,22 +1596,25 @@ def cmd_curve(a, d):
         "ref": a.ref if a.features == "inception" else None, "num_samples": a.num_samples, "sampler": a.sampler,
         "sample_steps": a.sample_steps, "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
         "labels": a.labels, "seed": a.seed, "groups": {label: [r["dir"] for r in rs] for label, rs in groups.items()},
+        "spectrum_samples": a.spectrum_samples, "spectrum_definition": SPECTRUM_DEFINITION,
         "runs": [{"dir": r["dir"], "seed": r["config"].get("seed"),
                   "points": [r["points"][s] for s in sorted(r["points"])]} for r in runs]})
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    for label, rs in groups.items():
-        xs = [s for s in steps if any(s in r["points"] for r in rs)]
-        vals = [np.array([r["points"][s][metric] for r in rs if s in r["points"]]) for s in xs]
-        mean = np.array([v.mean() for v in vals])
-        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-        if len(rs) > 1:
-            std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
-            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="training step", ylabel=metric, title=f"{metric} vs step ({a.num_samples} samples, {a.sampler})")
-    ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.5), dpi=110, squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for label, rs in groups.items():
+            xs = [s for s in steps if any(s in r["points"] and m in r["points"][s] for r in rs)]
+            vals = [np.array([r["points"][s][m] for r in rs if s in r["points"] and m in r["points"][s]]) for s in xs]
+            mean = np.array([v.mean() for v in vals])
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+            if len(rs) > 1:
+                std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="training step", ylabel=m, title=f"{m} vs step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
     save_figure(fig, os.path.join(a.out, "curve.png"))
     log0(f"{len(runs)} runs in {len(groups)} column(s), {len(steps)} steps -> {a.out}/curve.md, curve.json, curve.png\n"
          f"{table}")
@@ -1526,6 +1677,22 @@ def get_args(argv=None):
     cv.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     cv.add_argument("--labels", default="balanced", choices=("balanced", "random"))
     cv.add_argument("--out", default="runs/curve", help="curve.md, curve.json, curve.png and the sample sets")
+    sp = sub.add_parser("spectrum", help="radial spectrum of a checkpoint's generated latents vs real latents")
+    sp.add_argument("--ckpt", required=True, help="Stage-2 checkpoint (kind 'sit'), its export folder, or a kept one")
+    sp.add_argument("--vae", default=None, help="the run's autoencoder, if it has moved (checked by content hash)")
+    sp.add_argument("--data", default=None, help="the run's --data, if it has moved (its held-out images are the "
+                                                 "real latents)")
+    sp.add_argument("--out", default="runs/eval/spectrum")
+    for q in (sp, cv):
+        q.add_argument("--spectrum-samples" if q is cv else "--num-samples", type=int, default=256,
+                       help="latents drawn (and real held-out latents) for the latent spectrum"
+                            + (" at each kept checkpoint (0: none)" if q is cv else ""))
+    sp.add_argument("--batch", type=int, default=64, help="latents per forward")
+    sp.add_argument("--sample-steps", type=int, default=250)
+    sp.add_argument("--sampler", default="heun", choices=SAMPLERS)
+    sp.add_argument("--labels", default="balanced", choices=("balanced", "random"))
+    sp.add_argument("--cfg-scale", type=float, default=1.0)
+    sp.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
     r = sub.add_parser("recon", help="PSNR / SSIM / LPIPS / rFID / rsFID / IS per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
@@ -1540,7 +1707,7 @@ def get_args(argv=None):
                        help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g, c, cv):
+    for q in (s, f, r, g, c, cv, sp):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default=None)
         q.add_argument("--no-bf16", action="store_true")
@@ -1582,6 +1749,11 @@ def validate(a):
                                 "e.g. 256) or --samples (their side): the statistics stand only beside that size")
     elif a.cmd == "compare":
         check_out_dir(a.out)
+    elif a.cmd == "spectrum":
+        for name in ("num_samples", "batch", "sample_steps"):
+            check_range(a, name, 1)
+        check_finite(a, "cfg_scale")
+        check_out_dir(a.out)
     elif a.cmd == "export":
         if a.private and not a.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO")
@@ -1590,6 +1762,7 @@ def validate(a):
         for name in ("batch", "sample_steps"):
             check_range(a, name, 1)
         check_range(a, "num_samples", 2)
+        check_range(a, "spectrum_samples", 0)
         if a.sampler == "sde" and a.sample_steps < 2:
             raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
         lo, hi = a.cfg_interval
@@ -1611,7 +1784,7 @@ def main(argv=None):
     validate(a)
     d = setup_distributed(getattr(a, "device", None), getattr(a, "dist_timeout", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
-                "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export}
+                "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export, "spectrum": cmd_spectrum}
     commands[a.cmd](a, d)
 
 

@@ -68,11 +68,13 @@ def centered_ifft2(X):
 # ----------------------------------------------------------------------------- radial masks
 
 def lowpass_mask(h, w, r, kind="ideal", order=2, device=None, half=False):
-    """Radial low-pass transfer function M(radius) on the fft grid.
+    """Radial low-pass transfer function M(radius) on the fft grid. One meaning of r for every kind: the
+    radius where the gain crosses 1/2, the middle of the hard circle's step, so the three kinds at one r0 cut
+    the band at the same place and differ only in how sharply.
 
-    ideal:       1 where radius <= r, else 0        (the FreqWarm authors' hard circle)
-    butterworth: 1 / (1 + (radius / r)^(2 * order))  (order 2 by default)
-    gaussian:    exp(-radius^2 / (2 r^2))           (r is the standard deviation)
+    ideal:       1 where radius <= r, else 0         (the FreqWarm authors' hard circle)
+    butterworth: 1 / (1 + (radius / r)^(2 * order))   (order 2 by default; 1/2 at r)
+    gaussian:    2^-(radius / r)^2 = exp(-ln 2 (radius / r)^2)   (1/2 at r; std r / sqrt(2 ln 2) = 0.85 r)
     """
     if r <= 0:
         raise ValueError(f"mask radius must be > 0, got {r}")
@@ -82,7 +84,7 @@ def lowpass_mask(h, w, r, kind="ideal", order=2, device=None, half=False):
     if kind == "butterworth":
         return 1.0 / (1.0 + (rad / r) ** (2 * order))
     if kind == "gaussian":
-        return torch.exp(-(rad ** 2) / (2 * r ** 2))
+        return torch.exp(-math.log(2.0) * (rad / r) ** 2)
     raise ValueError(f"unknown mask kind {kind!r}; choose one of {MASK_KINDS}")
 
 

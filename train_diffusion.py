@@ -27,10 +27,15 @@ z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
   --freqwarm --r0 R    FreqWarm: for the first --warmup-steps (or --warmup-frac of --steps) the
                        latents are those of lowpass(x, R); afterwards of x. The switch step is
                        stored in the checkpoint, so a resumed run continues in the right phase.
-  --r0 auto            R = the peak of the autoencoder's own F3 curve (FreqWarm Finding 3: latent HF
-                       energy of E(lowpass(x, r0)) over vae.R0_SWEEP, on --r0-auto-images seeded random
-                       training images); the curve and the choice are stored in the checkpoint, and a
-                       resumed run keeps the stored choice. A curve without an interior peak is refused.
+  --freqwarm-schedule  step (the paper's hard switch, default) keeps R for the whole warm-up; linear /
+                       cosine (ours, beyond the paper) widen the band from R toward the corner over
+                       --freqwarm-stages equal stages of the warm-up (freqwarm_radius).
+  --r0 auto            our rule, not the paper's (it chose 0.2 by a gFID ablation): R = the peak of the
+                       autoencoder's own F3 curve (FreqWarm Finding 3: latent HF energy of
+                       E(lowpass(x, r0)) over vae.R0_SWEEP, on --r0-auto-images seeded random training
+                       images in 4 disjoint subsets); the curves and the choice are stored in the
+                       checkpoint, and a resumed run keeps the stored choice. A curve without an interior
+                       peak, or whose peak does not stand above its spread over the subsets, is refused.
   --cache-latents      encode the dataset once (both flips; also the low-passed copy with FreqWarm)
                        into OUT/latents-KEY/ (float16 shards, memory-mapped) instead of every step.
   --keep-every N       also keep the EMA weights at steps N, 2N, ... (OUT/keep/ema_STEP.pt) for
@@ -39,6 +44,7 @@ z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
 import argparse
 import copy
 import hashlib
+import math
 import os
 
 import torch
@@ -52,8 +58,8 @@ from data import (StepSampler, build_dataset, cache_latents, fingerprint, image_
                   train_val_split)
 from dit import (SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde,
                  velocity_loss)
-from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, LatentSpace, absolute_spec, dataset_latent_stats, f3_curve, f3_peak,
-                 load_autoencoder, resolve_image_size, scalar_stats)
+from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, LatentSpace, absolute_spec, dataset_latent_stats, describe_f3,
+                 f3_curve, f3_peak_test, load_autoencoder, resolve_image_size, scalar_stats)
 
 STREAM_T, STREAM_EPS, STREAM_DROP, STREAM_TEACHER = 11, 12, 13, 14       # independent random draws of one step
 
@@ -72,6 +78,9 @@ PRESETS = {
     "freqwarm-512": dict(model="XL/2", image_size=512, steps=400_000, global_batch=4096, lr=1e-4, freqwarm=True,
                          r0=0.2, cache_latents=True, workers=8, out="runs/sit-freqwarm-512"),
 }
+
+
+FREQWARM_SCHEDULES = ("step", "linear", "cosine")
 
 
 def r0_arg(text):
@@ -103,8 +112,18 @@ def parser():
                        help="FreqWarm RGB low-pass radius, cycles/pixel in (0, 0.71], or 'auto': the peak of the "
                             "autoencoder's own F3 curve (latent HF energy vs r0)")
     fixed.add_argument("--r0-auto-images", type=int, default=256,
-                       help="with --r0 auto: seeded random training images the F3 curve is measured on")
-    fixed.add_argument("--lowpass-kind", default="ideal", choices=fft_ops.MASK_KINDS, help="FreqWarm filter shape")
+                       help="with --r0 auto: seeded random training images the F3 curve is measured on, in "
+                            "4 disjoint subsets: the peak must stand above the curve's spread over them")
+    fixed.add_argument("--freqwarm-schedule", default="step", choices=FREQWARM_SCHEDULES,
+                       help="FreqWarm's radius over the warm-up: step = r0 throughout, then full frequency (the "
+                            "paper); linear / cosine = from r0 widening toward the corner 0.7071 in --freqwarm-stages "
+                            "equal stages (ours: the paper did not try scheduled thresholds)")
+    fixed.add_argument("--freqwarm-stages", type=int, default=4,
+                       help="with --freqwarm-schedule linear / cosine: stages of the warm-up, each at one radius "
+                            "(the latent cache holds one low-passed copy per stage)")
+    fixed.add_argument("--lowpass-kind", default="ideal", choices=fft_ops.MASK_KINDS,
+                       help="FreqWarm filter shape; every kind has gain 1/2 at r0 (ideal: the step's middle), so "
+                            "one r0 cuts the band at the same radius and the kinds differ only in sharpness")
     fixed.add_argument("--lowpass-clamp", action="store_true",
                        help="clamp low-passed images to [-1, 1] (the ideal filter rings past it: Gibbs)")
     fixed.add_argument("--latent-norm", default="channel", choices=("channel", "scalar"),
@@ -144,7 +163,8 @@ def get_args(argv=None):
         raise UserError("--r0 auto chooses FreqWarm's low-pass radius: add --freqwarm")
     if args.r0 != "auto":
         fft_ops.check_r0(args.r0)               # checked even without --freqwarm: a given value must be valid
-    check_range(args, "r0_auto_images", 1)
+    check_range(args, "r0_auto_images", F3_SUBSETS)
+    check_range(args, "freqwarm_stages", 1)
     check_range(args, "warmup_steps", 0, optional=True)
     check_range(args, "warmup_frac", 0.0, 1.0)
     check_range(args, "class_dropout", 0.0, 1.0)
@@ -166,13 +186,33 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- the method
 
+def stage_radii(args):
+    """The low-pass radius of each warm-up stage: [r0] for the paper's step schedule; with linear / cosine, stage
+    k of K at r_k = r0 + (r_max - r0) s(k / K), s(u) = u or (1 - cos(pi u)) / 2, r_max = 0.7071 (the corner:
+    the whole band), so stage 0 is at r0 and the band widens toward full frequency."""
+    if args.freqwarm_schedule == "step":
+        return [args.r0]
+    K, r_max = args.freqwarm_stages, fft_ops.MAX_RADIUS
+    s = (lambda u: u) if args.freqwarm_schedule == "linear" else (lambda u: (1 - math.cos(math.pi * u)) / 2)
+    return [args.r0 + (r_max - args.r0) * s(k / K) for k in range(K)]
+
+
+def freqwarm_radius(step, freqwarm_end, args):
+    """FreqWarm's RGB low-pass radius at `step` (cycles/pixel), or None from freqwarm_end on: full-frequency
+    latents. Steps [0, freqwarm_end) fall into len(stage_radii) equal stages (one, at r0, for the paper's switch)."""
+    if step >= freqwarm_end:
+        return None
+    radii = stage_radii(args)
+    return radii[step * len(radii) // freqwarm_end]
+
+
 @torch.no_grad()
-def encode_images(ae, x, lowpassed, args):
+def encode_images(ae, x, radius, args):
     """The frozen encoder's latent (B, C, h, w) of images x (B, 3, H, W) in [-1, 1]; during FreqWarm's warm-up
-    (lowpassed) of lowpass(x, r0): the RGB spectrum cut at radius r0 cycles/pixel (FreqWarm Sec. 4; the ideal
-    filter rings past [-1, 1], --lowpass-clamp clips it)."""
-    if lowpassed:
-        x = fft_ops.lowpass(x, args.r0, args.lowpass_kind)
+    (radius: freqwarm_radius) of lowpass(x, radius): the RGB spectrum cut at that radius in cycles/pixel (FreqWarm
+    Sec. 4; the ideal filter rings past [-1, 1], --lowpass-clamp clips it)."""
+    if radius is not None:
+        x = fft_ops.lowpass(x, radius, args.lowpass_kind)
         x = x.clamp(-1, 1) if args.lowpass_clamp else x
     return ae.encode(x)
 
@@ -259,7 +299,7 @@ def train(args, run):
     train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
     sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, run.accum, args.seed, step,
                           flip=args.hflip, indices=train_idx)
-    if args.cache_latents:                                  # {lowpassed: rows}: every key encoded once per phase
+    if args.cache_latents:                                  # {radius: rows}: every key encoded once per stage
         cache, batches = build_cache(ae, dataset, args, d), iter(sampler)       # batches of sample keys
     else:
         cache, batches = None, iter(make_loader(dataset, sampler, args.workers))
@@ -274,17 +314,18 @@ def train(args, run):
         run.record(0, lambda: validation(ema))              # the EMA's held-out loss before training
     while step < args.steps:
         student.train()
-        lowpassed = step < freqwarm_end                     # FreqWarm: low-passed latents until the switch
-        if args.freqwarm and step == freqwarm_end:
-            log0(f"FreqWarm: step {step}: switching from low-passed (r0={args.r0}) to full-frequency latents", d)
+        radius = freqwarm_radius(step, freqwarm_end, args)  # FreqWarm: low-passed latents until the switch
+        if args.freqwarm and radius != freqwarm_radius(step - 1, freqwarm_end, args) and step > 0:
+            log0(f"FreqWarm: step {step}: from here on "
+                 + (f"latents of images low-passed at r={radius:.4g}" if radius is not None else "full-frequency latents"), d)
         totals = {}
         for j in range(run.accum):                          # micro-batches of this rank's share of the batch
             if cache is None:
                 x, y = next(batches)                        # images (b, 3, H, W) in [-1, 1], labels (b,)
                 x, y = to_device(x, d.device), to_device(y, d.device)             # no wait for the device
-                z = encode_images(ae, x, lowpassed, args)                           # E(x) or E(lowpass(x, r0))
+                z = encode_images(ae, x, radius, args)                              # E(x) or E(lowpass(x, r0))
             else:                                                                   # the same, encoded once
-                z, y = cache[lowpassed].batch(next(batches), d.device)
+                z, y = cache[radius].batch(next(batches), d.device)
             z = space.normalize(z)                                                  # z_n = (z - mean) / std
             t = run.rand(step, STREAM_T, j)                                         # (b,) t = 1 is pure noise
             eps = run.randn(z.shape[1:], step, STREAM_EPS, j)                       # (b, C, h, w)
@@ -299,7 +340,9 @@ def train(args, run):
         opt.step(), opt.zero_grad(set_to_none=True)
         ema_update(ema, student.sit, args.ema_decay)                                 # the EMA is also the teacher
         step += 1
-        run.end_step(step, dict(phase="warmup" if lowpassed else "full", lr=opt.param_groups[0]["lr"], **totals))
+        lowpass_r = {"lowpass_r": radius} if args.freqwarm_schedule != "step" and radius is not None else {}
+        run.end_step(step, dict(phase="warmup" if radius is not None else "full", **lowpass_r, lr=opt.param_groups[0]["lr"],
+                                **totals))
 
         if run.due(step, args.val_every):                   # once in a while: the EMA's held-out loss per t
             run.record(step, (lambda: validation(ema)) if validation else None)
@@ -375,7 +418,9 @@ def check_warmup(ck, path, args):
 
 def describe(args, ae, student, freqwarm_end, r0_auto, run):
     """The run's first line: model, latents, method settings, batch split, device."""
-    warm = (f"r0={args.r0:g}{' (auto)' if r0_auto else ''} for {freqwarm_end} steps" if args.freqwarm else "off")
+    sched = "" if args.freqwarm_schedule == "step" else \
+        f", {args.freqwarm_schedule} schedule r = {' / '.join(f'{r:.3g}' for r in stage_radii(args))}"
+    warm = (f"r0={args.r0:g}{' (auto)' if r0_auto else ''}{sched} for {freqwarm_end} steps" if args.freqwarm else "off")
     log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
          f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
          f"FreqWarm {warm}; {run.d.world_size} rank(s) x {run.per_rank} ({run.accum} x {run.micro}); "
@@ -393,6 +438,7 @@ def checkpoint_state(run, step, student, ema, opt, record, ema_only=False):
         autoencoder={"spec": args.vae, "abs_spec": absolute_spec(args.vae), "name": ae.name,
                      "content_hash": ae.content_hash, "mlsr_fractions": list(ae.mlsr_fractions)},
         freqwarm={"enabled": args.freqwarm, "r0": args.r0, "kind": args.lowpass_kind,
+                  "schedule": args.freqwarm_schedule, "stage_radii": stage_radii(args) if args.freqwarm else [],
                   "warmup_steps": record["warmup_steps"],
                   "phase": "warmup" if args.freqwarm and step < record["warmup_steps"] else "full",
                   **({"auto": record["r0_auto"]} if record["r0_auto"] else {})})
@@ -448,45 +494,56 @@ def training_stats(ae, dataset, args, d):
 
 
 def auto_r0(ae, dataset, stats, args, d, batch=64):
-    """--r0 auto: r0 at the peak of the autoencoder's own F3 curve, measured here (FreqWarm Finding 3); sets
-    args.r0 and returns the record stored in checkpoints (the curve, the choice, what it was measured on).
+    """--r0 auto: r0 at the interior peak of the autoencoder's own F3 curve, when that peak stands above the
+    curve's spread over image subsets (vae.f3_peak_test: our rule; the paper chose r0 = 0.2 by a gFID ablation);
+    sets args.r0 and returns the record stored in checkpoints (the curves, the choice, what they were measured on).
 
     F3(r0) = mean latent HF energy of z_n = (E(lowpass(x, r0)) - mean) / std (vae.f3_scores; this run's latent
-    statistics) over --r0-auto-images seeded random training images (never validation ones), for r0 in
-    vae.R0_SWEEP. The peak must be interior: a curve highest at an end of the sweep is refused in one line.
+    statistics) for r0 in vae.R0_SWEEP, on --r0-auto-images seeded random training images (never validation ones)
+    split into vae.F3_SUBSETS disjoint subsets. A curve without an interior maximum, or whose maximum does not stand
+    above its spread, is refused in one line that gives the curve and its spread.
     """
     train_idx, _ = train_val_split(len(dataset), args.val_images, args.seed)
     idx = [train_idx[i] for i in random_subset(len(train_idx), args.r0_auto_images, args.seed)]
-    batches = image_batches(dataset, idx[d.rank::d.world_size], batch, args.workers)
-    energy = f3_curve(ae, batches, LatentSpace(stats, ae.mlsr_fractions, device=d.device).normalize, d.device)
-    curve = ", ".join(f"{r:g}: {e:.4g}" for r, e in zip(R0_SWEEP, energy))
-    what = f"F3 curve of {ae.name} (latent HF energy at radius > 0.25 vs r0, {len(idx)} random training images)"
-    peak = f3_peak(R0_SWEEP, energy)
-    if peak is None:
+    normalize = LatentSpace(stats, ae.mlsr_fractions, device=d.device).normalize
+    subsets = [idx[k::F3_SUBSETS] for k in range(F3_SUBSETS)]                       # disjoint, interleaved
+    curves = [f3_curve(ae, image_batches(dataset, sub[d.rank::d.world_size], batch, args.workers), normalize, d.device)
+              for sub in subsets]                                                   # (K, len(R0_SWEEP))
+    energy = [sum(len(s) * c[i] for s, c in zip(subsets, curves)) / len(idx) for i in range(len(R0_SWEEP))]
+    test = f3_peak_test(R0_SWEEP, curves)
+    what = (f"F3 curve of {ae.name} (latent HF energy at radius > 0.25 vs r0, {len(idx)} random training images): "
+            f"{describe_f3(R0_SWEEP, test)}")
+    if test["peak"] is None:
         end = "rises to the largest" if energy[-1] >= max(energy) else "falls from the smallest"
-        raise UserError(f"--r0 auto: the {what} has no interior peak (it {end} r0: {curve}); pass --r0 R")
-    log0(f"--r0 auto: r0 = {peak:g}, the peak of the {what}: {curve}", d)
-    args.r0 = peak
-    return {"r0_sweep": list(R0_SWEEP), "latent_hf_energy": energy, "chosen": peak, "n_images": len(idx),
-            "seed": args.seed, "hf_radius": 0.25}
+        raise UserError(f"--r0 auto: the {what} has no interior peak (it {end} r0); pass --r0 R")
+    if not test["stands"]:
+        raise UserError(f"--r0 auto: the {what}: the peak does not stand above its spread over the image subsets "
+                        f"(height <= its std), so the autoencoder has no measurable F3 peak here; pass --r0 R")
+    log0(f"--r0 auto: r0 = {test['peak']:g}, the peak of the {what}", d)
+    args.r0 = test["peak"]
+    return {"r0_sweep": list(R0_SWEEP), "latent_hf_energy": energy, "chosen": test["peak"], "n_images": len(idx),
+            "seed": args.seed, "hf_radius": 0.25, "subset_curves": curves, "peak_height": test["height"],
+            "peak_height_std": test["height_std"]}
 
 
 def build_cache(ae, dataset, args, d):
-    """--cache-latents: {lowpassed: data.CachedRows}, the latents of every sample key (both flips with --hflip)
-    encoded once, full-frequency and, with FreqWarm, low-passed; in OUT/latents-KEY/ (KEY: cache_key)."""
-    labels = torch.tensor([dataset.label(i) for i in range(len(dataset))])          # (N,), shared by both
-    return {lp: cache_latents(dataset, args.out, cache_key(ae, dataset, args, lp), args.hflip,
-                              ae.latent_shape(args.image_size), lambda x, lp=lp: encode_images(ae, x, lp, args), d,
-                              args.workers, {"autoencoder": ae.name, "low_passed": lp, "r0": args.r0 if lp else None},
-                              labels)
-            for lp in ([False, True] if args.freqwarm else [False])}
+    """--cache-latents: {radius: data.CachedRows}, the latents of every sample key (both flips with --hflip)
+    encoded once, full-frequency (radius None) and, with FreqWarm, low-passed at each stage's radius (one for
+    the paper's step schedule); in OUT/latents-KEY/ (KEY: cache_key)."""
+    labels = torch.tensor([dataset.label(i) for i in range(len(dataset))])          # (N,), shared by all
+    return {r: cache_latents(dataset, args.out, cache_key(ae, dataset, args, r), args.hflip,
+                             ae.latent_shape(args.image_size), lambda x, r=r: encode_images(ae, x, r, args), d,
+                             args.workers, {"autoencoder": ae.name, "low_passed": r is not None, "r0": r}, labels)
+            for r in [None] + (stage_radii(args) if args.freqwarm else [])}
 
 
-def cache_key(ae, dataset, args, lowpassed):
-    """Content key of one latent cache: autoencoder bytes, data files, size, flips, low-pass settings."""
+def cache_key(ae, dataset, args, radius):
+    """Content key of one latent cache: autoencoder bytes, data files, size, flips, and the low-pass the images
+    went through (kind, the radius applied, clamp; radius None: full frequency). The radius is what a FreqWarm
+    schedule changes, so a stage of a schedule and a step run at that radius share their content."""
     parts = [ae.content_hash, fingerprint(dataset), args.image_size, args.hflip]
-    if lowpassed:
-        parts += [args.lowpass_kind, args.r0, args.lowpass_clamp]
+    if radius is not None:
+        parts += [args.lowpass_kind, radius, args.lowpass_clamp]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -509,7 +566,7 @@ class Validation:
         for i in range(0, len(indices), batch):
             idx = indices[i:i + batch]
             x = torch.stack([dataset[j][0] for j in idx]).to(device)
-            zs.append(space.at_level(space.normalize(encode_images(ae, x, False, args)), args.denoise_level))
+            zs.append(space.at_level(space.normalize(encode_images(ae, x, None, args)), args.denoise_level))
             ys.append(torch.tensor([dataset.label(j) for j in idx], device=device))
         self.z, self.y, self.seed, self.batch = torch.cat(zs), torch.cat(ys), args.seed, batch    # (V, C, h, w)
 

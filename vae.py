@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -783,6 +784,38 @@ def f3_peak(r0_sweep, energy):
     a curve highest at the largest r0 rises throughout (no aliasing turn-over), one highest at the smallest falls."""
     i = max(range(len(energy)), key=lambda j: energy[j])
     return r0_sweep[i] if 0 < i < len(r0_sweep) - 1 else None
+
+
+F3_SUBSETS = 4          # disjoint image subsets the F3 curve is measured on, for its spread (our rule, see below)
+
+
+def f3_peak_test(r0_sweep, subset_curves):
+    """Does F3's interior peak stand above the curve's own noise? (Our rule for --r0 auto, not the paper's: it
+    chose r0 = 0.2 by a gFID ablation over 0.05 / 0.2 / 0.4.)
+
+    subset_curves (K, len(r0_sweep)): the curve measured on K >= 2 disjoint image subsets. The candidate is the
+    interior argmax of their mean; its height above the curve's higher end is taken per subset,
+    h_k = c_k[peak] - max(c_k[first], c_k[last]), and the peak stands when mean(h) > std(h) (sample std over
+    the subsets): higher than the subset-to-subset spread of that very height, with no tuned constant.
+    Returns a dict: mean / std curves, the candidate peak (None: no interior maximum), height, its std, stands.
+    """
+    c = np.asarray(subset_curves, dtype=np.float64)                                   # (K, R)
+    if c.ndim != 2 or len(c) < 2:
+        raise ValueError(f"f3_peak_test needs curves of at least 2 image subsets, got shape {c.shape}")
+    out = {"n_subsets": len(c), "mean": c.mean(0).tolist(), "std": c.std(0, ddof=1).tolist(),
+           "peak": f3_peak(list(r0_sweep), c.mean(0).tolist()), "height": None, "height_std": None, "stands": False}
+    if out["peak"] is not None:
+        h = c[:, list(r0_sweep).index(out["peak"])] - np.maximum(c[:, 0], c[:, -1])    # (K,)
+        out.update(height=float(h.mean()), height_std=float(h.std(ddof=1)), stands=bool(h.mean() > h.std(ddof=1)))
+    return out
+
+
+def describe_f3(r0_sweep, test):
+    """One line: the F3 curve as mean ± std over its image subsets, and the peak with its height."""
+    curve = ", ".join(f"{r:g}: {m:.4g} ± {s:.2g}" for r, m, s in zip(r0_sweep, test["mean"], test["std"]))
+    peak = ("no interior maximum" if test["peak"] is None else
+            f"maximum at r0 = {test['peak']:g}, {test['height']:.3g} ± {test['height_std']:.2g} above the higher end")
+    return f"{curve} (mean ± std over {test['n_subsets']} disjoint image subsets; {peak})"
 
 
 # ----------------------------------------------------------------------------- latent statistics

@@ -106,15 +106,16 @@ class Stage2Latents:
         self.space = LatentSpace(stats, ae.mlsr_fractions, args.denoise_level, args.renorm_level, device)
         self.cache = None
 
-    def warming(self, step):
-        return self.args.freqwarm and step < self.warmup
+    def radius(self, step):
+        import train_diffusion as td
+        return td.freqwarm_radius(step, self.warmup if self.args.freqwarm else 0, self.args)
 
     def get(self, step, images=None, keys=None):
         import train_diffusion as td
-        lp = self.warming(step)
+        r = self.radius(step)
         if keys is not None:
-            return self.space.normalize(self.cache[lp].batch(keys, self.device)[0])
-        return self.space.normalize(td.encode_images(self.ae, images, lp, self.args))
+            return self.space.normalize(self.cache[r].batch(keys, self.device)[0])
+        return self.space.normalize(td.encode_images(self.ae, images, r, self.args))
 
     def build_cache(self, dataset, out_dir, d):
         """train_diffusion.build_cache into `out_dir`."""

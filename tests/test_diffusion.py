@@ -50,7 +50,8 @@ def test_warmup_fraction_sets_the_phase(vae_ckpt, tmp_path):
     td.main(smoke(vae_ckpt, tmp_path, "--freqwarm", "--steps", "4", "--warmup-frac", "0.5", "--lowpass-kind", "butterworth"))
     assert [r["phase"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["warmup", "warmup", "full", "full"]
     ck = load_checkpoint(str(tmp_path / "last.pt"), "sit")
-    assert ck["freqwarm"] == dict(enabled=True, r0=0.2, kind="butterworth", warmup_steps=2, phase="full")
+    assert ck["freqwarm"] == dict(enabled=True, r0=0.2, kind="butterworth", schedule="step", stage_radii=[0.2],
+                                  warmup_steps=2, phase="full")
 
 
 def test_resume_across_the_switch_is_exact(vae_ckpt, tmp_path):

@@ -55,7 +55,7 @@ def test_split_sums_to_input_and_keeps_dc(kind, hw):
     H, W = hw
     rad = np.sqrt(np.fft.fftfreq(H)[:, None] ** 2 + np.fft.fftfreq(W)[None, :] ** 2)   # radius 0.15 is on the 32x20 grid
     m = {"ideal": rad <= 0.15 + 1e-9, "butterworth": 1 / (1 + (rad / 0.15) ** 4),
-         "gaussian": np.exp(-rad ** 2 / (2 * 0.15 ** 2))}[kind]
+         "gaussian": 0.5 ** ((rad / 0.15) ** 2)}[kind]
     ref = np.fft.ifft2(np.fft.fft2(x.double().numpy()) * m).real
     np.testing.assert_allclose(low.numpy(), ref, atol=1e-4)
     # DC (the mean) is entirely in the low band
@@ -102,7 +102,9 @@ def test_masks_shapes_values():
     at_r = (rad - 0.25).abs() < 1e-6
     assert at_r.any()
     assert torch.allclose(bw[at_r], torch.tensor(0.5))        # Butterworth is 1/2 at the cut-off
-    assert torch.allclose(ga[at_r], torch.tensor(np.exp(-0.5), dtype=torch.float32))
+    assert torch.allclose(ga[at_r], torch.tensor(0.5))        # so is the Gaussian: one meaning of r for every kind
+    at_2r = (rad - 0.5).abs() < 1e-6                           # 2 r: the Gaussian's 1/16, Butterworth's 1/17
+    assert torch.allclose(ga[at_2r], torch.tensor(1 / 16)) and torch.allclose(bw[at_2r], torch.tensor(1 / 17))
     assert ideal[0, 0] == bw[0, 0] == ga[0, 0] == 1.0
     # ideal is a hard circle, inclusive at the radius
     torch.testing.assert_close(ideal, (rad <= 0.25).float())

@@ -215,7 +215,7 @@ def test_stage2_validation_is_at_the_run_level_on_full_frequency_held_out_latent
     ae, ds, _, _, _ = td.build(args, CPU)
     stats = td.training_stats(ae, ds, args, CPU)
     latents = Stage2Latents(ae, stats, args, 100)
-    assert latents.warming(0)
+    assert latents.radius(0) == 0.1
     _, val_idx = train_val_split(len(ds), args.val_images, args.seed)
     res = td.Validation(ae, latents.space, ds, val_idx, args, CPU.device)(XOverT())
     vae, ck = load_vae(vae_path)
