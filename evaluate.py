@@ -973,6 +973,71 @@ def deadleaves_metrics(extractor, fake, n_ref=2000, seed=0, labels=None, ref_mom
     return out
 
 
+DAMAGES = {                                 # known damage of held-out images, each family by increasing amount
+    "blur sigma (px)": (0.5, 1.0, 2.0),
+    "noise std": (0.05, 0.1, 0.2),
+    "low-pass r0": (0.4, 0.2, 0.1),
+}
+
+
+def damage(x, family, amount, seed):
+    """Held-out images x (B, 3, H, W) in [-1, 1] with one known damage of DAMAGES (clamped to [-1, 1])."""
+    if family.startswith("blur"):
+        return fft_ops.gaussian_blur(x, amount)
+    if family.startswith("noise"):
+        g = torch.Generator().manual_seed(derive_seed(seed, "damage-noise", int(amount * 1e6)))
+        return (x + amount * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return fft_ops.lowpass(x, amount).clamp(-1, 1)
+
+
+def cmd_metric_check(a, d):
+    """Does the offline sample metric see damage? On --subsets disjoint sets of --n held-out dead-leaves images
+    (seed --heldout-seed: no run trains on it), fd_dl of the undamaged images (the metric's floor) and of each
+    known damage (DAMAGES): a usable metric rises monotonically with each damage above that floor, by more than
+    its spread over the subsets (sample std), which is also what two sample sets of one model differ by."""
+    if not d.main:
+        return
+    ext = DeadLeavesExtractor(a.image_size, d.device, n_train=a.dl_train_images, steps=a.dl_steps)
+    ref = deadleaves_reference(ext, a.image_size)
+    pool = DeadLeaves(n=a.n * a.subsets, resolution=a.image_size, seed=a.heldout_seed)
+    rows = {"undamaged": []}
+    for k in range(a.subsets):                                     # disjoint subsets: images k, k + S, ...
+        idx = list(range(k, a.n * a.subsets, a.subsets))
+        x = torch.stack([pool[i][0] for i in idx])                  # (n, 3, S, S)
+        labels = np.array([pool.label(i) for i in idx])
+        score = lambda imgs: deadleaves_metrics(ext, to_uint8(imgs), labels=labels, ref_moments=ref)["fd_dl"]
+        rows["undamaged"].append(score(x))
+        for family, amounts in DAMAGES.items():
+            for amount in amounts:
+                rows.setdefault(f"{family} {amount:g}", []).append(score(damage(x, family, amount, a.seed + k)))
+    stat = {name: (float(np.mean(v)), float(np.std(v, ddof=1))) for name, v in rows.items()}
+    floor, spread = stat["undamaged"]
+    verdict = {}
+    for family, amounts in DAMAGES.items():
+        means = [floor] + [stat[f"{family} {x:g}"][0] for x in amounts]
+        steps = np.diff(means)
+        verdict[family] = {"monotonic": bool((steps > 0).all()), "smallest_step": float(steps.min()),
+                           "steps_above_spread": bool((steps > spread).all())}
+    lines = [f"fd_dl ({DL_NAME}; reference: {ref.n} dead-leaves images of seed 0) of {a.n} held-out dead-leaves "
+             f"images (seed {a.heldout_seed}) at {a.image_size} px; mean ± sample std over {a.subsets} disjoint "
+             f"subsets", "", "| images | fd_dl |", "|---|---|"]
+    lines += [f"| {name} | {m:.3f} ± {sd:.3f} |" for name, (m, sd) in stat.items()]
+    lines += ["", "| damage | rises monotonically from the floor | smallest rise | every rise above the spread "
+              f"({spread:.3f}) |", "|---|---|---|---|"]
+    lines += [f"| {f} | {'yes' if v['monotonic'] else 'NO'} | {v['smallest_step']:+.3f} | "
+              f"{'yes' if v['steps_above_spread'] else 'NO'} |" for f, v in verdict.items()]
+    text = "\n".join(lines)
+    os.makedirs(a.out, exist_ok=True)
+    write_json(os.path.join(a.out, "metric_check.json"), {
+        "metric": "fd_dl", "network": DL_NAME, "dl_train_images": a.dl_train_images, "dl_steps": a.dl_steps,
+        "n": a.n, "subsets": a.subsets, "heldout_seed": a.heldout_seed, "image_size": a.image_size,
+        "values": rows, "mean_std": stat, "verdict": verdict,
+        "usable": all(v["monotonic"] and v["steps_above_spread"] for v in verdict.values())})
+    with atomic_write(os.path.join(a.out, "metric_check.md"), text=True) as f:
+        f.write(text + "\n")
+    log0(f"{text}\n-> {a.out}/metric_check.md, metric_check.json", d)
+
+
 # ----------------------------------------------------------------------------- reconstruction metrics
 
 SSIM_SIDE = 11                                              # SSIM's window: the smallest image it can score
@@ -1693,6 +1758,13 @@ def get_args(argv=None):
     sp.add_argument("--labels", default="balanced", choices=("balanced", "random"))
     sp.add_argument("--cfg-scale", type=float, default=1.0)
     sp.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], help="guide only for t in [lo, hi]")
+    mc = sub.add_parser("metric-check", help="does fd_dl rise with known damage of held-out images (blur, noise, "
+                                             "low-pass), above its spread over image subsets?")
+    mc.add_argument("--image-size", type=int, default=32, help="side of the images (that of the samples scored)")
+    mc.add_argument("--n", type=int, default=500, help="images per subset (the sample count of the metric)")
+    mc.add_argument("--subsets", type=int, default=3, help="disjoint subsets (the spread is over them)")
+    mc.add_argument("--heldout-seed", type=int, default=1000, help="dead-leaves seed of the held-out images")
+    mc.add_argument("--out", default="runs/eval/metric-check")
     r = sub.add_parser("recon", help="PSNR / SSIM / LPIPS / rFID / rsFID / IS per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
@@ -1707,7 +1779,7 @@ def get_args(argv=None):
                        help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g, c, cv, sp):
+    for q in (s, f, r, g, c, cv, sp, mc):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default=None)
         q.add_argument("--no-bf16", action="store_true")
@@ -1716,7 +1788,7 @@ def get_args(argv=None):
         q.add_argument("--inception-path", default=None, help="local Inception torchscript file (any name)")
         q.add_argument("--fid-mode", default="adm", choices=FID_MODES, help=FID_MODE_HELP)
     r.add_argument("--vgg-path", default=None, help=f"local VGG16 weights for LPIPS (torchvision's {VGG16_FILE})")
-    for q in (f, cv):
+    for q in (f, cv, mc):
         q.add_argument("--dl-train-images", type=int, default=1000, help="training images of the dead-leaves network")
         q.add_argument("--dl-steps", type=int, default=300, help="training steps of the dead-leaves network")
     return p.parse_args(argv)
@@ -1748,6 +1820,11 @@ def validate(a):
                 raise UserError("--make-ref-stats of a folder needs --resolution (the side of the ADM centre crop, "
                                 "e.g. 256) or --samples (their side): the statistics stand only beside that size")
     elif a.cmd == "compare":
+        check_out_dir(a.out)
+    elif a.cmd == "metric-check":
+        check_range(a, "image_size", 8)
+        check_range(a, "n", 2)
+        check_range(a, "subsets", 2)
         check_out_dir(a.out)
     elif a.cmd == "spectrum":
         for name in ("num_samples", "batch", "sample_steps"):
@@ -1784,7 +1861,8 @@ def main(argv=None):
     validate(a)
     d = setup_distributed(getattr(a, "device", None), getattr(a, "dist_timeout", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
-                "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export, "spectrum": cmd_spectrum}
+                "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export, "spectrum": cmd_spectrum,
+                "metric-check": cmd_metric_check}
     commands[a.cmd](a, d)
 
 

@@ -31,6 +31,7 @@ are now (a stopped training run resumes; evaluations of a changed checkpoint run
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -50,7 +51,10 @@ SETTINGS = {
                   levels=(0, 1), fda_levels=(0,), r0s=(0.2,), n_samples=20, sample_steps=3, n_eval=16,
                   dl=["--dl-train-images", "200", "--dl-steps", "30"],
                   dcae=["--preset", "dcae-smoke"], dcae_size=16, dcae_dims=(4,), dcae_seeds=1,
-                  d_sit=["--preset", "smoke", "--val-every", "2"], d_kept=(2, 4), d_seeds=1, d_r0s=("auto",)),
+                  d_sit=["--preset", "smoke", "--val-every", "2"], d_kept=(2, 4), d_seeds=1, d_r0s=("auto",),
+                  e_dcae=["--preset", "dcae-smoke", "--val-every", "2"], e_size=16, e_dims=(4, 8), e_ae_round=2,
+                  e_ae_max=4, e_sit=["--preset", "smoke", "--val-every", "2"], e_kept=(2, 4), e_seeds=1,
+                  e_samples=20, e_spectrum=16, e_check=["--n", 10, "--subsets", 2]),
     "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
                 image_size=32,
                 sit=["--preset", "cpu-demo", "--steps", "300", "--val-every", "100", "--sample-every", "100000"],
@@ -59,7 +63,12 @@ SETTINGS = {
                 dcae=["--preset", "dcae-cpu", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
                 dcae_size=32, dcae_dims=(4, 16, 64, 128), dcae_seeds=3,
                 d_sit=["--preset", "cpu-demo", "--val-every", "250", "--sample-every", "100000"],
-                d_kept=(500, 1000, 1500, 2000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
+                d_kept=(500, 1000, 1500, 2000), d_seeds=3, d_r0s=(0.2, "auto", 0.05),
+                e_dcae=["--preset", "dcae-cpu", "--dcae-config", "tiny-f4w256", "--stats-images", "1000",
+                        "--val-every", "200"], e_size=32, e_dims=(4, 16, 64, 256), e_ae_round=400, e_ae_max=2400,
+                e_sit=["--preset", "cpu-demo", "--val-every", "300", "--sample-every", "100000"],
+                e_kept=(300, 600, 900, 1200, 1500), e_seeds=3, e_samples=1000, e_spectrum=256,
+                e_check=["--n", 1000, "--subsets", 3]),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
                      "--val-every", "2000", "--workers", "8"], image_size=64,
@@ -75,7 +84,16 @@ SETTINGS = {
                 d_sit=["--model", "S/2", "--n-images", "20000", "--global-batch", "256", "--lr", "2e-4",
                        "--cache-latents", "--val-every", "2000", "--ckpt-every", "5000", "--sample-every", "100000",
                        "--workers", "8"],
-                d_kept=(5000, 10000, 15000, 20000), d_seeds=3, d_r0s=(0.2, "auto", 0.05)),
+                d_kept=(5000, 10000, 15000, 20000), d_seeds=3, d_r0s=(0.2, "auto", 0.05),
+                e_dcae=["--arch", "dcae", "--dcae-config", "tiny-f4w256", "--image-size", "64", "--n-images", "20000",
+                        "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
+                        "--stats-images", "5000", "--val-every", "1000", "--workers", "8"],
+                e_size=64, e_dims=(4, 16, 64, 256), e_ae_round=4000, e_ae_max=40000,
+                e_sit=["--model", "S/2", "--n-images", "20000", "--global-batch", "256", "--lr", "2e-4",
+                       "--cache-latents", "--val-every", "2500", "--ckpt-every", "5000", "--sample-every", "100000",
+                       "--workers", "8"],
+                e_kept=(5000, 10000, 15000, 20000), e_seeds=3, e_samples=5000, e_spectrum=1000,
+                e_check=["--n", 5000, "--subsets", 3]),
 }
 HELDOUT_SEED = 1000         # dead-leaves seed of the evaluation images: no run trains on it (runs: seeds 0 ..)
 PLAIN = ["--mlsr-fractions", "0", "0", "0", "0", "--mlsr-sigmas", "0", "0", "0", "0"]
@@ -313,6 +331,208 @@ def part_d(run, s, out, clearest):
     return {"runs": res, "refused": refused, "autoencoder": clearest}, text
 
 
+PAPER_CHANNELS = [(32, 5.75, 5.74), (128, 13.84, 9.42), (512, 54.84, 42.66)]    # FreqWarm's DC-AE f32 channel
+# ablation: latent channels, gFID of the baseline, gFID with FreqWarm (r0 = 0.2; the summary's table)
+
+
+def val_curve(run_dir, key):
+    """[(step, value)] of a run's validation lines (metrics.jsonl) that hold `key`."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return [(r["step"], r[key]) for r in read_jsonl(path) if key in r] if os.path.isfile(path) else []
+
+
+def train_until_flat(run, s, d, extra):
+    """A conv autoencoder of part E, trained in rounds of e_ae_round steps (resumed; the learning rate is
+    constant) until its held-out PSNR (val_psnr_l0, EMA) rose by less than 0.1 dB over the last round, or
+    e_ae_max steps. Returns (steps, PSNR, its rise over the last round, whether it flattened)."""
+    ck, steps = os.path.join(d, "last.pt"), s["e_ae_round"]
+    while True:
+        done = max([st for st, _ in val_curve(d, "val_psnr_l0")], default=-1)
+        if done < steps:                                        # a rerun skips the rounds it already trained
+            run("train_vae.py", *s["e_dcae"], *extra, "--steps", steps, "--out", d, output=ck)
+        psnr = dict(val_curve(d, "val_psnr_l0"))
+        rise = psnr[steps] - psnr.get(steps - s["e_ae_round"], -math.inf)       # Stage 1 validates from its
+        if rise < 0.1 or steps >= s["e_ae_max"]:                                 # first --val-every on
+            return steps, psnr[steps], rise, rise < 0.1
+        steps += s["e_ae_round"]
+
+
+def paired(runs_a, runs_b, key, i=-1):
+    """(mean, std, n) over seeds of b - a at kept point i; runs are paired by seed (same initial weights and
+    data order). None when no seed has the value."""
+    a = {r["seed"]: r["points"][i][key] for r in runs_a if key in r["points"][i]}
+    b = {r["seed"]: r["points"][i][key] for r in runs_b if key in r["points"][i]}
+    diff = [b[k] - a[k] for k in sorted(set(a) & set(b))]
+    return (float(np.mean(diff)), float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0, len(diff)) if diff else None
+
+
+def fmt_pair(p):
+    return "-" if p is None else f"{p[0]:+.3f} ± {p[1]:.3f}" + ("" if p[2] > 1 else " (1 seed)")
+
+
+def part_e(run, s, out, heldout):
+    """FreqWarm where the paper finds its gain: latent channels c = e_dims of one conv layout (tiny-f4w256: f4,
+    8 x 8 latents at 32 px), each trained until its PSNR flattens; per c the F3 curve with its spread over 4
+    image subsets; SiT as baseline, FreqWarm r0 = 0.2 and FreqWarm at the autoencoder's own peak (--r0 auto:
+    refused where the peak does not stand above its spread), e_seeds seeds each; scored at every kept step by
+    fd_dl (e_samples samples; `evaluate.py metric-check` first shows what it resolves), the latent spectrum of
+    the samples against real latents (latent_hf_log_ratio) and the validation loss. Then, at the c where
+    FreqWarm helps most, the linear and cosine schedules and a soft (Gaussian) cut at r0 = 0.2."""
+    assert s["e_size"] == s["image_size"], "the held-out images are at image_size"
+    check = os.path.join(out, "partE-metric-check")
+    dl = s["dl"] or []
+    run("evaluate.py", "metric-check", "--image-size", s["e_size"], *s["e_check"], *dl, "--out", check,
+        output=os.path.join(check, "metric_check.json"), clear=[check])
+    mc = json.load(open(os.path.join(check, "metric_check.json")))
+    steps, keep = s["e_kept"][-1], s["e_kept"][0]
+    warm = steps // 2
+    fw = ["--freqwarm", "--warmup-steps", warm, "--r0"]
+    arms = [("baseline", []), ("FreqWarm r0=0.2", [*fw, 0.2]), ("FreqWarm r0=auto", [*fw, "auto"])]
+    extra_arms = [("linear schedule", [*fw, 0.2, "--freqwarm-schedule", "linear"]),
+                  ("cosine schedule", [*fw, 0.2, "--freqwarm-schedule", "cosine"]),
+                  ("gaussian cut", [*fw, 0.2, "--lowpass-kind", "gaussian"])]
+    ae, res, refused = {}, {}, {}
+
+    def train_arms(c, folder, configs):
+        trained = []
+        for name, flags in configs:
+            for seed in range(s["e_seeds"]):
+                d = os.path.join(out, f"site-c{c}-" + name.replace(" ", "").replace("=", "") + f"-s{seed}")
+                err = run("train_diffusion.py", *s["e_sit"], *flags, "--vae", "diffusers:" + folder, "--image-size",
+                          s["e_size"], "--steps", steps, "--keep-every", keep, "--seed", seed, "--out", d,
+                          output=os.path.join(d, "last.pt"), tolerate="--r0 auto:")
+                if err:
+                    refused.setdefault((c, name), []).append(f"seed {seed}: {err}")
+                else:
+                    trained.append((name, d))
+        return trained
+
+    def score(c, trained):
+        """evaluate.py curve over these runs (sample sets kept in the curve's folder: a second call reuses them)."""
+        cdir = os.path.join(out, f"partE-curve-c{c}")
+        run("evaluate.py", "curve", *[d for _, d in trained], "--num-samples", s["e_samples"], "--batch", 100,
+            "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, "--spectrum-samples", s["e_spectrum"], *dl,
+            "--out", cdir, output=os.path.join(cdir, "curve.json"),
+            inputs=[os.path.join(d, "last.pt") for _, d in trained])
+        points = {r["dir"]: r for r in json.load(open(os.path.join(cdir, "curve.json")))["runs"]}
+        for name, d in trained:
+            ck = torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=True)
+            runs = res.setdefault(c, {}).setdefault(name, {})
+            runs[d] = {"seed": points[d]["seed"], "points": points[d]["points"], "dir": d,
+                       "r0": ck["freqwarm"]["r0"] if ck["freqwarm"]["enabled"] else None}
+
+    for c in s["e_dims"]:
+        d = os.path.join(out, f"dcae-e-c{c}")
+        ae_steps, psnr, rise, flat = train_until_flat(run, s, d, ["--latent-dim", c, "--seed", 0])
+        diag = os.path.join(d, "diagnosis", "diagnosis.json")
+        run("evaluate.py", "diagnose", "--vae", "diffusers:" + os.path.join(d, "diffusers"), "--image-size",
+            s["e_size"], *heldout, "--seed", 1, "--out", os.path.dirname(diag), output=diag,
+            inputs=[os.path.join(d, "last.pt"), heldout[1]], clear=[os.path.dirname(diag)])
+        ae[c] = {"steps": ae_steps, "psnr": psnr, "rise": rise, "flat": flat, "diagnosis": json.load(open(diag)),
+                 "folder": os.path.join(d, "diffusers")}
+        score(c, train_arms(c, ae[c]["folder"], arms))
+    runs = lambda c, name: list(res[c].get(name, {}).values())                          # by seed
+    gains = {c: paired(runs(c, "baseline"), runs(c, "FreqWarm r0=0.2"), "fd_dl") for c in res}
+    helps = {c: g for c, g in gains.items() if g and g[0] < 0 and -g[0] > g[1]}       # lower fd_dl, beyond spread
+    best = min(helps, key=lambda c: helps[c][0]) if helps else max(s["e_dims"])
+    trained = [(n, r["dir"]) for n in ("baseline", "FreqWarm r0=0.2") for r in runs(best, n)]
+    score(best, trained + train_arms(best, ae[best]["folder"], extra_arms))
+    res = {c: {name: runs(c, name) for name in res[c]} for c in res}
+    return report_e(s, out, mc, ae, res, refused, best, helps, warm, steps, keep)
+
+
+def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps, keep):
+    """Part E's tables and figures (results.json keeps every number)."""
+    kept = list(range(keep, steps + 1, keep))
+    iw = kept.index(warm) if warm in kept else None
+    text = (f"Sample metric check (`evaluate.py metric-check`, {mc['n']} held-out images per subset, {mc['subsets']} "
+            f"subsets): fd_dl of undamaged images {mc['mean_std']['undamaged'][0]:.3f} ± "
+            f"{mc['mean_std']['undamaged'][1]:.3f}; " + "; ".join(
+                f"{f}: {'rises monotonically' if v['monotonic'] else 'NOT monotonic'}, every rise "
+                f"{'above' if v['steps_above_spread'] else 'NOT above'} the spread" for f, v in mc["verdict"].items())
+            + f". Samples per point below: {s['e_samples']}.\n\n")
+    rows = []
+    for c, a in ae.items():
+        f3 = a["diagnosis"].get("f3_subsets", {})
+        peak = ("none" if f3.get("peak") is None else f"{f3['peak']:g}: {f3['height']:.3g} ± {f3['height_std']:.2g} "
+                f"({'stands' if f3['stands'] else 'within spread'})")
+        rows.append([c, f"{a['psnr']:.2f} dB at {a['steps']} ({'flat' if a['flat'] else 'still rising'}: "
+                        f"{a['rise']:+.2f} dB over the last round)", peak])
+    text += table(["latent channels c", "held-out PSNR (EMA, level 0)", "F3 interior peak r0: height above the "
+                   "higher end, mean ± std over 4 image subsets"], rows)
+    rows = []
+    for c in res:
+        base = res[c].get("baseline", [])
+        for name in [n for n in res[c] if n != "baseline"]:
+            r0 = ", ".join(sorted({f"{r['r0']:g}" for r in res[c][name]}))
+            rows.append([c, name, r0,
+                         *(fmt_pair(paired(base, res[c][name], k, iw)) if iw is not None else "-"
+                           for k in ("fd_dl", "latent_hf_log_ratio")),
+                         *(fmt_pair(paired(base, res[c][name], k)) for k in ("fd_dl", "latent_hf_log_ratio",
+                                                                             "val_loss"))])
+    text += "\n\n" + table(
+        ["c", "SiT run", "r0 used", f"Δ fd_dl @ {warm} (warm-up end)", f"Δ latent_hf_log_ratio @ {warm}",
+         f"Δ fd_dl @ {steps}", f"Δ latent_hf_log_ratio @ {steps}", f"Δ val loss @ {steps}"], rows)
+    text += ("\n\nΔ = run − baseline of the same seed (same initial weights and data order), mean ± std over "
+             f"{s['e_seeds']} seeds; fd_dl lower is better; latent_hf_log_ratio 0 = the real latents' high "
+             "frequencies, < 0 = missing. Paper (FreqWarm, DC-AE f32, gFID baseline -> FreqWarm): "
+             + ", ".join(f"c{c} {b} -> {f}" for c, b, f in PAPER_CHANNELS) + ".")
+    text += (f"\n\nSchedules and the soft cut ran at c = {best} "
+             + ("(where FreqWarm r0 = 0.2 lowered fd_dl the most beyond its spread)." if best in helps else
+                "(FreqWarm r0 = 0.2 lowered fd_dl beyond its spread at no c: the largest c)."))
+    for (c, name), lines in refused.items():
+        text += f"\n\nc = {c}, {name} refused (no run): " + "; ".join(lines)
+    plot_e(res, best, iw, os.path.join(out, "partE_gain_vs_channels.png"), os.path.join(out, "partE_spectra.png"))
+    text += f"\n\nFigures: {out}/partE_gain_vs_channels.png, {out}/partE_spectra.png."
+    return {"metric_check": mc, "autoencoders": {str(c): {k: v for k, v in a.items() if k != "diagnosis"}
+                                                 for c, a in ae.items()},
+            "runs": {str(c): v for c, v in res.items()}, "best_c": best,
+            "refused": {f"c{c} {n}": v for (c, n), v in refused.items()}}, text
+
+
+def plot_e(res, best, iw, gain_path, spectra_path):
+    """Gain vs channels (Δ fd_dl and Δ latent_hf_log_ratio of FreqWarm r0 = 0.2 at the last kept step, mean ±
+    std over seeds) and the generated-vs-real latent spectra at c = best (baseline and FreqWarm, mean over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cs = sorted(c for c in res if "baseline" in res[c] and "FreqWarm r0=0.2" in res[c])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)
+    for ax, key in zip(axes, ("fd_dl", "latent_hf_log_ratio")):
+        g = [paired(res[c]["baseline"], res[c]["FreqWarm r0=0.2"], key) or (np.nan, 0, 0) for c in cs]
+        ax.errorbar(cs, [x[0] for x in g], yerr=[x[1] for x in g], marker="o", capsize=3, color="k")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="latent channels c", ylabel=f"Δ {key} (FreqWarm − baseline)",
+               title=f"FreqWarm r0 = 0.2: Δ {key}")
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.grid(alpha=0.3)
+    save_png(fig, gain_path)
+    which = ([iw] if iw is not None else []) + [-1]
+    fig, axes = plt.subplots(1, len(which), figsize=(4.2 * len(which), 3.2), dpi=110, squeeze=False)
+    for ax, i in zip(axes[0], which):
+        real = None
+        for name, style in (("baseline", "-"), ("FreqWarm r0=0.2", "--")):
+            spec = [r["points"][i]["spectrum"] for r in res[best].get(name, []) if "spectrum" in r["points"][i]]
+            if spec:
+                real = spec[0]
+                ax.semilogy(real["radii"], np.mean([p["power_gen"] for p in spec], 0), style, marker="o", ms=2.5,
+                            label=f"{name}, generated")
+        if real:
+            ax.semilogy(real["radii"], real["power_real"], ":", color="k", label="real latents")
+        step = res[best]["baseline"][0]["points"][i]["step"] if res[best].get("baseline") else "?"
+        ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power per bin", title=f"c = {best}, step {step}")
+        ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    save_png(fig, spectra_path)
+
+
+def save_png(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
 def plot_curves(res, path):
     """fd_dl against training step, mean over seeds, one line per run configuration."""
     import matplotlib
@@ -325,10 +545,7 @@ def plot_curves(res, path):
                 label=name)
     ax.set(xlabel="training step", ylabel="fd_dl (offline, lower is better)", title="Part D: metric vs step")
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def part_c(run, s, out, vae):
@@ -365,11 +582,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     p.add_argument("--out", default="runs/study", help="the study's folder (one setting per folder)")
-    p.add_argument("--parts", default="ABCD", help="which parts to run, e.g. AC")
+    p.add_argument("--parts", default="ABCD", help="which parts to run, e.g. AC; E (FreqWarm vs latent channels) "
+                                                   "runs only when named: about 3 hours alone on 2 CPU cores")
     a = p.parse_args(argv)
-    unknown = sorted(set(a.parts) - set("ABCD"))
+    unknown = sorted(set(a.parts) - set("ABCDE"))
     if unknown or not a.parts:
-        raise UserError(f"--parts {a.parts!r}: the parts are A, B, C and D (e.g. --parts AC)")
+        raise UserError(f"--parts {a.parts!r}: the parts are A, B, C, D and E (e.g. --parts AC)")
     s, out = SETTINGS[a.setting], os.path.abspath(a.out)
     check_out_dir(out)
     tag = os.path.join(out, "study.json")                       # which setting this folder holds
@@ -382,7 +600,7 @@ def main(argv=None):
     else:
         write_json(tag, {"setting": a.setting})
     run = Runner(out)
-    heldout = heldout_data(run, s, out) if set(a.parts) & set("ABD") else None
+    heldout = heldout_data(run, s, out) if set(a.parts) & set("ABDE") else None
     results, sections = {"setting": a.setting, "seeds": list(range(s["seeds"]))}, []
     t0 = time.time()
     if "A" in a.parts:
@@ -409,6 +627,9 @@ def main(argv=None):
         else:
             results["D"], text = part_d(run, s, out, clearest)
             sections.append(f"## D. FreqWarm where F3 peaks ({a.setting}, seeds {list(range(s['d_seeds']))})\n\n{text}")
+    if "E" in a.parts:
+        results["E"], text = part_e(run, s, out, heldout)
+        sections.append(f"## E. FreqWarm vs latent channels ({a.setting}, seeds {list(range(s['e_seeds']))})\n\n{text}")
     report = "\n\n".join(sections) + f"\n\n({time.time() - t0:.0f} s; commands in {out}/commands.txt)\n"
     write_json(os.path.join(out, "results.json"), results)
     with atomic_write(os.path.join(out, "study.md"), text=True) as f:
