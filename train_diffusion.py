@@ -315,9 +315,10 @@ def train(args, run):
     while step < args.steps:
         student.train()
         radius = freqwarm_radius(step, freqwarm_end, args)  # FreqWarm: low-passed latents until the switch
-        if args.freqwarm and radius != freqwarm_radius(step - 1, freqwarm_end, args) and step > 0:
-            log0(f"FreqWarm: step {step}: from here on "
-                 + (f"latents of images low-passed at r={radius:.4g}" if radius is not None else "full-frequency latents"), d)
+        before = freqwarm_radius(step - 1, freqwarm_end, args) if args.freqwarm and step > 0 else radius
+        if radius != before:                                # the switch (and, scheduled, each wider stage)
+            log0(f"FreqWarm: step {step}: " + (f"switching from low-passed (r0={before:.4g}) to full-frequency latents"
+                                               if radius is None else f"widening the low-pass to r={radius:.4g}"), d)
         totals = {}
         for j in range(run.accum):                          # micro-batches of this rank's share of the batch
             if cache is None:

@@ -168,8 +168,10 @@ def test_curve_of_two_seeds_writes_table_json_and_figure(smoke_models, tmp_path,
     res = __import__("json").loads((out / "curve.json").read_text())
     assert res["metric"] == "fd_dl" and res["sampler"] == "sde" and res["num_samples"] == 6
     assert [[p["step"] for p in r["points"]] for r in res["runs"]] == [[2, 4], [2, 4]]
-    rows = [line for line in table.splitlines() if line.startswith("| 2 ") or line.startswith("| 4 ")]
-    assert "(seeds 0,1)" in table and len(rows) == 2 and table.count("|---") == 2   # step + one column
+    fd = table.split("**fd_dl**")[1].split("**")[0]                         # the sample metric's table
+    rows = [line for line in fd.splitlines() if line.startswith("| 2 ") or line.startswith("| 4 ")]
+    assert "(seeds 0,1)" in fd and len(rows) == 2 and fd.count("|---") == 2   # step + one column
+    assert "**latent_hf_log_ratio**" in table and "**val_loss**" in table    # the mechanism and the loss beside it
     for row, i in zip(rows, (0, 1)):
         v = np.array([r["points"][i]["fd_dl"] for r in res["runs"]])
         assert row == f"| {2 * (i + 1)} | {v.mean():.4f} ± {v.std(ddof=1):.4f} |"
