@@ -85,7 +85,7 @@ def parser():
     fixed = add_common_args(p)              # what is trained: a resumed run may not change these (common.Run)
     fixed.add_argument("--model", default="XL/2", help="SiT size/patch: smoke/1, tiny/1, S/2, B/2, L/2, XL/2, XL/1, "
                                                        "...; U-ViT: uvit-smoke/1, uvit-tiny/2, uvit-S/2, uvit-M/2, "
-                                                       "uvit-L/2, uvit-H/2")
+                                                       "uvit-L/2, uvit-H/2, uvit-2B/1 (USiT-2B)")
     fixed.add_argument("--image-size", type=int, default=None,
                        help=f"image side (default: the VAE's training size; {DEFAULT_IMAGE_SIZE} for pretrained "
                             f"autoencoders)")
