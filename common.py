@@ -886,6 +886,9 @@ def add_common_args(p):
     p.add_argument("--device", default=None, help="force a device (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing per transformer block: keep only each block's inputs and recompute "
+                        "its activations in backward (less memory, one more forward; the same numbers)")
     p.add_argument("--resume", default="auto",
                    help="'auto' (OUT/last.pt if present), 'none', or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",

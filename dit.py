@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from vae import Attention, Mlp, patchify, sincos_2d, unpatchify
+from vae import Attention, Mlp, call_block, patchify, sincos_2d, unpatchify
 
 # depth, width, heads (DiT / SiT Table 1) plus small CPU sizes
 SIZES = {"smoke": (1, 32, 2), "tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12),
@@ -89,6 +89,8 @@ class FinalLayer(nn.Module):
 
 
 class SiT(nn.Module):
+    grad_checkpoint = False          # --grad-checkpoint: blocks recompute their activations in backward (call_block)
+
     def __init__(self, input_size=16, in_channels=4, patch=2, width=1152, depth=28, heads=16, num_classes=1000,
                  mlp_ratio=4.0):
         super().__init__()
@@ -101,7 +103,8 @@ class SiT(nn.Module):
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = nn.Embedding(num_classes + 1, width)               # index num_classes = null class
         g = input_size // patch
-        self.register_buffer("pos", sincos_2d(width, g, g)[None], persistent=False)   # (1, N, D)
+        self.register_buffer("pos", sincos_2d(width, g, g)[None].to(torch.get_default_device()),   # (1, N, D)
+                             persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(width, patch * patch * in_channels)
         self._init()
@@ -134,7 +137,7 @@ class SiT(nn.Module):
         c = self.t_embed(t) + self.y_embed(y)                                # (B, D)
         hidden = None
         for i, blk in enumerate(self.blocks, start=1):
-            tok = blk(tok, c)
+            tok = call_block(blk, tok, c, checkpoint=self.grad_checkpoint)
             if i == return_hidden:
                 hidden = tok
                 if hidden_only:
@@ -197,6 +200,7 @@ class UViT(nn.Module):
     Initialisation as U-ViT (truncated normal 0.02 for linears, embeddings and positions), except the output
     projection (and conv), which starts at zero as SiT's does: a fresh model predicts v = 0.
     """
+    grad_checkpoint = False          # --grad-checkpoint: blocks recompute their activations in backward (call_block)
 
     def __init__(self, input_size=32, in_channels=4, patch=2, width=1152, depth=29, heads=16, num_classes=1000,
                  mlp_ratio=4.0, qkv_bias=False, conv=False):
@@ -248,7 +252,7 @@ class UViT(nn.Module):
         tok = torch.cat([extras, tok], dim=1) + self.pos                     # (B, 2 + N, D)
         half, skips, hidden = len(self.blocks) // 2, [], None
         for i, blk in enumerate(self.blocks):
-            tok = blk(tok, skips.pop() if i > half else None)
+            tok = call_block(blk, tok, skips.pop() if i > half else None, checkpoint=self.grad_checkpoint)
             if i < half:
                 skips.append(tok)
             if i + 1 == return_hidden:

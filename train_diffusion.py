@@ -328,6 +328,7 @@ def build(args, d):
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     C, h = ae.latent_dim, args.image_size // ae.downsample
     sit = build_denoiser(args.model, h, C, dataset.num_classes).to(d.device)
+    sit.grad_checkpoint = args.grad_checkpoint          # recompute each block's activations in backward
     if args.fda and not 1 <= args.fda_depth <= len(sit.blocks):
         raise UserError(f"--fda-depth {args.fda_depth} is outside 1..{len(sit.blocks)} for SiT {args.model}")
     if args.fda and args.denoise_level == 3:

@@ -112,7 +112,8 @@ FIXED_ON_RESUME = fixed_on_resume(parser())
 
 def get_args(argv=None):
     args = parse_training_args(parser(), PRESETS, argv)
-    other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight")}[args.arch]   # flags the arch would ignore
+    # flags the arch would ignore (diffusers' AutoencoderDC has no activation checkpointing)
+    other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight", "grad_checkpoint")}[args.arch]
     for name in other:
         if name in args.explicit:
             raise UserError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch}")
@@ -198,6 +199,7 @@ def train(args, run):
         model = DCAE(args.dcae_config, args.image_size, args.latent_dim).to(d.device)
     else:
         model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
+        model.grad_checkpoint = args.grad_checkpoint    # recompute each block's activations in backward
     ema = copy.deepcopy(model).requires_grad_(False)
     disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
     perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None

@@ -1,0 +1,152 @@
+"""The paper's denoisers at scale: activation checkpointing (--grad-checkpoint), sharded optimizer state
+(--shard-optimizer) and the memory plan (bench.py --memory)."""
+import shutil
+
+import pytest
+import torch
+
+import train_diffusion as td
+import train_vae
+from common import load_checkpoint
+from dit import SiT, UViT
+from vae import ViTVAE
+from helpers import read_metrics, run
+
+
+def perturbed(model):
+    """Zero-initialised layers randomised, so that every block carries gradient."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def saved_count(fn):
+    """How many tensors autograd saves for backward while fn() runs (what checkpointing avoids keeping)."""
+    n = [0]
+
+    def pack(t):
+        n[0] += 1
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return n[0], out
+
+
+def grads_with_and_without_checkpoint(model, loss_fn):
+    """(gradients, tensors saved) of loss_fn(model) without and with model.grad_checkpoint."""
+    out = []
+    for on in (False, True):
+        model.grad_checkpoint = on
+        model.zero_grad()
+        n, loss = saved_count(lambda: loss_fn(model))
+        loss.backward()
+        out.append(([p.grad.clone() for p in model.parameters()], n))
+    model.grad_checkpoint = False
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sit", "uvit", "vae"])
+def test_grad_checkpoint_gives_the_same_gradients_and_saves_fewer_tensors(kind):
+    """Per-block non-reentrant checkpointing: every gradient equals the plain backward's (torch autograd without
+    it), while autograd keeps far fewer tensors (only what lies outside the blocks)."""
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 2, 4])
+    if kind == "sit":
+        model = perturbed(SiT(input_size=8, in_channels=4, patch=2, width=32, depth=3, heads=2, num_classes=5))
+        loss_fn = lambda m: m(x, t, y).pow(2).mean()
+    elif kind == "uvit":
+        model = perturbed(UViT(input_size=8, in_channels=4, patch=2, width=32, depth=5, heads=2, num_classes=5))
+        loss_fn = lambda m: m(x, t, y).pow(2).mean()
+    else:
+        model = perturbed(ViTVAE(image_size=16, patch=4, width=32, depth=2, heads=2, latent_dim=4))
+        img, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 4, 4)
+        loss_fn = lambda m: (m.decode(m.encode(img).sample(noise)) - img).pow(2).mean()
+    (plain, n_plain), (ckpt, n_ckpt) = grads_with_and_without_checkpoint(model, loss_fn)
+    assert n_ckpt < n_plain / 3, (n_ckpt, n_plain)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert all(g.abs().sum() > 0 for g in plain[:4])
+
+
+def fda_batch(tmp_path, vae_ckpt, *flags):
+    args = td.get_args(["--preset", "smoke", "--vae", vae_ckpt, "--out", str(tmp_path), "--model", "uvit-smoke/1",
+                        "--fda", "--fda-depth", "2", "--denoise-level", "1", *flags])
+    d = type("D", (), dict(device=torch.device("cpu")))()
+    torch.manual_seed(0)
+    ae, ds, student, ema, opt = td.build(args, d)
+    perturbed(student)
+    ema.load_state_dict(student.sit.state_dict())
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, eps = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
+    return args, student, ema, (z, torch.tensor([0, 1, 2, 3]), torch.tensor([0.1, 0.4, 0.7, 0.95]), eps)
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    train_vae.main(["--preset", "smoke", "--out", str(out), "--gan-weight", "0", "--steps", "2"])
+    return str(out / "last.pt")
+
+
+def test_grad_checkpoint_with_the_fda_teacher_and_torch_compile(vae_ckpt, tmp_path):
+    """The FDA loss (Eq. 6-8: the student's block-k hidden state through the projector against the EMA teacher's)
+    with --grad-checkpoint: the same loss parts and student gradients as without, eager and under torch.compile
+    (aot_eager on CPU: TorchDynamo and AOTAutograd trace the checkpointed blocks); the teacher gets no gradient."""
+    args, student, ema, (z, y, t, eps) = fda_batch(tmp_path, vae_ckpt, "--grad-checkpoint")
+    assert student.sit.grad_checkpoint and args.grad_checkpoint          # set where the model is built
+    results = []
+    for on, compiled in ((False, False), (True, False), (True, True)):
+        student.sit.grad_checkpoint = on
+        student.zero_grad()
+        model = torch.compile(student, backend="aot_eager") if compiled else student
+        loss, parts = td.diffusion_loss(model, ema, z, y, t, eps, args, 0)
+        loss.backward()
+        results.append((parts, [p.grad.clone() for p in student.parameters()]))
+        torch._dynamo.reset()
+    assert results[0][0]["align"] > 0 and all(p.grad is None for p in ema.parameters())
+    for parts, grads in results[1:]:
+        for k in ("diff", "align"):
+            torch.testing.assert_close(parts[k], results[0][0][k], atol=1e-6, rtol=1e-6)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_grad_checkpoint_run_resumes_without_it_and_equals_a_plain_run(vae_ckpt, tmp_path, monkeypatch):
+    """train_diffusion --grad-checkpoint (U-ViT with FDA: the teacher is the EMA): the losses, weights, EMA and
+    optimizer state of 2 checkpointed steps resumed for 2 plain ones equal an uninterrupted plain run's, bit for
+    bit: the flag changes no number, so it may change on resume. train_vae --grad-checkpoint likewise."""
+    import vae
+    calls = {"n": 0}
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(vae.torch.utils.checkpoint, "checkpoint", counting)
+    common = ["--preset", "smoke", "--vae", vae_ckpt, "--model", "uvit-smoke/1", "--fda", "--fda-depth", "2",
+              "--sample-every", "100", "--val-every", "0"]
+    td.main([*common, "--out", str(tmp_path / "a"), "--steps", "4"])
+    assert calls["n"] == 0
+    td.main([*common, "--out", str(tmp_path / "b"), "--steps", "2", "--grad-checkpoint"])
+    assert calls["n"] == 2 * 3                                 # 2 steps x 3 blocks, the teacher's forwards not
+    td.main([*common, "--out", str(tmp_path / "b"), "--steps", "4"])
+    ma, mb = (read_metrics(tmp_path / r / "metrics.jsonl") for r in "ab")
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    a, b = (load_checkpoint(str(tmp_path / r / "last.pt"), "sit") for r in "ab")
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for i, st in a["opt"]["state"].items():
+        assert all(torch.equal(v, b["opt"]["state"][i][k]) for k, v in st.items())
+    vae_common = ["--preset", "smoke", "--gan-weight", "0", "--steps", "2", "--val-every", "0"]
+    train_vae.main([*vae_common, "--out", str(tmp_path / "va")])
+    n = calls["n"]
+    train_vae.main([*vae_common, "--out", str(tmp_path / "vb"), "--grad-checkpoint"])
+    assert calls["n"] > n
+    a, b = (load_checkpoint(str(tmp_path / r / "last.pt"), "vae") for r in ("va", "vb"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    from common import UserError
+    with pytest.raises(UserError, match="--grad-checkpoint does not apply to --arch dcae"):
+        train_vae.get_args(["--preset", "dcae-smoke", "--grad-checkpoint"])     # diffusers' AutoencoderDC has none
