@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
 
 
@@ -288,9 +289,19 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def adamw(params, device, **kw):
-    """AdamW, fused into one kernel launch per step where the device has it (CUDA); foreach otherwise."""
-    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+def adamw(params, device, shard=False, **kw):
+    """AdamW, fused into one kernel launch per step where the device has it (CUDA); foreach otherwise.
+
+    shard (--shard-optimizer, 2+ ranks): torch's ZeroRedundancyOptimizer (ZeRO stage 1) under the same DDP: each
+    rank keeps the AdamW state (step and both moments, 8 bytes per parameter) of its share of the parameter
+    tensors only, updates that share and broadcasts it; the gradients stay whole and DDP all-reduces them as
+    before, so the update is AdamW's, element for element. Its state_dict() is the plain AdamW one (global
+    parameter indices) once Run.save(gather=...) has collected the shares on rank 0, so a checkpoint loads on any
+    number of ranks, sharded or not; load_state_dict() takes such a full state and keeps this rank's share."""
+    fused = True if device.type == "cuda" else None
+    if shard and dist.is_initialized() and dist.get_world_size() > 1:
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, fused=fused, **kw)
+    return torch.optim.AdamW(params, fused=fused, **kw)
 
 
 def to_device(t, device):
@@ -1091,10 +1102,15 @@ class Run:
         return {"kind": self.kind, "config": vars(self.args), "step": step, "rng": rng_state(self.d.device),
                 "data_fingerprint": self.data_fp, "seeds": SEED_SCHEME, **state}
 
-    def save(self, state_fn, path=None, also=None):
+    def save(self, state_fn, path=None, also=None, gather=()):
         """Rank 0 writes state_fn() to `path` (OUT/last.pt) atomically, then `also()` (e.g. a diffusers folder);
-        all ranks wait. Never from a non-finite model."""
+        all ranks wait. Never from a non-finite model. `gather`: optimizers whose state may be sharded over the
+        ranks (--shard-optimizer): every rank first sends its share to rank 0 (a collective), so that state_fn's
+        opt.state_dict() there is the whole AdamW state."""
         self.check_finite()
+        for opt in gather:
+            if isinstance(opt, ZeroRedundancyOptimizer):
+                opt.consolidate_state_dict(to=0)
         if self.d.main:
             save_checkpoint(path or self.ckpt_path, state_fn())
             if also is not None:

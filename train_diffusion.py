@@ -42,6 +42,7 @@ import hashlib
 import os
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
@@ -124,6 +125,9 @@ def parser():
     p.add_argument("--stats-images", type=int, default=10000,
                    help="random training images for the latent statistics when the VAE's own do not fit the data")
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="under torchrun: each rank keeps the AdamW state of its share of the parameters only "
+                        "(ZeroRedundancyOptimizer); the same updates, checkpoints as without")
     p.add_argument("--cache-latents", action="store_true", help="encode the dataset once into a latent cache")
     p.add_argument("--keep-every", type=int, default=0,
                    help="also keep the EMA weights at every multiple of this step in OUT/keep/ema_STEP.pt, for "
@@ -255,7 +259,7 @@ def train(args, run):
     freqwarm_end = warmup_steps if args.freqwarm else 0     # FreqWarm: steps [0, freqwarm_end) see lowpass(x, r0)
     record = dict(ae=ae, stats=stats, warmup_steps=warmup_steps, r0_auto=r0_auto)   # checkpoints store these
     log0(f"latent statistics: {stats['source']}", d)
-    describe(args, ae, student, freqwarm_end, r0_auto, run)
+    describe(args, ae, student, freqwarm_end, r0_auto, run, isinstance(opt, ZeroRedundancyOptimizer))
     train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
     sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, run.accum, args.seed, step,
                           flip=args.hflip, indices=train_idx)
@@ -311,7 +315,7 @@ def train(args, run):
             sample_grid(ema, ae, space, dataset.num_classes, args, d.device, grid)
             run.grid(grid, step)
         if run.due(step, args.ckpt_every) or run.stopping:
-            run.save(lambda: checkpoint_state(run, step, student, ema, opt, record))
+            run.save(lambda: checkpoint_state(run, step, student, ema, opt, record), gather=[opt])
         if run.stopping:
             break
     run.finish(step, f"done: {run.ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png")
@@ -335,7 +339,7 @@ def build(args, d):
         raise UserError("--fda needs a more attenuated teacher level than --denoise-level; use a level below 3")
     student = Student(sit, args.fda_depth if args.fda else None).to(d.device)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    opt = adamw(student.parameters(), d.device, lr=args.lr, weight_decay=args.weight_decay)
+    opt = adamw(student.parameters(), d.device, args.shard_optimizer, lr=args.lr, weight_decay=args.weight_decay)
     return ae, dataset, student, ema, opt
 
 
@@ -374,13 +378,16 @@ def check_warmup(ck, path, args):
                         f"it may not change on resume")
 
 
-def describe(args, ae, student, freqwarm_end, r0_auto, run):
-    """The run's first line: model, latents, method settings, batch split, device."""
+def describe(args, ae, student, freqwarm_end, r0_auto, run, sharded=False):
+    """The run's first line: model, latents, method settings, batch split, device, memory switches."""
     warm = (f"r0={args.r0:g}{' (auto)' if r0_auto else ''} for {freqwarm_end} steps" if args.freqwarm else "off")
     log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
          f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
          f"FreqWarm {warm}; {run.d.world_size} rank(s) x {run.per_rank} ({run.accum} x {run.micro}); "
-         f"device {run.d.device}", run.d)
+         f"device {run.d.device}" + (f"; optimizer state sharded over {run.d.world_size} ranks" if sharded else "")
+         + ("; activation checkpointing per block" if args.grad_checkpoint else ""), run.d)
+    if args.shard_optimizer and not sharded:
+        log0("--shard-optimizer: one rank, so nothing to shard: plain AdamW", run.d)
 
 
 def checkpoint_state(run, step, student, ema, opt, record, ema_only=False):

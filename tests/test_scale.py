@@ -150,3 +150,43 @@ def test_grad_checkpoint_run_resumes_without_it_and_equals_a_plain_run(vae_ckpt,
     from common import UserError
     with pytest.raises(UserError, match="--grad-checkpoint does not apply to --arch dcae"):
         train_vae.get_args(["--preset", "dcae-smoke", "--grad-checkpoint"])     # diffusers' AutoencoderDC has none
+
+
+def opt_tensors(ck):
+    return {(i, k): v for i, st in ck["opt"]["state"].items() for k, v in st.items()}
+
+
+def test_shard_optimizer_equals_unsharded_and_resumes_on_other_rank_counts(vae_ckpt, tmp_path):
+    """--shard-optimizer on 2 ranks (gloo, ZeroRedundancyOptimizer), FreqWarm + FDA, stopped at step 2: resumed
+    sharded on 2 ranks, and resumed on 1 process (plain AdamW loads the gathered state), it equals one unsharded
+    process's uninterrupted run within 1e-4: losses, weights, EMA (the FDA teacher) and the whole AdamW state in
+    the checkpoint (step, both moments of every parameter). 1e-4 because the all-reduce sums the two halves of
+    the batch in another order; the update itself is AdamW's element for element. The checkpoint is the plain
+    AdamW layout and exports like any other."""
+    import evaluate
+    flags = ["--preset", "smoke", "--vae", vae_ckpt, "--fda", "--freqwarm", "--warmup-steps", "2",
+             "--ckpt-every", "2", "--sample-every", "100", "--val-every", "0"]
+    out = {r: tmp_path / r for r in ("one", "two", "c")}
+    td.main([*flags, "--out", str(out["one"]), "--steps", "4"])
+    for steps in (2, 4):                                                       # stopped at 2, resumed to 4
+        p = run(["train_diffusion.py", *flags, "--out", str(out["two"]), "--steps", str(steps), "--shard-optimizer"],
+                torchrun=2)
+        assert p.returncode == 0 and "optimizer state sharded over 2 ranks" in p.stdout, p.stderr[-3000:]
+        if steps == 2:
+            assert load_checkpoint(str(out["two"] / "last.pt"), "sit")["opt"]["state"][0]["step"] == 2
+            shutil.copytree(out["two"], out["c"])
+    td.main([*flags, "--out", str(out["c"]), "--steps", "4"])                  # 2 ranks -> 1 process, unsharded
+    m = {r: [x["loss"] for x in read_metrics(out[r] / "metrics.jsonl")] for r in out}
+    ck = {r: load_checkpoint(str(out[r] / "last.pt"), "sit") for r in out}
+    for r in ("two", "c"):
+        assert m[r] == pytest.approx(m["one"], rel=1e-4), r
+        for part in ("model", "ema"):
+            for k, v in ck["one"][part].items():
+                torch.testing.assert_close(ck[r][part][k], v, atol=1e-4, rtol=1e-4)
+        assert ck[r]["opt"]["param_groups"] == ck["one"]["opt"]["param_groups"]
+        ours, ref = opt_tensors(ck[r]), opt_tensors(ck["one"])
+        assert ours.keys() == ref.keys() and len(ref) == 3 * len(ck["one"]["model"])   # step, exp_avg, exp_avg_sq
+        for k, v in ref.items():
+            torch.testing.assert_close(ours[k], v, atol=1e-4, rtol=1e-3)
+    evaluate.main(["export", "--ckpt", str(out["two"] / "last.pt"), "--out", str(tmp_path / "export")])
+    assert (tmp_path / "export" / "model.safetensors").is_file()
