@@ -190,3 +190,63 @@ def test_shard_optimizer_equals_unsharded_and_resumes_on_other_rank_counts(vae_c
             torch.testing.assert_close(ours[k], v, atol=1e-4, rtol=1e-3)
     evaluate.main(["export", "--ckpt", str(out["two"] / "last.pt"), "--out", str(tmp_path / "export")])
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["S/2", "uvit-S/2"])
+def test_memory_plan_counts_what_torch_allocates(name):
+    """The plan's activation term: the bytes of tensors saved for backward, counted with saved-tensor hooks, equal
+    what torch's CPU allocator still holds after the forward (torch.profiler's memory records, less the output
+    and, checkpointed, the CPU RNG state torch.utils.checkpoint keeps per block), to 1 %; the meta-device count the plan uses equals the count on real CPU tensors
+    exactly, and is in proportion to the batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench
+    from dit import build_denoiser
+    torch.manual_seed(0)
+    model = build_denoiser(name, 16, 4, 10)                    # 64 tokens: flash attention's saved set matters
+    with torch.device("meta"):
+        meta = build_denoiser(name, 16, 4, 10)
+    x, t, y = torch.randn(4, 4, 16, 16), torch.rand(4), torch.randint(0, 10, (4,))
+    for on in (False, True):
+        model.grad_checkpoint = on
+        counter = bench.SavedForBackward(model)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = counter.run(lambda: model(x, t, y))
+        held = sum(e.self_cpu_memory_usage for e in prof.key_averages()) - out.nbytes
+        rng = on * len(model.blocks) * torch.get_rng_state().nbytes      # checkpoint keeps each block's RNG state
+        assert abs(held - rng - counter.total) <= 0.01 * counter.total, (on, held, counter.total)
+        del out
+    model.grad_checkpoint = False
+    cpu, on_meta = bench.count_activations(model, 2), bench.count_activations(meta, 2)
+    assert cpu == on_meta and on_meta["checkpointed"] < on_meta["plain"] / 3
+    assert bench.count_activations(meta, 4) == {k: 2 * v for k, v in on_meta.items()}
+
+
+def test_memory_plan_table(capsys):
+    """bench.py --memory: every term from its definition (weights 4 P, .grad 4 P plus DDP's buckets on 2+ GPUs,
+    AdamW 8 P or 8 x the largest ZeRO share, EMA 4 P, bf16 casts 2 P, activations per image x the micro-batch)."""
+    import bench
+    from common import UserError
+    from dit import build_denoiser
+    assert bench.zero_shard([5, 4, 3, 3, 1], 2) == 8 and bench.zero_shard([5, 4, 3, 3, 1], 1) == 16
+    bench.main(["--memory", "--models", "smoke/1,uvit-smoke/1", "--image-size", "32", "--ae", "f4c4",
+                "--global-batch", "16", "--gpus", "1,2"])
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in out.splitlines() if l.startswith("| ")][1:]
+    assert len(rows) == 2 * 2 * 4
+    gib = lambda b: f"{b / 2 ** 30:.1f}"
+    for name in ("smoke/1", "uvit-smoke/1"):
+        sizes = [p.numel() for p in build_denoiser(name, 8, 4, 1000).parameters()]
+        P = sum(sizes)
+        for r in bench.memory_plan(name, 32, (4, 4), 16, 2):
+            assert (r["weights"], r["grads"], r["ema"], r["casts"]) == (4 * P, 8 * P, 4 * P, 2 * P)
+            assert r["optim"] == 8 * (bench.zero_shard(sizes, 2) if r["sharded"] else P)
+            assert r["acts"] == 8 * r["act_per_image"] and r["total"] == sum(
+                r[k] for k in ("weights", "grads", "optim", "ema", "casts", "acts"))
+            line = next(x for x in rows if x[0] == r["label"] and x[3] == "2" and x[5] == r["setting"])
+            assert line[6:13] == [gib(r[k]) for k in ("weights", "grads", "optim", "ema", "casts", "acts", "total")]
+        one = bench.memory_plan(name, 32, (4, 4), 16, 1)
+        assert all(r["grads"] == 4 * P and r["optim"] == 8 * P and r["acts"] == 16 * r["act_per_image"] for r in one)
+    assert "smoke/1 on 2 x 40 GB: `(none)`" in out
+    with pytest.raises(UserError, match="--ae f32: use fFcC"):
+        bench.main(["--memory", "--ae", "f32"])
