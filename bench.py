@@ -4,7 +4,8 @@
     python bench.py                         # this machine's table (CPU: SiT-S/2 on 32x32x4 latents, batch 16)
     python bench.py --compile               # the same with torch.compile (SiT, the official reference, FDA teacher)
     python bench.py --rows sit,sit-official --repeats 7
-    python bench.py --gpu-check             # one GPU, < 10 min, no network: correctness, throughput, cache, study;
+    python bench.py --gpu-check             # one GPU, < 10 min, no network: correctness, throughput, cache, study,
+                                            # measured peak memory beside the plan's;
                                             # report in runs/gpu-check/gpu-check.{json,txt} (see "the GPU check")
     python bench.py --gpu-check --smoke --device cpu    # the same at smoke size on a CPU (CI runs it)
     python bench.py --memory                # CPU, seconds: per-GPU memory of the paper's denoisers at 512 px, batch
@@ -35,6 +36,7 @@ attention, forward and backward); MFU = FLOP/s / the GPU's dense bf16 peak, on k
 """
 import argparse
 import contextlib
+import copy
 import functools
 import importlib
 import json
@@ -785,15 +787,17 @@ def memory_table(a):
 # it finished (each phase rewrites OUT/phases/PHASE.json after every item). The report is OUT/gpu-check.json,
 # every figure named, with the same report as text in OUT/gpu-check.txt (and on stdout).
 
-# phase -> (budget in seconds on a GPU, budget at --smoke), run in this order. On a GPU they sum to 535 s: with the
-# start-up and the checks before them (~10 s) and at most 5 + 5 s to end each phase that runs past its budget,
-# the whole command stays under 10 minutes. The smoke budgets leave room for a CPU shared with other jobs.
+# phase -> (budget in seconds on a GPU, budget at --smoke), run in this order. On a GPU they sum to 565 s: with the
+# start-up and the checks before them (~10 s) and 5 + 5 s to end a phase that runs past its budget, the whole
+# command stays under 10 minutes. The smoke budgets leave room for a CPU shared with other jobs.
 # GPU sizing, estimated (no GPU has run this version): SiT-XL/1 at batch 32 took 105 ms a step eager and 75 ms
 # compiled on an H100 (305 / 429 img/s), so a timed row (3 + 25 steps) takes seconds and the four eager rows with
 # start-up about 30 s; compiling an XL model (forward and backward) is estimated at 1-2 minutes, which leaves
 # room for the two XL/1 compiled rows; a tiny model compiles in an estimated 20-30 s.
-CHECK_PHASES = {"equivalence": (95, 90), "train-resume": (120, 150), "throughput": (240, 60),
-                "cache-encode": (30, 60), "study": (50, 90)}
+# The memory phase builds the largest denoiser that fits (USiT-2B/1 on an 80 GB card: ~15 s) and times
+# 2 x 3 steps at batch 32 (~1 s each, estimated from its FLOPs).
+CHECK_PHASES = {"equivalence": (95, 90), "train-resume": (120, 150), "throughput": (225, 60),
+                "cache-encode": (30, 60), "study": (50, 90), "memory": (45, 30)}
 CHECK_PACKAGES = ("numpy", "scipy", "PIL", "tqdm", "torchvision", "diffusers", "cleanfid")
 TARGET_IMG_S = 800           # SiT-XL/1 at 256 tokens, bf16, one H100 (LightningDiT publishes about 660 per GPU)
 # Tolerances of the equivalence check, relative to the float32 eager step: |loss - loss_ref| / |loss_ref| and
@@ -805,10 +809,12 @@ CHECK_TOL = {"float32": (1e-4, 1e-3), "bf16": (2e-2, 6e-2)}
 CHECK_SIZES = {
     "gpu": dict(equiv=[("SiT", "tiny/1", 16, 32, 8), ("U-ViT", "tiny/1", 16, 32, 8)],
                 throughput=[("XL/1", 16, 32, 32), ("XL/2", 32, 4, 32)], warmup=3, repeats=5, iters=5,
-                cache=(256, 500, 375, 256, "SD-VAE"), workers=8, study="gpu", study_steps=30),
+                cache=(256, 500, 375, 256, "SD-VAE"), workers=8, study="gpu", study_steps=30,
+                memory=dict(models=list(PLAN_MODELS), side=16, ch=32, batch=32, steps=3)),
     "smoke": dict(equiv=[("SiT", "smoke/1", 8, 4, 4), ("U-ViT", "smoke/1", 8, 4, 4)],
                   throughput=[("smoke/1", 8, 4, 4), ("smoke/2", 16, 4, 4)], warmup=1, repeats=2, iters=2,
-                  cache=(8, 40, 30, 32, "tiny"), workers=0, study="smoke", study_steps=3),
+                  cache=(8, 40, 30, 32, "tiny"), workers=0, study="smoke", study_steps=3,
+                  memory=dict(models=["uvit-smoke/1", "smoke/1"], side=8, ch=4, batch=4, steps=2)),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -1228,8 +1234,80 @@ def phase_study(ph):
                 steps_in_study=full.steps, minutes_per_study_run=full.steps * full.global_batch / rate / 60)
 
 
+# ---- phase 6: the memory plan measured: a few steps of the largest paper denoiser that fits one GPU
+
+def memory_steps(name, side, ch, batch, dev, checkpointed, steps):
+    """Peak memory (PeakMemory: MiB, kind) of `steps` Stage-2 steps as the trainer takes them on one GPU: bf16
+    autocast, the velocity loss (Eq. 5), backward, clipping, AdamW (fused on CUDA), the EMA update; and the
+    last loss."""
+    mem = PeakMemory(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    mem.reset()
+    torch.manual_seed(0)
+    with dev:
+        net = build_denoiser(name, side, ch, 1000)
+    net.grad_checkpoint = checkpointed
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = adamw(net.parameters(), dev, lr=1e-4)
+    student, args = td.Student(net, None), types.SimpleNamespace(denoise_level=0, fda=False)
+    for _ in range(steps):
+        z, eps = torch.randn(batch, ch, side, side, device=dev), torch.randn(batch, ch, side, side, device=dev)
+        t, y = torch.rand(batch, device=dev), torch.randint(0, 1000, (batch,), device=dev)
+        with autocast(dev):
+            loss, _ = td.diffusion_loss(student, None, z, y, t, eps, args, 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step(), opt.zero_grad(set_to_none=True)
+        ema_update(ema, net, 0.9999)
+    sync(dev)
+    return mem.read(), mem.kind, loss.item()
+
+
+def phase_memory(ph):
+    dev, cuda, s = ph.dev, ph.dev.type == "cuda", ph.sizes["memory"]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    card = torch.cuda.get_device_properties(dev).total_memory if cuda else None
+    ph.note("--shard-optimizer splits the AdamW state over 2+ ranks only: on one GPU the plan's sharded rows equal "
+            "its plain ones and these steps run plain AdamW; the plan's figures here are for 1 GPU (no DDP buckets)")
+    if not cuda:
+        ph.note("on CPU the peak is the process's resident set (libraries included), not comparable with the plan: "
+                "the comparison is made on a GPU (CUDA max_memory_allocated)")
+    plans = {name: memory_plan(name, s["side"], (1, s["ch"]), s["batch"], 1) for name in s["models"]}
+    fitting = [n for n in s["models"] if card is None or plans[n][2]["total"] <= FIT_SHARE * card]   # checkpointed
+    if not fitting:
+        ph.check("a paper denoiser fits this GPU", False, f"none of {s['models']} fits {card / GIB:.0f} GiB with "
+                                                          f"--grad-checkpoint at batch {s['batch']}")
+        return
+    name = max(fitting, key=lambda n: plans[n][0]["params"])
+    for row in plans[name]:
+        if row["sharded"] or (card is not None and row["total"] > FIT_SHARE * card):
+            continue
+        label = f"{row['label']} on {row['latents']}, batch {s['batch']}, {row['setting']}"
+        if not ph.fits(label, 15 if cuda else 5):
+            continue
+        t0 = time.time()
+        try:
+            mib, kind, loss = memory_steps(name, s["side"], s["ch"], s["batch"], dev, row["checkpointed"], s["steps"])
+        except torch.OutOfMemoryError as e:
+            ph.check(f"{label}: the plan's {row['total'] / GIB:.1f} GiB fits", False, f"out of memory: {str(e)[:160]}")
+            continue
+        peak = mib * 2 ** 20
+        ph.item(model=row["label"], setting=row["setting"], batch=s["batch"], latents=row["latents"], peak=peak,
+                peak_kind=kind, plan=row["total"], plan_terms=row, seconds=time.time() - t0, loss=loss)
+        ok = math.isfinite(loss) and (not cuda or peak <= row["total"] / FIT_SHARE)
+        ph.check(f"{label}: {s['steps']} steps", ok, f"measured peak {size_text(peak)} ({kind}) beside the plan's "
+                 f"{size_text(row['total'])}" + (f" (ratio {peak / row['total']:.2f}; the plan plus its "
+                                                 f"{100 - 100 * FIT_SHARE:.0f} % reserve must cover it)" if cuda else "")
+                 + f"; loss {loss:.4f}")
+
+
+def size_text(b):
+    return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2 ** 20:.1f} MiB"
+
+
 PHASE_FNS = {"equivalence": phase_equivalence, "train-resume": phase_train_resume, "throughput": phase_throughput,
-             "cache-encode": phase_cache_encode, "study": phase_study}
+             "cache-encode": phase_cache_encode, "study": phase_study, "memory": phase_memory}
 
 
 def run_phase(a):
@@ -1375,6 +1453,9 @@ def assemble(a, argv, m, results, total):
             text += [f"- study setting {i['setting']}, {i['model']}: {i['img_s']:.1f} img/s at batch {i['batch']} "
                      f"(last metrics window of `{i['command']}`); its {i['steps_in_study']} steps take about "
                      f"{i['minutes_per_study_run']:.3g} min per run at that rate" for i in r["items"]]
+        if name == "memory":
+            text += [f"- {i['model']} on {i['latents']}, batch {i['batch']}, {i['setting']}: measured peak "
+                     f"{size_text(i['peak'])} ({i['peak_kind']}), plan {size_text(i['plan'])}" for i in r["items"]]
         if name == "train-resume":
             text += [f"- {i['run']}: {'ok' if i['ok'] else 'FAILED'} in {i['seconds']:.0f} s: `{i['command']}`"
                      for i in r["items"]]

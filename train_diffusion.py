@@ -9,6 +9,9 @@
              --image-size 512 --model uvit-H/1 --data /data/imagenet/train              # a pretrained AE, U-ViT
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              train_diffusion.py --preset freqwarm-512 --vae VAE.pt --data /data/imagenet/train
+    torchrun --nproc_per_node=8 train_diffusion.py --model uvit-2B/1 --image-size 512 --global-batch 4096 \\
+             --grad-checkpoint --shard-optimizer --micro-batch 256 --data /data/imagenet/train \\
+             --vae diffusers:mit-han-lab/dc-ae-f32c32-in-1.0-diffusers     # USiT-2B, 8 x 80 GB: bench.py --memory
 
 Latents: z = posterior mean of the frozen VAE (EMA weights), normalised per channel, z_n = (z - mean) / std,
 with the statistics stored in our VAE's checkpoint when they were taken on this data, size and held-out split,
@@ -35,6 +38,9 @@ z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
                        into OUT/latents-KEY/ (float16 shards, memory-mapped) instead of every step.
   --keep-every N       also keep the EMA weights at steps N, 2N, ... (OUT/keep/ema_STEP.pt) for
                        convergence curves (`evaluate.py curve`).
+  --grad-checkpoint    memory, not method: each block recomputes its activations in backward; with
+  --shard-optimizer    2+ ranks each keeps the AdamW state of its share of the parameters (ZeRO-1). Neither
+                       changes a number, so both may change on resume (README, "Memory at the paper's scale").
 """
 import argparse
 import copy

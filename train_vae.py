@@ -4,6 +4,8 @@
     python train_vae.py --preset cpu-demo                                # CPU, a few minutes, 32x32 dead leaves
     python train_vae.py --preset f16d32 --data /data/imagenet/train      # one GPU
     torchrun --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
+    torchrun --nproc_per_node=8 train_vae.py --preset f16d32 --image-size 512 --grad-checkpoint \\
+             --data /data/imagenet/train                                 # less activation memory
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
              --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
     python train_vae.py --stats-only --resume runs/vae/last.pt           # latent statistics again (no GPU needed)
