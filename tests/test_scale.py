@@ -162,7 +162,7 @@ def test_shard_optimizer_equals_unsharded_and_resumes_on_other_rank_counts(vae_c
     process's uninterrupted run within 1e-4: losses, weights, EMA (the FDA teacher) and the whole AdamW state in
     the checkpoint (step, both moments of every parameter). 1e-4 because the all-reduce sums the two halves of
     the batch in another order; the update itself is AdamW's element for element. The checkpoint is the plain
-    AdamW layout and exports like any other."""
+    AdamW layout: it exports and samples like any other."""
     import evaluate
     flags = ["--preset", "smoke", "--vae", vae_ckpt, "--fda", "--freqwarm", "--warmup-steps", "2",
              "--ckpt-every", "2", "--sample-every", "100", "--val-every", "0"]
@@ -190,6 +190,9 @@ def test_shard_optimizer_equals_unsharded_and_resumes_on_other_rank_counts(vae_c
             torch.testing.assert_close(ours[k], v, atol=1e-4, rtol=1e-3)
     evaluate.main(["export", "--ckpt", str(out["two"] / "last.pt"), "--out", str(tmp_path / "export")])
     assert (tmp_path / "export" / "model.safetensors").is_file()
+    evaluate.main(["sample", "--ckpt", str(out["two"] / "last.pt"), "--num-samples", "2", "--batch", "2",
+                   "--sample-steps", "2", "--sampler", "euler", "--out", str(tmp_path / "samples")])
+    assert (tmp_path / "samples.npz").is_file()
 
 
 @pytest.mark.parametrize("name", ["S/2", "uvit-S/2"])
@@ -250,3 +253,21 @@ def test_memory_plan_table(capsys):
     assert "smoke/1 on 2 x 40 GB: `(none)`" in out
     with pytest.raises(UserError, match="--ae f32: use fFcC"):
         bench.main(["--memory", "--ae", "f32"])
+
+
+def test_memory_plan_picks_the_cheapest_flags_that_fit(monkeypatch):
+    """plan_flags: the first setting that fits in the order sharding, checkpointing, both, then both with the
+    micro-batch halved; a card that nothing fits is said so."""
+    import bench
+    args = ("uvit-smoke/1", 32, (4, 4), 64, 2)
+    rows = {r["setting"]: r for r in bench.memory_plan(*args)}
+    assert rows["both"]["total"] < rows["checkpointed"]["total"] < rows["sharded"]["total"] < rows["plain"]["total"]
+    card = lambda total: total * 1.001 / bench.FIT_SHARE / bench.GIB           # a card this total just fits
+    cases = [(card(rows["plain"]["total"]), "(none)"), (card(rows["sharded"]["total"]), "--shard-optimizer"),
+             (card(rows["checkpointed"]["total"]), "--grad-checkpoint"),
+             (card(rows["both"]["total"]), "--grad-checkpoint --shard-optimizer")]
+    half = bench.memory_plan(*args, micro_batch=16)[-1]["total"]                # 32 per GPU, micro-batch 16
+    cases += [(card(half), "--grad-checkpoint --shard-optimizer --micro-batch 16"), (card(half) / 100, None)]
+    for size, want in cases:
+        monkeypatch.setattr(bench, "CARDS_GIB", (size,))
+        assert bench.plan_flags(*args, size)[0] == want, (size, want)
