@@ -1001,6 +1001,7 @@ class Run:
                 if run.due(step, args.val_every): run.record(step, validation_fn)
                 if run.due(step, args.ckpt_every) or run.stopping:
                     run.save(lambda: run.checkpoint(step, ...))   # rank 0 writes atomically; never non-finite
+                                                     # (gather=[opt]: a sharded AdamW state, collected first)
                 if run.stopping: break
             run.finish(step, "done: ...")                    # the last line, or the signal's exit
 
