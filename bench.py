@@ -4,9 +4,13 @@
     python bench.py                         # this machine's table (CPU: SiT-S/2 on 32x32x4 latents, batch 16)
     python bench.py --compile               # the same with torch.compile (SiT, the official reference, FDA teacher)
     python bench.py --rows sit,sit-official --repeats 7
-    python bench.py --gpu-check             # one GPU, < 10 min, no network: correctness, throughput, cache, study;
+    python bench.py --gpu-check             # one GPU, < 10 min, no network: correctness, throughput, cache, study,
+                                            # measured peak memory beside the plan's;
                                             # report in runs/gpu-check/gpu-check.{json,txt} (see "the GPU check")
     python bench.py --gpu-check --smoke --device cpu    # the same at smoke size on a CPU (CI runs it)
+    python bench.py --memory                # CPU, seconds: per-GPU memory of the paper's denoisers at 512 px, batch
+                                            # 4096 on 8 and 32 GPUs, plain / sharded / checkpointed / both
+    python bench.py --memory --models uvit-2B/1 --gpus 8 --ae f32c128 --global-batch 1024
 
 Rows (each on whatever device is present, bf16 autocast on CUDA unless --no-bf16):
     vae-step        one Stage-1 step: MLSR generator loss (pixel + KL + hinge GAN), backward, discriminator
@@ -32,11 +36,14 @@ attention, forward and backward); MFU = FLOP/s / the GPU's dense bf16 peak, on k
 """
 import argparse
 import contextlib
+import copy
+import functools
 import importlib
 import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -569,6 +576,209 @@ def bench_features(b, folder, n, res, rounds):
                   features, n, warmup=0, repeats=rounds, iters=1)
 
 
+# ----------------------------------------------------------------------------- the memory plan (--memory)
+
+# The FreqWarm paper's four denoisers at 512 px on an f32 autoencoder (16x16 latents), at patch 1 as DC-AE trains
+# them on f32: DiT-XL (our SiT: DiT blocks), UViT-H and USiT-H (one network here: U-ViT trained with the
+# flow-matching objective is USiT), USiT-2B.
+PLAN_MODELS = {"XL/1": "DiT-XL/1 (SiT-XL/1)", "uvit-H/1": "UViT-H/1 = USiT-H/1", "uvit-2B/1": "USiT-2B/1"}
+# (name, --grad-checkpoint, --shard-optimizer), in the order a run would add them: sharding costs one broadcast
+# of the weights per step, checkpointing one more forward of every block
+PLAN_SETTINGS = (("plain", False, False), ("sharded", False, True), ("checkpointed", True, False),
+                 ("both", True, True))
+CARDS_GIB = (40, 80)           # A100-40GB; A100-80GB / H100-80GB (their memory is 40 and 80 GiB)
+COUNT_BATCH = 2                # activations are counted at this batch and checked linear at twice it
+GIB = 2 ** 30
+FIT_SHARE = 0.9                # a run fits a card when the plan's total is at most 90 % of it: the rest is left for
+                               # what the plan does not count (one op's transient buffers, allocator fragmentation)
+
+
+class FlashAttention(torch.overrides.TorchFunctionMode):
+    """F.scaled_dot_product_attention through the flash kernel, as CUDA (and the CPU) run it: backward keeps q,
+    k, v, the output and the log-sum-exp, never the N x N attention matrix, which the meta device's reference
+    path would keep."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **(kwargs or {}))[0]
+        return func(*args, **(kwargs or {}))
+
+
+class SavedForBackward:
+    """Bytes of the tensors autograd keeps for backward while a forward runs (torch.autograd.graph's saved-tensor
+    hooks): each storage once, parameters not (they are the weights), and how much of it each block saved."""
+
+    def __init__(self, model, blocks=()):
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.sizes, self.per_block, self._before = {}, [], 0
+        self.hooks = [h for b in blocks for h in (b.register_forward_pre_hook(self._enter),
+                                                  b.register_forward_hook(self._leave))]
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s._cdata not in self.params:
+            self.sizes[s._cdata] = s.nbytes()
+        return t
+
+    @property
+    def total(self):
+        return sum(self.sizes.values())
+
+    def _enter(self, module, inputs):
+        self._before = self.total
+
+    def _leave(self, module, inputs, output):
+        self.per_block.append(self.total - self._before)
+
+    def run(self, fn):
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t), FlashAttention():
+                return fn()
+        finally:
+            for h in self.hooks:
+                h.remove()
+
+
+def count_activations(model, batch):
+    """Bytes one training forward of denoiser `model` at `batch` keeps for backward, in float32: `plain`; with
+    --grad-checkpoint, `checkpointed` (every block's inputs, saved by torch.utils.checkpoint, and what lies outside
+    the blocks) and `largest_block` (the largest block's own activations, which backward recomputes and holds
+    while it goes through that block). On the meta device nothing is computed: tensors have shapes only."""
+    dev = next(model.parameters()).device
+    side, ch = model.config["input_size"], model.config["in_channels"]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(batch, ch, side, side, generator=g).to(dev), torch.rand(batch, generator=g).to(dev)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g).to(dev)
+    counts = []
+    for on in (False, True):
+        model.grad_checkpoint = on
+        c = SavedForBackward(model, () if on else model.blocks)
+        c.run(lambda: model(x, t, y))
+        counts.append(c)
+    model.grad_checkpoint = False
+    return dict(plain=counts[0].total, checkpointed=counts[1].total, largest_block=max(counts[0].per_block))
+
+
+@functools.lru_cache(maxsize=None)
+def denoiser_counts(name, side, ch):
+    """(parameter sizes, tokens, plain and checkpointed activation bytes per image) of denoiser `name` on
+    (ch, side, side) latents, counted on the meta device at COUNT_BATCH and checked in proportion at twice it."""
+    with torch.device("meta"):
+        model = build_denoiser(name, side, ch, 1000)
+    one, two = count_activations(model, COUNT_BATCH), count_activations(model, 2 * COUNT_BATCH)
+    if any(two[k] != 2 * v for k, v in one.items()):
+        raise UserError(f"{name}: the activations counted at batch {COUNT_BATCH} and {2 * COUNT_BATCH} are not in "
+                        f"proportion ({one} / {two}): no per-image figure to scale")
+    tokens = (side // model.patch) ** 2
+    return (tuple(p.numel() for p in model.parameters()), tokens, one["plain"] // COUNT_BATCH,
+            (one["checkpointed"] + one["largest_block"]) // COUNT_BATCH)
+
+
+def zero_shard(sizes, ranks):
+    """The largest share of parameters (elements) one rank holds the AdamW state of under ZeroRedundancyOptimizer:
+    its partition, largest tensors first, each to the rank with the fewest elements so far."""
+    load = [0] * ranks
+    for n in sorted(sizes, reverse=True):
+        load[load.index(min(load))] += n
+    return max(load)
+
+
+def parse_autoencoder(text):
+    """--ae fFcC (e.g. f32c32): downsampling factor and latent channels."""
+    m = re.fullmatch(r"f(\d+)c(\d+)", text)
+    if not m:
+        raise UserError(f"--ae {text}: use fFcC, e.g. f32c32 (factor 32, 32 channels) or f8c4 (SD-VAE)")
+    return int(m[1]), int(m[2])
+
+
+def memory_plan(name, image_size, ae, global_batch, gpus, micro_batch=None):
+    """Per-GPU bytes of one Stage-2 run of denoiser `name` for each of PLAN_SETTINGS: a list of rows.
+
+    weights  float32 parameters: 4 P
+    grads    float32 .grad, 4 P, plus DDP's gradient buckets (another 4 P) on 2+ GPUs
+    optim    AdamW's two moments, 8 P; with --shard-optimizer on 2+ GPUs, 8 x the largest rank's share (zero_shard)
+    ema      the EMA copy (the FDA teacher), 4 P
+    casts    bf16 autocast's copies of the weights, 2 P (held from the forward until backward has used them)
+    acts     float32 bytes kept for backward per image (count_activations, at COUNT_BATCH) x the micro-batch; bf16
+             autocast stores the matmul inputs in bf16, so on a GPU they are at most this
+    Not counted: the transient buffers of one op (the backward of the largest matmul, the all-reduce, the
+    allocator's slack), which the GPU check's measured peak includes.
+    """
+    f, ch = ae
+    if image_size % f:
+        raise UserError(f"--image-size {image_size} is not a multiple of the autoencoder's factor {f}")
+    sizes, tokens, plain, ckpt = denoiser_counts(name, image_size // f, ch)
+    P = sum(sizes)
+    if global_batch % gpus:
+        raise UserError(f"--global-batch {global_batch} is not divisible by {gpus} GPUs")
+    per_gpu = global_batch // gpus
+    micro = min(micro_batch or per_gpu, per_gpu)
+    rows = []
+    for setting, checkpointed, sharded in PLAN_SETTINGS:
+        parts = dict(weights=4 * P, grads=4 * P * (2 if gpus > 1 else 1),
+                     optim=8 * (zero_shard(sizes, gpus) if sharded else P), ema=4 * P, casts=2 * P,
+                     acts=(ckpt if checkpointed else plain) * micro)
+        total = sum(parts.values())
+        rows.append(dict(model=name, label=PLAN_MODELS.get(name, name), params=P, tokens=tokens,
+                         latents=f"{ch}x{image_size // f}x{image_size // f}", gpus=gpus, per_gpu=per_gpu, micro=micro,
+                         setting=setting, checkpointed=checkpointed, sharded=sharded,
+                         act_per_image=ckpt if checkpointed else plain, **parts, total=total,
+                         fits={c: total <= FIT_SHARE * c * GIB for c in CARDS_GIB}))
+    return rows
+
+
+def plan_flags(name, image_size, ae, global_batch, gpus, card):
+    """The flags a run needs to fit a `card` GiB GPU: the first of PLAN_SETTINGS that fits, else both switches
+    and the largest --micro-batch (a power of two) that fits; None if not even micro-batch 1 does."""
+    rows = memory_plan(name, image_size, ae, global_batch, gpus)
+    flags = {"plain": "", "sharded": "--shard-optimizer", "checkpointed": "--grad-checkpoint",
+             "both": "--grad-checkpoint --shard-optimizer"}
+    for r in rows:
+        if r["fits"][card]:
+            return flags[r["setting"]] or "(none)", r
+    micro = rows[0]["per_gpu"]
+    while micro > 1:
+        micro //= 2
+        r = memory_plan(name, image_size, ae, global_batch, gpus, micro)[-1]
+        if r["fits"][card]:
+            return f"{flags['both']} --micro-batch {micro}", r
+    return None, rows[-1]
+
+
+def memory_table(a):
+    """bench.py --memory: the plan's table, then the flags each model needs per GPU count and card."""
+    ae = parse_autoencoder(a.ae)
+    models = a.models.split(",")
+    gpus = [int(g) for g in a.gpus.split(",")]
+    gib = lambda b: f"{b / GIB:.1f}"
+    lines = [f"memory plan: Stage 2 at {a.image_size} px on an {a.ae} autoencoder, global batch {a.global_batch}, "
+             f"AdamW, EMA, bf16 autocast; per GPU, GiB (2^30 bytes)",
+             f"command: python bench.py {' '.join(a.argv)}",
+             f"activations: bytes autograd keeps for backward (saved-tensor hooks), counted on the meta device in "
+             f"float32 at batch {COUNT_BATCH} and {2 * COUNT_BATCH} (in proportion, checked), per image x the "
+             f"micro-batch; flash attention's saved set; checkpointed: block inputs + outside the blocks + the "
+             f"largest block (recomputed in backward). bf16 autocast stores less: an upper bound. A run fits a "
+             f"card when its total is at most {100 * FIT_SHARE:.0f} % of it.", "",
+             "| model | params | latents (tokens) | GPUs | batch / GPU | setting | weights | grads | optimizer | EMA | "
+             "bf16 casts | activations | total | " + " | ".join(f"{c} GB" for c in CARDS_GIB) + " |",
+             "|---" * (13 + len(CARDS_GIB)) + "|"]
+    summary = []
+    for name in models:
+        for g in gpus:
+            for r in memory_plan(name, a.image_size, ae, a.global_batch, g, a.micro_batch):
+                lines.append(f"| {r['label']} | {r['params'] / 1e6:.0f}M | {r['latents']} ({r['tokens']}) | {g} | "
+                             f"{r['per_gpu']}" + (f" ({r['micro']} micro)" if r["micro"] < r["per_gpu"] else "")
+                             + f" | {r['setting']} | {gib(r['weights'])} | {gib(r['grads'])} | {gib(r['optim'])} | "
+                             f"{gib(r['ema'])} | {gib(r['casts'])} | {gib(r['acts'])} | {gib(r['total'])} | "
+                             + " | ".join("fits" if r["fits"][c] else "no" for c in CARDS_GIB) + " |")
+            for c in CARDS_GIB:
+                flags, r = plan_flags(name, a.image_size, ae, a.global_batch, g, c)
+                summary.append(f"- {PLAN_MODELS.get(name, name)} on {g} x {c} GB: " + (
+                    f"`{flags}` ({gib(r['total'])} GiB)" if flags else
+                    f"does not fit, even with both switches at micro-batch 1 ({gib(r['total'])} GiB)"))
+    return "\n".join(lines + ["", "flags each run needs (the cheapest that fits):"] + summary)
+
+
 # ----------------------------------------------------------------------------- the GPU check (--gpu-check)
 #
 # One prepared command for a GPU lent for minutes, without network: it checks the machine, then runs each phase
@@ -577,15 +787,17 @@ def bench_features(b, folder, n, res, rounds):
 # it finished (each phase rewrites OUT/phases/PHASE.json after every item). The report is OUT/gpu-check.json,
 # every figure named, with the same report as text in OUT/gpu-check.txt (and on stdout).
 
-# phase -> (budget in seconds on a GPU, budget at --smoke), run in this order. On a GPU they sum to 535 s: with the
-# start-up and the checks before them (~10 s) and at most 5 + 5 s to end each phase that runs past its budget,
-# the whole command stays under 10 minutes. The smoke budgets leave room for a CPU shared with other jobs.
+# phase -> (budget in seconds on a GPU, budget at --smoke), run in this order. On a GPU they sum to 565 s: with the
+# start-up and the checks before them (~10 s) and 5 + 5 s to end a phase that runs past its budget, the whole
+# command stays under 10 minutes. The smoke budgets leave room for a CPU shared with other jobs.
 # GPU sizing, estimated (no GPU has run this version): SiT-XL/1 at batch 32 took 105 ms a step eager and 75 ms
 # compiled on an H100 (305 / 429 img/s), so a timed row (3 + 25 steps) takes seconds and the four eager rows with
 # start-up about 30 s; compiling an XL model (forward and backward) is estimated at 1-2 minutes, which leaves
 # room for the two XL/1 compiled rows; a tiny model compiles in an estimated 20-30 s.
-CHECK_PHASES = {"equivalence": (95, 90), "train-resume": (120, 150), "throughput": (240, 60),
-                "cache-encode": (30, 60), "study": (50, 90)}
+# The memory phase builds the largest denoiser that fits (USiT-2B/1 on an 80 GB card: ~15 s) and times
+# 2 x 3 steps at batch 32 (~1 s each, estimated from its FLOPs).
+CHECK_PHASES = {"equivalence": (95, 90), "train-resume": (120, 150), "throughput": (225, 60),
+                "cache-encode": (30, 60), "study": (50, 90), "memory": (45, 30)}
 CHECK_PACKAGES = ("numpy", "scipy", "PIL", "tqdm", "torchvision", "diffusers", "cleanfid")
 TARGET_IMG_S = 800           # SiT-XL/1 at 256 tokens, bf16, one H100 (LightningDiT publishes about 660 per GPU)
 # Tolerances of the equivalence check, relative to the float32 eager step: |loss - loss_ref| / |loss_ref| and
@@ -597,10 +809,12 @@ CHECK_TOL = {"float32": (1e-4, 1e-3), "bf16": (2e-2, 6e-2)}
 CHECK_SIZES = {
     "gpu": dict(equiv=[("SiT", "tiny/1", 16, 32, 8), ("U-ViT", "tiny/1", 16, 32, 8)],
                 throughput=[("XL/1", 16, 32, 32), ("XL/2", 32, 4, 32)], warmup=3, repeats=5, iters=5,
-                cache=(256, 500, 375, 256, "SD-VAE"), workers=8, study="gpu", study_steps=30),
+                cache=(256, 500, 375, 256, "SD-VAE"), workers=8, study="gpu", study_steps=30,
+                memory=dict(models=list(PLAN_MODELS), side=16, ch=32, batch=32, steps=3)),
     "smoke": dict(equiv=[("SiT", "smoke/1", 8, 4, 4), ("U-ViT", "smoke/1", 8, 4, 4)],
                   throughput=[("smoke/1", 8, 4, 4), ("smoke/2", 16, 4, 4)], warmup=1, repeats=2, iters=2,
-                  cache=(8, 40, 30, 32, "tiny"), workers=0, study="smoke", study_steps=3),
+                  cache=(8, 40, 30, 32, "tiny"), workers=0, study="smoke", study_steps=3,
+                  memory=dict(models=["uvit-smoke/1", "smoke/1"], side=8, ch=4, batch=4, steps=2)),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -1020,8 +1234,80 @@ def phase_study(ph):
                 steps_in_study=full.steps, minutes_per_study_run=full.steps * full.global_batch / rate / 60)
 
 
+# ---- phase 6: the memory plan measured: a few steps of the largest paper denoiser that fits one GPU
+
+def memory_steps(name, side, ch, batch, dev, checkpointed, steps):
+    """Peak memory (PeakMemory: MiB, kind) of `steps` Stage-2 steps as the trainer takes them on one GPU: bf16
+    autocast, the velocity loss (Eq. 5), backward, clipping, AdamW (fused on CUDA), the EMA update; and the
+    last loss."""
+    mem = PeakMemory(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    mem.reset()
+    torch.manual_seed(0)
+    with dev:
+        net = build_denoiser(name, side, ch, 1000)
+    net.grad_checkpoint = checkpointed
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = adamw(net.parameters(), dev, lr=1e-4)
+    student, args = td.Student(net, None), types.SimpleNamespace(denoise_level=0, fda=False)
+    for _ in range(steps):
+        z, eps = torch.randn(batch, ch, side, side, device=dev), torch.randn(batch, ch, side, side, device=dev)
+        t, y = torch.rand(batch, device=dev), torch.randint(0, 1000, (batch,), device=dev)
+        with autocast(dev):
+            loss, _ = td.diffusion_loss(student, None, z, y, t, eps, args, 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step(), opt.zero_grad(set_to_none=True)
+        ema_update(ema, net, 0.9999)
+    sync(dev)
+    return mem.read(), mem.kind, loss.item()
+
+
+def phase_memory(ph):
+    dev, cuda, s = ph.dev, ph.dev.type == "cuda", ph.sizes["memory"]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    card = torch.cuda.get_device_properties(dev).total_memory if cuda else None
+    ph.note("--shard-optimizer splits the AdamW state over 2+ ranks only: on one GPU the plan's sharded rows equal "
+            "its plain ones and these steps run plain AdamW; the plan's figures here are for 1 GPU (no DDP buckets)")
+    if not cuda:
+        ph.note("on CPU the peak is the process's resident set (libraries included), not comparable with the plan: "
+                "the comparison is made on a GPU (CUDA max_memory_allocated)")
+    plans = {name: memory_plan(name, s["side"], (1, s["ch"]), s["batch"], 1) for name in s["models"]}
+    fitting = [n for n in s["models"] if card is None or plans[n][2]["total"] <= FIT_SHARE * card]   # checkpointed
+    if not fitting:
+        ph.check("a paper denoiser fits this GPU", False, f"none of {s['models']} fits {card / GIB:.0f} GiB with "
+                                                          f"--grad-checkpoint at batch {s['batch']}")
+        return
+    name = max(fitting, key=lambda n: plans[n][0]["params"])
+    for row in plans[name]:
+        if row["sharded"] or (card is not None and row["total"] > FIT_SHARE * card):
+            continue
+        label = f"{row['label']} on {row['latents']}, batch {s['batch']}, {row['setting']}"
+        if not ph.fits(label, 15 if cuda else 5):
+            continue
+        t0 = time.time()
+        try:
+            mib, kind, loss = memory_steps(name, s["side"], s["ch"], s["batch"], dev, row["checkpointed"], s["steps"])
+        except torch.OutOfMemoryError as e:
+            ph.check(f"{label}: the plan's {row['total'] / GIB:.1f} GiB fits", False, f"out of memory: {str(e)[:160]}")
+            continue
+        peak = mib * 2 ** 20
+        ph.item(model=row["label"], setting=row["setting"], batch=s["batch"], latents=row["latents"], peak=peak,
+                peak_kind=kind, plan=row["total"], plan_terms=row, seconds=time.time() - t0, loss=loss)
+        ok = math.isfinite(loss) and (not cuda or peak <= row["total"] / FIT_SHARE)
+        ph.check(f"{label}: {s['steps']} steps", ok, f"measured peak {size_text(peak)} ({kind}) beside the plan's "
+                 f"{size_text(row['total'])}" + (f" (ratio {peak / row['total']:.2f}; the plan plus its "
+                                                 f"{100 - 100 * FIT_SHARE:.0f} % reserve must cover it)" if cuda else "")
+                 + f"; loss {loss:.4f}")
+
+
+def size_text(b):
+    return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2 ** 20:.1f} MiB"
+
+
 PHASE_FNS = {"equivalence": phase_equivalence, "train-resume": phase_train_resume, "throughput": phase_throughput,
-             "cache-encode": phase_cache_encode, "study": phase_study}
+             "cache-encode": phase_cache_encode, "study": phase_study, "memory": phase_memory}
 
 
 def run_phase(a):
@@ -1167,6 +1453,9 @@ def assemble(a, argv, m, results, total):
             text += [f"- study setting {i['setting']}, {i['model']}: {i['img_s']:.1f} img/s at batch {i['batch']} "
                      f"(last metrics window of `{i['command']}`); its {i['steps_in_study']} steps take about "
                      f"{i['minutes_per_study_run']:.3g} min per run at that rate" for i in r["items"]]
+        if name == "memory":
+            text += [f"- {i['model']} on {i['latents']}, batch {i['batch']}, {i['setting']}: measured peak "
+                     f"{size_text(i['peak'])} ({i['peak_kind']}), plan {size_text(i['plan'])}" for i in r["items"]]
         if name == "train-resume":
             text += [f"- {i['run']}: {'ok' if i['ok'] else 'FAILED'} in {i['seconds']:.0f} s: `{i['command']}`"
                      for i in r["items"]]
@@ -1217,6 +1506,15 @@ def get_args(argv=None):
     p.add_argument("--budget-scale", type=float, default=1.0, help="--gpu-check: multiply every phase's time budget")
     p.add_argument("--gpu-check-phase", default=None, choices=tuple(CHECK_PHASES),
                    help="run one phase of --gpu-check (what --gpu-check starts for each phase)")
+    p.add_argument("--memory", action="store_true",
+                   help="the memory plan instead of the table: per-GPU bytes of a Stage-2 run, plain, checkpointed, "
+                        "sharded and both, against 40 and 80 GB cards (counted on the meta device: seconds, no GPU)")
+    p.add_argument("--models", default=",".join(PLAN_MODELS), help="--memory: comma-separated denoisers (--model)")
+    p.add_argument("--image-size", type=int, default=512, help="--memory: image side")
+    p.add_argument("--ae", default="f32c32", help="--memory: autoencoder compression fFcC (factor, channels)")
+    p.add_argument("--global-batch", type=int, default=4096, help="--memory: images per step over all GPUs")
+    p.add_argument("--gpus", default="8,32", help="--memory: comma-separated GPU counts")
+    p.add_argument("--micro-batch", type=int, default=None, help="--memory: per-GPU forward batch (accumulation)")
     a = p.parse_args(argv)
     if a.budget_scale <= 0:
         p.error("--budget-scale must be positive")
@@ -1234,6 +1532,12 @@ def main(argv=None):
         return run_phase(a)
     if a.gpu_check:
         return gpu_check(a, argv)
+    if a.memory:
+        a.argv = argv
+        for name in ("image_size", "global_batch"):
+            check_range(a, name, 1)
+        check_range(a, "micro_batch", 1, optional=True)
+        return print(memory_table(a))
     dev = check_device(a.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
 
 
@@ -288,9 +289,19 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def adamw(params, device, **kw):
-    """AdamW, fused into one kernel launch per step where the device has it (CUDA); foreach otherwise."""
-    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+def adamw(params, device, shard=False, **kw):
+    """AdamW, fused into one kernel launch per step where the device has it (CUDA); foreach otherwise.
+
+    shard (--shard-optimizer, 2+ ranks): torch's ZeroRedundancyOptimizer (ZeRO stage 1) under the same DDP: each
+    rank keeps the AdamW state (step and both moments, 8 bytes per parameter) of its share of the parameter
+    tensors only, updates that share and broadcasts it; the gradients stay whole and DDP all-reduces them as
+    before, so the update is AdamW's, element for element. Its state_dict() is the plain AdamW one (global
+    parameter indices) once Run.save(gather=...) has collected the shares on rank 0, so a checkpoint loads on any
+    number of ranks, sharded or not; load_state_dict() takes such a full state and keeps this rank's share."""
+    fused = True if device.type == "cuda" else None
+    if shard and dist.is_initialized() and dist.get_world_size() > 1:
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, fused=fused, **kw)
+    return torch.optim.AdamW(params, fused=fused, **kw)
 
 
 def to_device(t, device):
@@ -886,6 +897,9 @@ def add_common_args(p):
     p.add_argument("--device", default=None, help="force a device (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing per transformer block: keep only each block's inputs and recompute "
+                        "its activations in backward (less memory, one more forward; the same numbers)")
     p.add_argument("--resume", default="auto",
                    help="'auto' (OUT/last.pt if present), 'none', or a checkpoint path")
     p.add_argument("--overwrite", action="store_true",
@@ -987,6 +1001,7 @@ class Run:
                 if run.due(step, args.val_every): run.record(step, validation_fn)
                 if run.due(step, args.ckpt_every) or run.stopping:
                     run.save(lambda: run.checkpoint(step, ...))   # rank 0 writes atomically; never non-finite
+                                                     # (gather=[opt]: a sharded AdamW state, collected first)
                 if run.stopping: break
             run.finish(step, "done: ...")                    # the last line, or the signal's exit
 
@@ -1088,10 +1103,15 @@ class Run:
         return {"kind": self.kind, "config": vars(self.args), "step": step, "rng": rng_state(self.d.device),
                 "data_fingerprint": self.data_fp, "seeds": SEED_SCHEME, **state}
 
-    def save(self, state_fn, path=None, also=None):
+    def save(self, state_fn, path=None, also=None, gather=()):
         """Rank 0 writes state_fn() to `path` (OUT/last.pt) atomically, then `also()` (e.g. a diffusers folder);
-        all ranks wait. Never from a non-finite model."""
+        all ranks wait. Never from a non-finite model. `gather`: optimizers whose state may be sharded over the
+        ranks (--shard-optimizer): every rank first sends its share to rank 0 (a collective), so that state_fn's
+        opt.state_dict() there is the whole AdamW state."""
         self.check_finite()
+        for opt in gather:
+            if isinstance(opt, ZeroRedundancyOptimizer):
+                opt.consolidate_state_dict(to=0)
         if self.d.main:
             save_checkpoint(path or self.ckpt_path, state_fn())
             if also is not None:

@@ -1,6 +1,7 @@
 """Stage-2 models: SiT (DiT blocks with adaLN-Zero) and U-ViT, flow-matching pieces and ODE samplers.
 
-    python dit.py                       # CPU: parameter counts of the named sizes (SiT-XL/2 = 675M, U-ViT-H/2 = 501M)
+    python dit.py                       # CPU: parameter counts of the named sizes (SiT-XL/2 = 675M, U-ViT-H/2 = 501M,
+                                        # U-ViT-2B/1 = 1580M on 32x16x16 latents)
     (library module: trained by train_diffusion.py, sampled by evaluate.py; the single-GPU,
      torchrun and multi-node commands are in those scripts)
 
@@ -27,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from vae import Attention, Mlp, patchify, sincos_2d, unpatchify
+from vae import Attention, Mlp, call_block, patchify, sincos_2d, unpatchify
 
 # depth, width, heads (DiT / SiT Table 1) plus small CPU sizes
 SIZES = {"smoke": (1, 32, 2), "tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12),
@@ -88,6 +89,8 @@ class FinalLayer(nn.Module):
 
 
 class SiT(nn.Module):
+    grad_checkpoint = False          # --grad-checkpoint: blocks recompute their activations in backward (call_block)
+
     def __init__(self, input_size=16, in_channels=4, patch=2, width=1152, depth=28, heads=16, num_classes=1000,
                  mlp_ratio=4.0):
         super().__init__()
@@ -100,7 +103,8 @@ class SiT(nn.Module):
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = nn.Embedding(num_classes + 1, width)               # index num_classes = null class
         g = input_size // patch
-        self.register_buffer("pos", sincos_2d(width, g, g)[None], persistent=False)   # (1, N, D)
+        self.register_buffer("pos", sincos_2d(width, g, g)[None].to(torch.get_default_device()),   # (1, N, D)
+                             persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(width, patch * patch * in_channels)
         self._init()
@@ -133,7 +137,7 @@ class SiT(nn.Module):
         c = self.t_embed(t) + self.y_embed(y)                                # (B, D)
         hidden = None
         for i, blk in enumerate(self.blocks, start=1):
-            tok = blk(tok, c)
+            tok = call_block(blk, tok, c, checkpoint=self.grad_checkpoint)
             if i == return_hidden:
                 hidden = tok
                 if hidden_only:
@@ -161,9 +165,14 @@ def _size_and_patch(name, sizes, what, prefix, input_size):
 
 # ----------------------------------------------------------------------------- U-ViT
 
-# blocks (in + mid + out), width, heads: U-ViT Table (S 44M, M 131M, L 287M, H 501M at /2 on 4x32x32 latents)
+# blocks (in + mid + out), width, heads: U-ViT Table (S 44M, M 131M, L 287M, H 501M at /2 on 4x32x32 latents).
+# 2B: DC-AE's UViT-2B / USiT-2B (the FreqWarm paper's USiT-2B), from mit-han-lab/efficientvit,
+# efficientvit/diffusion_model_zoo.py (dc_ae_usit_2b_in_512px: uvit.depth=28 uvit.hidden_size=2048
+# uvit.num_heads=32 uvit.patch_size=1), where depth=28 means 14 in + 1 mid + 14 out blocks
+# (efficientvit/diffusioncore/models/uvit.py), i.e. 29 here; its README lists UViT-2B on DC-AE-f32c32 at
+# 1580.40M parameters and UViT-H at 500.87M, which uvit-2B/1 and uvit-H/1 on 32x16x16 latents give here.
 UVIT_SIZES = {"smoke": (3, 32, 2), "tiny": (5, 128, 4), "S": (13, 512, 8), "M": (17, 768, 12),
-              "L": (21, 1024, 16), "H": (29, 1152, 16)}
+              "L": (21, 1024, 16), "H": (29, 1152, 16), "2B": (29, 2048, 32)}
 UVIT_PREFIX = "uvit-"
 
 
@@ -191,6 +200,7 @@ class UViT(nn.Module):
     Initialisation as U-ViT (truncated normal 0.02 for linears, embeddings and positions), except the output
     projection (and conv), which starts at zero as SiT's does: a fresh model predicts v = 0.
     """
+    grad_checkpoint = False          # --grad-checkpoint: blocks recompute their activations in backward (call_block)
 
     def __init__(self, input_size=32, in_channels=4, patch=2, width=1152, depth=29, heads=16, num_classes=1000,
                  mlp_ratio=4.0, qkv_bias=False, conv=False):
@@ -242,7 +252,7 @@ class UViT(nn.Module):
         tok = torch.cat([extras, tok], dim=1) + self.pos                     # (B, 2 + N, D)
         half, skips, hidden = len(self.blocks) // 2, [], None
         for i, blk in enumerate(self.blocks):
-            tok = blk(tok, skips.pop() if i > half else None)
+            tok = call_block(blk, tok, skips.pop() if i > half else None, checkpoint=self.grad_checkpoint)
             if i < half:
                 skips.append(tok)
             if i + 1 == return_hidden:
@@ -397,8 +407,11 @@ SAMPLERS = ("euler", "heun", "sde")          # --sampler: sample_ode methods and
 
 
 if __name__ == "__main__":
-    for name in ("S/2", "B/2", "L/2", "XL/2", "XL/1", "uvit-S/2", "uvit-M/2", "uvit-L/2", "uvit-H/2"):
+    rows = [(n, 32, 4) for n in ("S/2", "B/2", "L/2", "XL/2", "XL/1", "uvit-S/2", "uvit-M/2", "uvit-L/2", "uvit-H/2",
+                                 "uvit-2B/2")]
+    rows += [(n, 16, 32) for n in ("XL/1", "uvit-H/1", "uvit-2B/1")]          # 512 px on an f32c32 autoencoder
+    for name, side, ch in rows:
         with torch.device("meta"):
-            m = build_denoiser(name, 32, 4, 1000)
+            m = build_denoiser(name, side, ch, 1000)
         print(f"{m.config['arch']:4s} {name:9s} {sum(p.numel() for p in m.parameters()) / 1e6:8.1f}M parameters "
-              f"(4x32x32 latents)")
+              f"({ch}x{side}x{side} latents)")

@@ -9,6 +9,9 @@
              --image-size 512 --model uvit-H/1 --data /data/imagenet/train              # a pretrained AE, U-ViT
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              train_diffusion.py --preset freqwarm-512 --vae VAE.pt --data /data/imagenet/train
+    torchrun --nproc_per_node=8 train_diffusion.py --model uvit-2B/1 --image-size 512 --global-batch 4096 \\
+             --grad-checkpoint --shard-optimizer --micro-batch 256 --data /data/imagenet/train \\
+             --vae diffusers:mit-han-lab/dc-ae-f32c32-in-1.0-diffusers     # USiT-2B, 8 x 80 GB: bench.py --memory
 
 Latents: z = posterior mean of the frozen VAE (EMA weights), normalised per channel, z_n = (z - mean) / std,
 with the statistics stored in our VAE's checkpoint when they were taken on this data, size and held-out split,
@@ -40,6 +43,9 @@ z_n = (z - shift) * scale, as SD-VAE / DC-AE baselines). Then, per step:
                        into OUT/latents-KEY/ (float16 shards, memory-mapped) instead of every step.
   --keep-every N       also keep the EMA weights at steps N, 2N, ... (OUT/keep/ema_STEP.pt) for
                        convergence curves (`evaluate.py curve`).
+  --grad-checkpoint    memory, not method: each block recomputes its activations in backward; with
+  --shard-optimizer    2+ ranks each keeps the AdamW state of its share of the parameters (ZeRO-1). Neither
+                       changes a number, so both may change on resume (README, "Memory at the paper's scale").
 """
 import argparse
 import copy
@@ -48,6 +54,7 @@ import math
 import os
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fft_ops
@@ -94,7 +101,7 @@ def parser():
     fixed = add_common_args(p)              # what is trained: a resumed run may not change these (common.Run)
     fixed.add_argument("--model", default="XL/2", help="SiT size/patch: smoke/1, tiny/1, S/2, B/2, L/2, XL/2, XL/1, "
                                                        "...; U-ViT: uvit-smoke/1, uvit-tiny/2, uvit-S/2, uvit-M/2, "
-                                                       "uvit-L/2, uvit-H/2")
+                                                       "uvit-L/2, uvit-H/2, uvit-2B/1 (USiT-2B)")
     fixed.add_argument("--image-size", type=int, default=None,
                        help=f"image side (default: the VAE's training size; {DEFAULT_IMAGE_SIZE} for pretrained "
                             f"autoencoders)")
@@ -143,6 +150,9 @@ def parser():
     p.add_argument("--stats-images", type=int, default=10000,
                    help="random training images for the latent statistics when the VAE's own do not fit the data")
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="under torchrun: each rank keeps the AdamW state of its share of the parameters only "
+                        "(ZeroRedundancyOptimizer); the same updates, checkpoints as without")
     p.add_argument("--cache-latents", action="store_true", help="encode the dataset once into a latent cache")
     p.add_argument("--keep-every", type=int, default=0,
                    help="also keep the EMA weights at every multiple of this step in OUT/keep/ema_STEP.pt, for "
@@ -295,7 +305,7 @@ def train(args, run):
     freqwarm_end = warmup_steps if args.freqwarm else 0     # FreqWarm: steps [0, freqwarm_end) see lowpass(x, r0)
     record = dict(ae=ae, stats=stats, warmup_steps=warmup_steps, r0_auto=r0_auto)   # checkpoints store these
     log0(f"latent statistics: {stats['source']}", d)
-    describe(args, ae, student, freqwarm_end, r0_auto, run)
+    describe(args, ae, student, freqwarm_end, r0_auto, run, isinstance(opt, ZeroRedundancyOptimizer))
     train_idx, val_idx = train_val_split(len(dataset), args.val_images, args.seed)
     sampler = StepSampler(len(dataset), args.global_batch, d.rank, d.world_size, run.accum, args.seed, step,
                           flip=args.hflip, indices=train_idx)
@@ -355,7 +365,7 @@ def train(args, run):
             sample_grid(ema, ae, space, dataset.num_classes, args, d.device, grid)
             run.grid(grid, step)
         if run.due(step, args.ckpt_every) or run.stopping:
-            run.save(lambda: checkpoint_state(run, step, student, ema, opt, record))
+            run.save(lambda: checkpoint_state(run, step, student, ema, opt, record), gather=[opt])
         if run.stopping:
             break
     run.finish(step, f"done: {run.ckpt_path} (kind 'sit'); samples {args.out}/samples_{step:07d}.png")
@@ -372,13 +382,14 @@ def build(args, d):
     dataset = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     C, h = ae.latent_dim, args.image_size // ae.downsample
     sit = build_denoiser(args.model, h, C, dataset.num_classes).to(d.device)
+    sit.grad_checkpoint = args.grad_checkpoint          # recompute each block's activations in backward
     if args.fda and not 1 <= args.fda_depth <= len(sit.blocks):
         raise UserError(f"--fda-depth {args.fda_depth} is outside 1..{len(sit.blocks)} for SiT {args.model}")
     if args.fda and args.denoise_level == 3:
         raise UserError("--fda needs a more attenuated teacher level than --denoise-level; use a level below 3")
     student = Student(sit, args.fda_depth if args.fda else None).to(d.device)
     ema = copy.deepcopy(sit).requires_grad_(False).eval()
-    opt = adamw(student.parameters(), d.device, lr=args.lr, weight_decay=args.weight_decay)
+    opt = adamw(student.parameters(), d.device, args.shard_optimizer, lr=args.lr, weight_decay=args.weight_decay)
     return ae, dataset, student, ema, opt
 
 
@@ -417,15 +428,18 @@ def check_warmup(ck, path, args):
                         f"it may not change on resume")
 
 
-def describe(args, ae, student, freqwarm_end, r0_auto, run):
-    """The run's first line: model, latents, method settings, batch split, device."""
+def describe(args, ae, student, freqwarm_end, r0_auto, run, sharded=False):
+    """The run's first line: model, latents, method settings, batch split, device, memory switches."""
     sched = "" if args.freqwarm_schedule == "step" else \
         f", {args.freqwarm_schedule} schedule r = {' / '.join(f'{r:.3g}' for r in stage_radii(args))}"
     warm = (f"r0={args.r0:g}{' (auto)' if r0_auto else ''}{sched} for {freqwarm_end} steps" if args.freqwarm else "off")
     log0(f"{args.model}: {sum(p.numel() for p in student.sit.parameters()) / 1e6:.2f}M params on latents "
          f"{tuple(ae.latent_shape(args.image_size))} of {ae.name}; denoise level {args.denoise_level}, FDA {args.fda}, "
          f"FreqWarm {warm}; {run.d.world_size} rank(s) x {run.per_rank} ({run.accum} x {run.micro}); "
-         f"device {run.d.device}", run.d)
+         f"device {run.d.device}" + (f"; optimizer state sharded over {run.d.world_size} ranks" if sharded else "")
+         + ("; activation checkpointing per block" if args.grad_checkpoint else ""), run.d)
+    if args.shard_optimizer and not sharded:
+        log0("--shard-optimizer: one rank, so nothing to shard: plain AdamW", run.d)
 
 
 def checkpoint_state(run, step, student, ema, opt, record, ema_only=False):

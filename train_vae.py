@@ -4,6 +4,8 @@
     python train_vae.py --preset cpu-demo                                # CPU, a few minutes, 32x32 dead leaves
     python train_vae.py --preset f16d32 --data /data/imagenet/train      # one GPU
     torchrun --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
+    torchrun --nproc_per_node=8 train_vae.py --preset f16d32 --image-size 512 --grad-checkpoint \\
+             --data /data/imagenet/train                                 # less activation memory
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
              --nproc_per_node=8 train_vae.py --preset f16d32 --data /data/imagenet/train
     python train_vae.py --stats-only --resume runs/vae/last.pt           # latent statistics again (no GPU needed)
@@ -112,7 +114,8 @@ FIXED_ON_RESUME = fixed_on_resume(parser())
 
 def get_args(argv=None):
     args = parse_training_args(parser(), PRESETS, argv)
-    other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight")}[args.arch]   # flags the arch would ignore
+    # flags the arch would ignore (diffusers' AutoencoderDC has no activation checkpointing)
+    other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight", "grad_checkpoint")}[args.arch]
     for name in other:
         if name in args.explicit:
             raise UserError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch}")
@@ -198,6 +201,7 @@ def train(args, run):
         model = DCAE(args.dcae_config, args.image_size, args.latent_dim).to(d.device)
     else:
         model = build_vae(args.size, args.image_size, args.latent_dim).to(d.device)
+        model.grad_checkpoint = args.grad_checkpoint    # recompute each block's activations in backward
     ema = copy.deepcopy(model).requires_grad_(False)
     disc = PatchDiscriminator(args.disc_channels, args.disc_layers).to(d.device)
     perceptual = VGGPerceptual(args.perceptual_weights or "torchvision").to(d.device) if args.perceptual_weight > 0 else None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import fft_ops
 from common import UserError, file_hash, load_checkpoint, read_export
@@ -45,10 +46,12 @@ VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
 
 @functools.lru_cache(maxsize=16)
 def sincos_2d(dim, h, w):
-    """Fixed 2-D sin-cos position embedding (h * w, dim): half the channels encode rows, half columns."""
+    """Fixed 2-D sin-cos position embedding (h * w, dim): half the channels encode rows, half columns. Always on
+    the CPU (it is cached: a model built under `with torch.device("meta")` must not leave a meta copy behind)."""
     assert dim % 4 == 0, "embedding width must be divisible by 4"
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (dim/4,)
-    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    cpu = dict(dtype=torch.float64, device="cpu")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, **cpu) / (dim // 4))                # (dim/4,)
+    gy, gx = torch.meshgrid(torch.arange(h, **cpu), torch.arange(w, **cpu), indexing="ij")
     out = [f(g.flatten()[:, None] * omega[None]) for g in (gy, gx) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1).float()                                                 # (h*w, dim)
 
@@ -87,6 +90,16 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def call_block(block, *inputs, checkpoint=False):
+    """block(*inputs); with checkpoint (--grad-checkpoint) while autograd records, the block keeps none of its
+    activations for backward but only its inputs, and runs its forward again in backward (torch.utils.checkpoint,
+    non-reentrant): the same gradients for one more forward per block. Without autograd (EMA teacher, sampling,
+    validation, frozen encoders) it is a plain call."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
 
 
 def patchify(x, p):
@@ -142,6 +155,8 @@ class PatchLatents(nn.Module):
 
 
 class ViTVAE(PatchLatents):
+    grad_checkpoint = False          # --grad-checkpoint: blocks recompute their activations in backward (call_block)
+
     def __init__(self, image_size=32, patch=4, width=128, depth=3, heads=4, latent_dim=8, mlp_ratio=4.0):
         super().__init__()
         if image_size % patch:
@@ -170,7 +185,7 @@ class ViTVAE(PatchLatents):
         h, w = H // self.patch, W // self.patch
         t = self.embed(patchify(x, self.patch)) + sincos_2d(self.width, h, w).to(x)    # (B, N, D)
         for blk in self.enc_blocks:
-            t = blk(t)
+            t = call_block(blk, t, checkpoint=self.grad_checkpoint)
         m = self.to_moments(self.enc_norm(t))                                          # (B, N, 2d)
         return DiagonalGaussian(m.transpose(1, 2).reshape(B, 2 * self.latent_dim, h, w))
 
@@ -181,7 +196,7 @@ class ViTVAE(PatchLatents):
             raise ValueError(f"latent has {d} channels but this VAE decodes {self.latent_dim}")
         t = self.from_latent(z.flatten(2).transpose(1, 2)) + sincos_2d(self.width, h, w).to(z)   # (B, N, D)
         for blk in self.dec_blocks:
-            t = blk(t)
+            t = call_block(blk, t, checkpoint=self.grad_checkpoint)
         x = unpatchify(self.to_pixels(self.dec_norm(t)), self.patch, h, w)                     # (B, 3, H, W)
         return x + self.refine(x)
 

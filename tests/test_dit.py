@@ -273,6 +273,18 @@ def test_uvit_published_parameter_counts():
         assert m.config["arch"] == "uvit" and len(m.blocks) == {"M": 17, "L": 21, "H": 29}[name[5]]
 
 
+def test_uvit_2b_matches_dc_ae_published_layout():
+    """DC-AE's README (mit-han-lab/efficientvit) lists UViT-2B at 1580.40M and UViT-H at 500.87M parameters at
+    patch 1 on DC-AE-f32c32's 32x16x16 latents (512 px); its depth 28 is 14 in + 1 mid + 14 out blocks."""
+    from dit import build_denoiser
+    for name, published in (("uvit-2B/1", 1580.40e6), ("uvit-H/1", 500.87e6)):
+        with torch.device("meta"):
+            m = build_denoiser(name, 16, 32, 1000)
+        assert round(sum(p.numel() for p in m.parameters()) / 1e4) == round(published / 1e4), name
+        assert len(m.blocks) == 29
+    assert (m.width, m.blocks[0].attn.heads) == (1152, 16)
+
+
 def test_uvit_hidden_state_cfg_and_rebuild_from_config():
     from dit import build_denoiser, denoiser_from_config
     m = perturbed_uvit()
