@@ -1220,6 +1220,13 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.budget_scale <= 0:
         p.error("--budget-scale must be positive")
+    check_only = [f"--{k.replace('_', '-')}" for k in ("smoke", "out", "phases", "budget_scale")
+                  if getattr(a, k) != p.get_default(k)]
+    if check_only and not (a.gpu_check or a.gpu_check_phase):      # else the full-size table would start
+        raise UserError(f"{', '.join(check_only)} {'applies' if len(check_only) == 1 else 'apply'} only with --gpu-check (e.g. bench.py --gpu-check --smoke); "
+                        f"the throughput table at toy sizes is bench.py --quick")
+    if a.quick and a.gpu_check:
+        raise UserError("--quick sizes the throughput table; the GPU check's small size is --gpu-check --smoke")
     a.out = os.path.abspath(a.out)
     return a
 

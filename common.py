@@ -189,14 +189,16 @@ def parse_training_args(parser, presets, argv=None):
 
 def explicit_dests(parser, argv=None):
     """The settings given on the command line itself (not by a default or a preset)."""
-    saved = {a: a.default for a in parser._actions}
+    saved, preset = {a: a.default for a in parser._actions}, parser._defaults   # a preset's values live in both
     try:
         for a in parser._actions:
             a.default = argparse.SUPPRESS
+        parser._defaults = {}
         given, _ = parser.parse_known_args(argv)
     finally:
         for a, v in saved.items():
             a.default = v
+        parser._defaults = preset
     return set(vars(given)) - {"preset"}
 
 
@@ -475,6 +477,18 @@ def load_checkpoint(path, kind):
 # ----------------------------------------------------------------------------- exported weights
 
 EXPORT_FORMAT = "freqldm-export-1"      # config.json["format"] of an exported folder (evaluate.py export)
+
+
+def checkpoint_path(path, flag="--ckpt"):
+    """What --ckpt names: a checkpoint file, an export folder (returned as it is), or a run folder, read as its
+    last.pt; one line for a folder that is neither."""
+    if not os.path.isdir(path) or is_export(path):
+        return path
+    last = os.path.join(path, "last.pt")
+    if not os.path.isfile(last):
+        raise UserError(f"{flag} {path} is a folder with neither a run's last.pt nor an export's model.safetensors "
+                        f"and config.json: pass a checkpoint file, a run folder or an export folder")
+    return last
 
 
 def is_export(path):

@@ -45,12 +45,12 @@ from PIL import Image
 
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
-                    derive_seed, file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main,
+                    checkpoint_path, derive_seed, file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main,
                     setup_distributed, wait_for_files, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
-from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_scores, find_vgg_weights,
-                 latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, checkpoint_identity, f3_peak, f3_scores,
+                 find_vgg_weights, latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -103,6 +103,7 @@ def load_sit(path, device, vae=None):
     (absolute, then relative to the working directory, then to the checkpoint's folder); whichever is used
     must hash to the content recorded in the checkpoint, so a retrained or swapped VAE is refused.
     """
+    path = checkpoint_path(path)
     ck = export_as_checkpoint(path) if os.path.isdir(path) else load_checkpoint(path, "sit")
     ema = denoiser_from_config(ck["model_config"])
     ema.load_state_dict(ck["ema"])
@@ -170,6 +171,7 @@ def folder_to_npz(folder, n, path, chunk=1000, labels=None):
 
 @torch.no_grad()
 def cmd_sample(a, d):
+    a.ckpt = checkpoint_path(a.ckpt)                                     # a run folder: its last.pt
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
     labels = sample_labels(a.num_samples, ema.num_classes, a.labels, a.seed)            # (num_samples,)
     if d.main:
@@ -222,7 +224,7 @@ def export_config(ck, path):
               "train_config": {k: v for k, v in cfg.items() if k != "explicit"}}
     if ck["kind"] == "vae":
         # the content hash is the checkpoint's own: Stage 2 / 3 see the export as that autoencoder
-        return {**common, "architecture": "ViTVAE", "content_hash": file_hash(path),
+        return {**common, "architecture": "ViTVAE", "content_hash": checkpoint_identity(path, ck),
                 "mlsr_fractions": list(cfg.get("mlsr_fractions", fft_ops.MLSR_FRACTIONS))}
     return {**common, "architecture": ck["model_config"].get("arch", "sit"),
             "denoise_level": cfg.get("denoise_level", 0), "renorm_level": cfg.get("renorm_level", False),
@@ -243,6 +245,9 @@ def export_as_checkpoint(folder):
 def cmd_export(a, d):
     """The EMA weights of a Stage-1 or Stage-2 checkpoint as OUT/model.safetensors + OUT/config.json (no optimizer,
     discriminator, FDA projector or random state); `sample --ckpt OUT` / `--vae OUT` read it like the checkpoint."""
+    a.ckpt = checkpoint_path(a.ckpt)
+    if os.path.isdir(a.ckpt):
+        raise UserError(f"--ckpt {a.ckpt} is an export already; export its checkpoint (RUN/last.pt), or copy the folder")
     ck = load_checkpoint(a.ckpt, ("sit", "vae"))
     config = write_export(a.out, ck["ema"], export_config(ck, a.ckpt))
     n = sum(v.numel() for v in ck["ema"].values())
@@ -250,6 +255,18 @@ def cmd_export(a, d):
          f"to {a.out}/model.safetensors and {a.out}/config.json")
     if a.push_to_hub:
         push_to_hub(a.out, a.push_to_hub, a.private)
+
+
+def check_hub_repo(repo):
+    """Before exporting: huggingface_hub imports and `repo` is a valid Hub repo id (USER/NAME); one line if not."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        raise UserError("--push-to-hub needs huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise UserError(f"--push-to-hub {repo!r} is not a Hub repo id (USER/NAME): {str(e).split(':')[0]}") from None
 
 
 def push_to_hub(folder, repo, private=False):
@@ -1647,6 +1664,8 @@ def validate(a):
     elif a.cmd == "export":
         if a.private and not a.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO")
+        if a.push_to_hub:
+            check_hub_repo(a.push_to_hub)
         check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
     elif a.cmd == "curve":
         for name in ("batch", "sample_steps"):

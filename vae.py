@@ -394,6 +394,13 @@ class FrozenAutoencoder(nn.Module):
         return next(self.parameters()).device
 
 
+def checkpoint_identity(path, ck):
+    """The content hash of a Stage-1 checkpoint: its file's sha256, or, after `train_vae.py --stats-only` rewrote
+    it with the same weights and new latent statistics, the hash it had before (stored as `content_hash`), so
+    the Stage-2 runs trained on it still recognise it. Stage 2 keeps its own statistics, not these."""
+    return ck.get("content_hash") or file_hash(path)
+
+
 class ViTVAEAutoencoder(FrozenAutoencoder):
     """Our ViT VAE (Stage 1): posterior mean as the latent, its MLSR fractions, the statistics it carries."""
 
@@ -417,7 +424,7 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
         vae.load_state_dict(ck["ema" if use_ema else "model"])
         name = f"ViT-VAE {os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
         ae = cls(vae.to(device), ck["config"].get("mlsr_fractions", fft_ops.MLSR_FRACTIONS), name,
-                 ck.get("latent_stats"), file_hash(path), path)
+                 ck.get("latent_stats"), checkpoint_identity(path, ck), path)
         ae.checkpoint = ck
         return ae
 
