@@ -459,6 +459,9 @@ def file_hash(path, chunk=1 << 24):
 
 def load_checkpoint(path, kind):
     """Load with weights_only=True and check that it is a `kind` ("vae" / "sit", or a tuple of them) checkpoint."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is {'an export' if is_export(path) else 'a'} folder, not a checkpoint file: "
+                        f"pass a checkpoint (RUN/last.pt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -486,8 +489,8 @@ def checkpoint_path(path, flag="--ckpt"):
         return path
     last = os.path.join(path, "last.pt")
     if not os.path.isfile(last):
-        raise UserError(f"{flag} {path} is a folder with neither a run's last.pt nor an export's model.safetensors "
-                        f"and config.json: pass a checkpoint file, a run folder or an export folder")
+        raise UserError(f"{flag} {path} is a folder without a run's last.pt (nor an export's model.safetensors "
+                        f"and config.json): pass a checkpoint file or the folder of a run")
     return last
 
 
@@ -930,7 +933,7 @@ def resume_path(args):
         return None
     if args.resume == "auto":
         return own if os.path.isfile(own) else None
-    return args.resume
+    return checkpoint_path(args.resume, "--resume")                 # a run folder: its last.pt
 
 
 RUN_FILES = ("last.pt", "metrics.jsonl", "generation_metrics.json")

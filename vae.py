@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fft_ops
-from common import UserError, file_hash, load_checkpoint, read_export
+from common import UserError, checkpoint_path, file_hash, load_checkpoint, read_export
 from data import fingerprint, image_batches, random_subset, train_val_split
 
 # Named sizes. The paper sizes are ViT-B-like encoder and decoder (~86M each).
@@ -619,13 +619,14 @@ def _first_line(e):
 
 
 def load_autoencoder(spec, device="cpu"):
-    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path, its exported folder (evaluate.py export),
-    or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
+    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path or run folder, its exported folder
+    (evaluate.py export), or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
     if spec.startswith(DIFFUSERS_PREFIX):
         return DiffusersAutoencoder.from_pretrained(spec, device)
     if not os.path.exists(spec):
         raise UserError(f"no VAE at {spec}: train one with `python train_vae.py` (it writes runs/vae/last.pt), "
                         f"pass --vae PATH, or a pretrained one as --vae diffusers:HUB_ID_OR_FOLDER")
+    spec = checkpoint_path(spec, "--vae")                       # a run folder: its last.pt
     if os.path.isdir(spec):                                     # evaluate.py export of a Stage-1 checkpoint
         return ViTVAEAutoencoder.from_export(spec, device)
     return ViTVAEAutoencoder.from_checkpoint(spec, device)

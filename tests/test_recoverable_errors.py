@@ -70,9 +70,9 @@ def test_stats_only_keeps_the_autoencoder_of_the_sits_trained_on_it(smoke_models
     td.main(["--preset", "smoke", "--vae", str(vae / "last.pt"), "--out", str(sit), "--steps", "2"])
     before = load_autoencoder(str(vae / "last.pt")).content_hash
     stats_before = load_checkpoint(str(vae / "last.pt"), "vae")["latent_stats"]["mean"]
-    train_vae.main(["--stats-only", "--resume", str(vae / "last.pt"), "--stats-images", "16"])
+    train_vae.main(["--stats-only", "--resume", str(vae), "--stats-images", "16"])     # a run folder: its last.pt
     assert not torch.equal(load_checkpoint(str(vae / "last.pt"), "vae")["latent_stats"]["mean"], stats_before)
-    assert load_autoencoder(str(vae / "last.pt")).content_hash == before
+    assert load_autoencoder(str(vae / "last.pt")).content_hash == before == load_autoencoder(str(vae)).content_hash
     # the SiT samples and resumes on it, and its export is the same autoencoder
     ev.main(["sample", "--ckpt", str(sit / "last.pt"), "--num-samples", "2", "--sample-steps", "2",
              "--out", str(tmp_path / "samples")])
@@ -119,7 +119,9 @@ def test_export_takes_a_run_folder_and_checks_the_hub_id_before_exporting(smoke_
     one_line_error(capsys, ev.main, ["export", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "c")],
                    "is an export already")
     one_line_error(capsys, ev.main, ["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "c")],
-                   "neither a run's last.pt nor an export")
+                   "is a folder without a run's last.pt")
+    one_line_error(capsys, train_vae.main, ["--preset", "smoke", "--resume", str(tmp_path / "a"), "--out",
+                                            str(tmp_path / "v")], "is an export folder, not a checkpoint file")
     one_line_error(capsys, ev.main, ["export", "--ckpt", str(run), "--out", str(tmp_path / "c"),
                                      "--push-to-hub", "not a repo id"], "'not a repo id' is not a Hub repo id")
     assert not (tmp_path / "c").exists()                             # refused before anything was written
