@@ -659,6 +659,17 @@ def log0(msg, d=None):
         sys.stdout.flush()
 
 
+def read_json(path, fix):
+    """A JSON file the scripts wrote (atomically, so whole), or one line naming it and `fix` when it is not JSON
+    (edited by hand, or another program's file under that name)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}{where}): {fix}") from None
+
+
 def read_jsonl(path):
     """The records of a JSONL file (metrics.jsonl), or one line naming the file, the bad line and the fix."""
     out = []

@@ -45,8 +45,8 @@ from PIL import Image
 
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
-                    checkpoint_path, derive_seed, file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main,
-                    setup_distributed, wait_for_files, write_export, write_json)
+                    checkpoint_path, derive_seed, file_hash, load_checkpoint, log0, read_export, read_json, read_jsonl,
+                    run_main, setup_distributed, wait_for_files, write_export, write_json)
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
 from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, checkpoint_identity, f3_peak, f3_scores,
@@ -141,8 +141,7 @@ def check_manifest(out, manifest):
     """Refuse a folder whose samples were drawn with other settings; else record them (atomically)."""
     path = os.path.join(out, "manifest.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path, f"it records how the samples in {out} were drawn; remove the folder or use another --out")
         diff = [f"{k}: {old.get(k)} there, {v} now" for k, v in manifest.items() if old.get(k) != v]
         if diff:
             raise UserError(f"{out} holds samples drawn with other settings ({'; '.join(diff)}): "
@@ -801,8 +800,7 @@ def samples_manifest(samples):
     path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, f"it records how the samples in {folder} were drawn; sample them again into a new --out")
 
 
 def sample_set_protocol(samples):
@@ -877,14 +875,14 @@ def report_generation(a, res, checkpoint=None):
     `compare` (generation_metrics.json, one entry per network), with the checkpoint (path, step, content hash)
     the samples came from."""
     labels = sample_set_protocol(a.samples)
+    path = a.record and os.path.join(a.record, "generation_metrics.json")
+    old = read_json(path, "delete it and record the metrics again") if a.record and os.path.isfile(path) else {}
     res = {"samples": a.samples, "labels": labels, **res, **({"checkpoint": checkpoint} if checkpoint else {})}
     if res.get("fid_mode") == "adm" and labels != "random":
         log0(f"note: the samples' labels are {labels}; the published tables (DiT, SiT, ADM) draw them uniformly at "
              f"random (sample --labels random), and class-balanced labels raise the Inception Score")
     log0(json.dumps(res, indent=1))
     if a.record:
-        path = os.path.join(a.record, "generation_metrics.json")
-        old = json.load(open(path)) if os.path.isfile(path) else {}
         write_json(path, {**old, res["network"]: res})
 
 
@@ -1305,8 +1303,7 @@ def run_summary(run_dir):
     gm_path, stale, labels = os.path.join(run_dir, "generation_metrics.json"), [], {}
     if os.path.isfile(gm_path):
         current = file_hash(ck_path)
-        with open(gm_path) as f:
-            records = json.load(f)
+        records = read_json(gm_path, "delete it and record the metrics again (fid --record)")
         for net, res in records.items():
             keys = [k for k in res if k in FINAL_KEYS]
             rec = res.get("checkpoint") or {}

@@ -11,7 +11,7 @@ import bench
 import evaluate as ev
 import train_diffusion as td
 import train_vae
-from common import load_checkpoint
+from common import load_checkpoint, run_main
 from data import DeadLeaves, export_imagefolder
 from helpers import run
 from test_run_provenance import one_line_error
@@ -129,3 +129,28 @@ def test_export_takes_a_run_folder_and_checks_the_hub_id_before_exporting(smoke_
     for ck, out in ((run, "s1"), (run / "last.pt", "s2")):
         ev.main(["sample", "--ckpt", str(ck), "--num-samples", "2", "--sample-steps", "2", "--out", str(tmp_path / out)])
     assert (tmp_path / "s1.npz").read_bytes() == (tmp_path / "s2.npz").read_bytes()
+
+
+# ----------------------------------------------------------------------------- files the scripts keep, edited by hand
+
+def test_a_json_file_that_is_not_json_is_named_with_the_fix(smoke_models, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(smoke_models / "sit" / "last.pt", run / "last.pt")
+    samples = tmp_path / "samples"
+    sample = ["sample", "--ckpt", str(run), "--num-samples", "2", "--sample-steps", "2", "--out", str(samples)]
+    ev.main(sample)
+    (samples / "manifest.json").write_text('{"labels": "bal')                              # cut short by hand
+    one_line_error(capsys, ev.main, sample, f"{samples / 'manifest.json'} is not valid JSON", "another --out")
+    dl = ["--features", "deadleaves", "--dl-train-images", "50", "--dl-steps", "3"]
+    one_line_error(capsys, ev.main, ["fid", "--samples", f"{samples}.npz", *dl], "manifest.json is not valid JSON")
+    ev.main(sample[:-1] + [str(tmp_path / "good")])
+    (run / "generation_metrics.json").write_text("{\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: ev.main(["fid", "--samples", str(tmp_path / "good.npz"), "--record", str(run), *dl]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "generation_metrics.json is not valid JSON" in err.splitlines()[-1]
+    assert "fd_dl" not in out                                         # no numbers printed before the error
+    one_line_error(capsys, ev.main, ["compare", str(run), "--out", str(tmp_path / "c")],
+                   "generation_metrics.json is not valid JSON")
