@@ -754,8 +754,12 @@ def generation_metrics(extractor, fake, real=None, ref_stats=None, ref_spatial=N
     if real is not None:
         rm, rf, _ = extract(extractor, _batched(real), spatial=rs)
         out["n_real"] = rm.n
-        out["precision"], out["recall"] = precision_recall(rf, ff, k, adm)
-        out["pr_distances"] = "float16, as ADM's evaluator" if adm else "float64"
+        if min(fm.n, rm.n) > k:                                     # each point needs k other points
+            out["precision"], out["recall"] = precision_recall(rf, ff, k, adm)
+            out["pr_distances"] = "float16, as ADM's evaluator" if adm else "float64"
+        else:
+            out["pr_missing"] = (f"precision / recall need more than k = {k} images in each set "
+                                 f"({fm.n} samples, {rm.n} reference images)")
         if ref_stats is None:                                       # everything from the reference images
             ref_stats, ref_spatial = rm.stats(), (rs.stats() if rs.n else None)
     out["fid"] = frechet_distance(*fm.stats(), *ref_stats)

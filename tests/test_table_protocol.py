@@ -122,3 +122,15 @@ def test_compare_names_the_label_protocol_and_refuses_a_mean_over_two(tmp_path, 
                                              "Inception": ({"fid": 11.0}, "random")})    # kept: said, not guessed
     ev.main(["compare", old, "--out", str(tmp_path / "c3")])
     assert (tmp_path / "c3" / "compare.md").read_text().splitlines()[2].endswith("| fd_dl unknown, fid random |")
+
+
+def test_precision_recall_of_sets_too_small_for_k_neighbours_are_left_out_and_said(tmp_path, capsys,
+                                                                                    stand_in_inception):  # noqa: F811
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))   # 3 <= k
+    np.savez(tmp_path / "r.npz", arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    capsys.readouterr()
+    ev.main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz")])
+    res = fid_json(capsys)[0]
+    assert "precision" not in res and "recall" not in res and np.isfinite(res["fid"])
+    assert res["pr_missing"] == "precision / recall need more than k = 3 images in each set (3 samples, 10 reference images)"
