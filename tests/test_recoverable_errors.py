@@ -98,7 +98,8 @@ def test_bench_smoke_without_gpu_check_is_refused_not_the_full_benchmark(capsys,
     monkeypatch.setattr(bench, "Bench", started)                     # the table would start here
     for argv, needle in ((["--smoke"], "--smoke applies only with --gpu-check"),
                          (["--phases", "equiv"], "--phases applies only with --gpu-check"),
-                         (["--gpu-check", "--quick"], "--gpu-check --smoke")):
+                         (["--gpu-check", "--quick"], "--gpu-check --smoke"),
+                         (["--gpu-check", "--rows", "vae", "--compile"], "--rows, --compile set the throughput table")):
         one_line_error(capsys, bench.main, argv, needle)
 
 
