@@ -1223,7 +1223,8 @@ def get_args(argv=None):
     check_only = [f"--{k.replace('_', '-')}" for k in ("smoke", "out", "phases", "budget_scale")
                   if getattr(a, k) != p.get_default(k)]
     if check_only and not (a.gpu_check or a.gpu_check_phase):      # else the full-size table would start
-        raise UserError(f"{', '.join(check_only)} {'applies' if len(check_only) == 1 else 'apply'} only with --gpu-check (e.g. bench.py --gpu-check --smoke); "
+        verb = "applies" if len(check_only) == 1 else "apply"
+        raise UserError(f"{', '.join(check_only)} {verb} only with --gpu-check (e.g. bench.py --gpu-check --smoke); "
                         f"the throughput table at toy sizes is bench.py --quick")
     table_only = [f"--{k.replace('_', '-')}" for k in ("quick", "rows", "compile", "no_bf16", "repeats", "iters",
                                                        "warmup") if getattr(a, k) != p.get_default(k)]

@@ -50,7 +50,8 @@ from common import (UserError, atomic_write, autocast, barrier, check_finite, ch
 from data import DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
 from vae import (DEFAULT_IMAGE_SIZE, R0_SWEEP, VGG16_FILE, LatentSpace, checkpoint_identity, f3_peak, f3_scores,
-                 find_vgg_weights, latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
+                 find_vgg_weights, latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr,
+                 resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -141,7 +142,8 @@ def check_manifest(out, manifest):
     """Refuse a folder whose samples were drawn with other settings; else record them (atomically)."""
     path = os.path.join(out, "manifest.json")
     if os.path.isfile(path):
-        old = read_json(path, f"it records how the samples in {out} were drawn; remove the folder or use another --out")
+        old = read_json(path, f"it records how the samples in {out} were drawn; remove the folder or use "
+                              f"another --out")
         diff = [f"{k}: {old.get(k)} there, {v} now" for k, v in manifest.items() if old.get(k) != v]
         if diff:
             raise UserError(f"{out} holds samples drawn with other settings ({'; '.join(diff)}): "
@@ -246,7 +248,8 @@ def cmd_export(a, d):
     discriminator, FDA projector or random state); `sample --ckpt OUT` / `--vae OUT` read it like the checkpoint."""
     a.ckpt = checkpoint_path(a.ckpt)
     if os.path.isdir(a.ckpt):
-        raise UserError(f"--ckpt {a.ckpt} is an export already; export its checkpoint (RUN/last.pt), or copy the folder")
+        raise UserError(f"--ckpt {a.ckpt} is an export already; export its checkpoint (RUN/last.pt), or copy the "
+                        f"folder")
     ck = load_checkpoint(a.ckpt, ("sit", "vae"))
     config = write_export(a.out, ck["ema"], export_config(ck, a.ckpt))
     n = sum(v.numel() for v in ck["ema"].values())
@@ -811,7 +814,9 @@ def sample_set_protocol(samples):
     """How a sample set's class labels were drawn ('balanced' or 'random', from the manifest.json `sample` wrote;
     sets of earlier versions, without the entry, were balanced), or 'unknown' for a set without a manifest."""
     manifest = samples_manifest(samples)
-    return "unknown (no manifest.json of evaluate.py sample)" if manifest is None else manifest.get("labels", "balanced")
+    if manifest is None:
+        return "unknown (no manifest.json of evaluate.py sample)"
+    return manifest.get("labels", "balanced")
 
 
 def sample_set_classes(samples):

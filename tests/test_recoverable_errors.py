@@ -128,7 +128,8 @@ def test_export_takes_a_run_folder_and_checks_the_hub_id_before_exporting(smoke_
     assert not (tmp_path / "c").exists()                             # refused before anything was written
     # sample takes the run folder as well, as its last.pt
     for ck, out in ((run, "s1"), (run / "last.pt", "s2")):
-        ev.main(["sample", "--ckpt", str(ck), "--num-samples", "2", "--sample-steps", "2", "--out", str(tmp_path / out)])
+        ev.main(["sample", "--ckpt", str(ck), "--num-samples", "2", "--sample-steps", "2",
+                 "--out", str(tmp_path / out)])
     assert (tmp_path / "s1.npz").read_bytes() == (tmp_path / "s2.npz").read_bytes()
 
 

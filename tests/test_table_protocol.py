@@ -133,4 +133,5 @@ def test_precision_recall_of_sets_too_small_for_k_neighbours_are_left_out_and_sa
     ev.main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz")])
     res = fid_json(capsys)[0]
     assert "precision" not in res and "recall" not in res and np.isfinite(res["fid"])
-    assert res["pr_missing"] == "precision / recall need more than k = 3 images in each set (3 samples, 10 reference images)"
+    assert res["pr_missing"] == ("precision / recall need more than k = 3 images in each set "
+                                 "(3 samples, 10 reference images)")
