@@ -19,7 +19,8 @@ sample   : EMA weights, class-balanced labels (image i has class i mod K; or --l
            --sampler euler / heun (ODE) or sde (SiT's Euler-Maruyama sampler).
 fid      : gFID, sFID, Inception Score and improved precision / recall (k = 3) from clean-fid's Inception
            file under one of two protocols: --fid-mode adm (default; ADM's evaluator, the protocol of the
-           published tables and of ADM reference batches) or clean (clean-fid's PIL-bicubic resize).
+           published tables and of ADM reference batches; precision / recall from its float16 distances) or
+           clean (clean-fid's PIL-bicubic resize). Results name how the samples' labels were drawn.
 recon    : PSNR, SSIM, LPIPS (and rFID, rsFID, IS with Inception) of D(S_l(z)) against x for each MLSR level,
            plus the latent high-frequency energy ratio (Denoising-VAE Tables 1, 2 and 4).
 diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
