@@ -1518,6 +1518,17 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.budget_scale <= 0:
         p.error("--budget-scale must be positive")
+    check_only = [f"--{k.replace('_', '-')}" for k in ("smoke", "out", "phases", "budget_scale")
+                  if getattr(a, k) != p.get_default(k)]
+    if check_only and not (a.gpu_check or a.gpu_check_phase):      # else the full-size table would start
+        verb = "applies" if len(check_only) == 1 else "apply"
+        raise UserError(f"{', '.join(check_only)} {verb} only with --gpu-check (e.g. bench.py --gpu-check --smoke); "
+                        f"the throughput table at toy sizes is bench.py --quick")
+    table_only = [f"--{k.replace('_', '-')}" for k in ("quick", "rows", "compile", "no_bf16", "repeats", "iters",
+                                                       "warmup") if getattr(a, k) != p.get_default(k)]
+    if table_only and a.gpu_check:                  # the check runs its own sizes, rows and modes
+        raise UserError(f"{', '.join(table_only)} {'sets' if len(table_only) == 1 else 'set'} the throughput table, "
+                        f"not --gpu-check (its sizes are fixed; its small size is --gpu-check --smoke)")
     a.out = os.path.abspath(a.out)
     return a
 

@@ -190,14 +190,16 @@ def parse_training_args(parser, presets, argv=None):
 
 def explicit_dests(parser, argv=None):
     """The settings given on the command line itself (not by a default or a preset)."""
-    saved = {a: a.default for a in parser._actions}
+    saved, preset = {a: a.default for a in parser._actions}, parser._defaults   # a preset's values live in both
     try:
         for a in parser._actions:
             a.default = argparse.SUPPRESS
+        parser._defaults = {}
         given, _ = parser.parse_known_args(argv)
     finally:
         for a, v in saved.items():
             a.default = v
+        parser._defaults = preset
     return set(vars(given)) - {"preset"}
 
 
@@ -468,6 +470,9 @@ def file_hash(path, chunk=1 << 24):
 
 def load_checkpoint(path, kind):
     """Load with weights_only=True and check that it is a `kind` ("vae" / "sit", or a tuple of them) checkpoint."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is {'an export' if is_export(path) else 'a'} folder, not a checkpoint file: "
+                        f"pass a checkpoint (RUN/last.pt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -486,6 +491,18 @@ def load_checkpoint(path, kind):
 # ----------------------------------------------------------------------------- exported weights
 
 EXPORT_FORMAT = "freqldm-export-1"      # config.json["format"] of an exported folder (evaluate.py export)
+
+
+def checkpoint_path(path, flag="--ckpt"):
+    """What --ckpt names: a checkpoint file, an export folder (returned as it is), or a run folder, read as its
+    last.pt; one line for a folder that is neither."""
+    if not os.path.isdir(path) or is_export(path):
+        return path
+    last = os.path.join(path, "last.pt")
+    if not os.path.isfile(last):
+        raise UserError(f"{flag} {path} is a folder without a run's last.pt (nor an export's model.safetensors "
+                        f"and config.json): pass a checkpoint file or the folder of a run")
+    return last
 
 
 def is_export(path):
@@ -651,6 +668,17 @@ def log0(msg, d=None):
     if d is None or d.main:
         tqdm.write(str(msg), file=sys.stdout)
         sys.stdout.flush()
+
+
+def read_json(path, fix):
+    """A JSON file the scripts wrote (atomically, so whole), or one line naming it and `fix` when it is not JSON
+    (edited by hand, or another program's file under that name)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}{where}): {fix}") from None
 
 
 def read_jsonl(path):
@@ -930,7 +958,7 @@ def resume_path(args):
         return None
     if args.resume == "auto":
         return own if os.path.isfile(own) else None
-    return args.resume
+    return checkpoint_path(args.resume, "--resume")                 # a run folder: its last.pt
 
 
 RUN_FILES = ("last.pt", "metrics.jsonl", "generation_metrics.json")

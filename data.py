@@ -19,10 +19,12 @@ import colorsys
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -126,6 +128,48 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         return to_tensor(center_crop_arr(load_rgb(path), self.resolution)), label
+
+
+class _Readable(torch.utils.data.Dataset):
+    """'' if image file i decodes (load_rgb, the reader training uses), else the one-line reason."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            load_rgb(self.paths[i])
+            return ""
+        except DataError as e:
+            return str(e)
+
+
+def check_readable(dataset, d, workers=0, batch=64):
+    """Before a fresh run's first step: every image of an ImageFolder decodes, so an unreadable file stops the
+    run before any step rather than at the step that meets it, when removing the file would change the data
+    fingerprint and the run could never resume. Rank r decodes files r, r + W, ... with `workers` DataLoader
+    processes (on ImageNet: 1.28M decodes of about 2.5 ms each, about a minute on 8 ranks x 8 workers); the
+    ranks' findings are gathered, so every rank stops with the same line. A resumed run is not checked again:
+    its fingerprint (every file's size and mtime) is the checked one's."""
+    if not isinstance(dataset, ImageFolder):
+        return
+    t0 = time.time()
+    paths = [p for p, _ in dataset.samples][d.rank::d.world_size]
+    loader = torch.utils.data.DataLoader(_Readable(paths), batch_size=batch, num_workers=workers, collate_fn=list)
+    bad = [reason for b in loader for reason in b if reason]
+    if dist.is_initialized():
+        found = [None] * d.world_size
+        dist.all_gather_object(found, bad)
+        bad = [reason for rank in found for reason in rank]
+    if bad:
+        raise DataError(f"{len(bad)} of the {len(dataset)} images under {dataset.root} cannot be read "
+                        f"({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}): remove or replace them and start "
+                        f"again (no step has run, so nothing is lost)")
+    log0(f"all {len(dataset)} images under {dataset.root} can be read (checked before step 0 in "
+         f"{time.time() - t0:.0f} s)", d)
 
 
 class ImageFiles(torch.utils.data.Dataset):

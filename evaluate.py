@@ -19,7 +19,8 @@ sample   : EMA weights, class-balanced labels (image i has class i mod K; or --l
            --sampler euler / heun (ODE) or sde (SiT's Euler-Maruyama sampler).
 fid      : gFID, sFID, Inception Score and improved precision / recall (k = 3) from clean-fid's Inception
            file under one of two protocols: --fid-mode adm (default; ADM's evaluator, the protocol of the
-           published tables and of ADM reference batches) or clean (clean-fid's PIL-bicubic resize).
+           published tables and of ADM reference batches; precision / recall from its float16 distances) or
+           clean (clean-fid's PIL-bicubic resize). Results name how the samples' labels were drawn.
 recon    : PSNR, SSIM, LPIPS (and rFID, rsFID, IS with Inception) of D(S_l(z)) against x for each MLSR level,
            plus the latent high-frequency energy ratio (Denoising-VAE Tables 1, 2 and 4).
 diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) over a radius sweep,
@@ -45,14 +46,14 @@ from PIL import Image
 
 import fft_ops
 from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
-                    derive_seed, file_hash, load_checkpoint, log0, read_export, read_jsonl, run_main,
-                    setup_distributed, wait_for_files, write_export, write_json)
+                    checkpoint_path, derive_seed, file_hash, load_checkpoint, log0, read_export, read_json, read_jsonl,
+                    run_main, setup_distributed, wait_for_files, write_export, write_json)
 from data import (DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8,
                   train_val_split)
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
-from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, VGG16_FILE, LatentSpace, f3_peak, f3_peak_test, f3_scores,
-                 find_vgg_weights, latent_stats, level_scores, load_autoencoder, locate_autoencoder, psnr,
-                 resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, VGG16_FILE, LatentSpace, checkpoint_identity, f3_peak,
+                 f3_peak_test, f3_scores, find_vgg_weights, latent_stats, level_scores, load_autoencoder,
+                 locate_autoencoder, psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -105,6 +106,7 @@ def load_sit(path, device, vae=None):
     (absolute, then relative to the working directory, then to the checkpoint's folder); whichever is used
     must hash to the content recorded in the checkpoint, so a retrained or swapped VAE is refused.
     """
+    path = checkpoint_path(path)
     ck = export_as_checkpoint(path) if os.path.isdir(path) else load_checkpoint(path, "sit")
     ema = denoiser_from_config(ck["model_config"])
     ema.load_state_dict(ck["ema"])
@@ -142,8 +144,8 @@ def check_manifest(out, manifest):
     """Refuse a folder whose samples were drawn with other settings; else record them (atomically)."""
     path = os.path.join(out, "manifest.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path, f"it records how the samples in {out} were drawn; remove the folder or use "
+                              f"another --out")
         diff = [f"{k}: {old.get(k)} there, {v} now" for k, v in manifest.items() if old.get(k) != v]
         if diff:
             raise UserError(f"{out} holds samples drawn with other settings ({'; '.join(diff)}): "
@@ -187,6 +189,7 @@ def draw_latents(ema, idx, labels, a, device):
 
 @torch.no_grad()
 def cmd_sample(a, d):
+    a.ckpt = checkpoint_path(a.ckpt)                                     # a run folder: its last.pt
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
     labels = sample_labels(a.num_samples, ema.num_classes, a.labels, a.seed)            # (num_samples,)
     if d.main:
@@ -230,7 +233,7 @@ def export_config(ck, path):
               "train_config": {k: v for k, v in cfg.items() if k != "explicit"}}
     if ck["kind"] == "vae":
         # the content hash is the checkpoint's own: Stage 2 / 3 see the export as that autoencoder
-        return {**common, "architecture": "ViTVAE", "content_hash": file_hash(path),
+        return {**common, "architecture": "ViTVAE", "content_hash": checkpoint_identity(path, ck),
                 "mlsr_fractions": list(cfg.get("mlsr_fractions", fft_ops.MLSR_FRACTIONS))}
     return {**common, "architecture": ck["model_config"].get("arch", "sit"),
             "denoise_level": cfg.get("denoise_level", 0), "renorm_level": cfg.get("renorm_level", False),
@@ -251,6 +254,10 @@ def export_as_checkpoint(folder):
 def cmd_export(a, d):
     """The EMA weights of a Stage-1 or Stage-2 checkpoint as OUT/model.safetensors + OUT/config.json (no optimizer,
     discriminator, FDA projector or random state); `sample --ckpt OUT` / `--vae OUT` read it like the checkpoint."""
+    a.ckpt = checkpoint_path(a.ckpt)
+    if os.path.isdir(a.ckpt):
+        raise UserError(f"--ckpt {a.ckpt} is an export already; export its checkpoint (RUN/last.pt), or copy the "
+                        f"folder")
     ck = load_checkpoint(a.ckpt, ("sit", "vae"))
     config = write_export(a.out, ck["ema"], export_config(ck, a.ckpt))
     n = sum(v.numel() for v in ck["ema"].values())
@@ -258,6 +265,18 @@ def cmd_export(a, d):
          f"to {a.out}/model.safetensors and {a.out}/config.json")
     if a.push_to_hub:
         push_to_hub(a.out, a.push_to_hub, a.private)
+
+
+def check_hub_repo(repo):
+    """Before exporting: huggingface_hub imports and `repo` is a valid Hub repo id (USER/NAME); one line if not."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        raise UserError("--push-to-hub needs huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise UserError(f"--push-to-hub {repo!r} is not a Hub repo id (USER/NAME): {str(e).split(':')[0]}") from None
 
 
 def push_to_hub(folder, repo, private=False):
@@ -329,27 +348,55 @@ class StreamedIS:
         return float(np.mean(scores)), float(np.std(scores))
 
 
-def knn_radii(feats, k=3, batch=1024):
-    """Distance of each feature to its k-th nearest other feature."""
-    f = torch.as_tensor(feats, dtype=torch.float64)
-    out = []
-    for i in range(0, len(f), batch):
-        dist = torch.cdist(f[i:i + batch], f)
-        out.append(dist.kthvalue(k + 1, dim=1).values)           # +1 skips the point itself
-    return torch.cat(out)
+ADM_PR_BLOCK = 10000     # ADM's ManifoldEstimator: distances in blocks of 10 000 x 10 000 features
 
 
-def coverage_fraction(query, ref, ref_radii, batch=1024):
+def adm_distances(u, v):
+    """ADM's evaluator's DistanceBlock on features u (n, D), v (m, D) -> (n, m) float32: squared distances
+    |u|^2 - 2 u.v + |v|^2, clipped at 0, from the features cast to float16, each step rounded to float16 (squares,
+    norms, the product, the sums; accumulated in float32, as a GPU does); a block with a non-finite float16
+    entry (an overflow) is computed again in float32, as ADM's tf.cond does."""
+    u16, v16 = u.to(torch.float16), v.to(torch.float16)
+    nu, nv = ((w * w).float().sum(1).half() for w in (u16, v16))               # (n,), (m,) float16
+    d = torch.clamp(nu[:, None] - 2 * (u16.float() @ v16.float().t()).half() + nv[None], min=0)
+    if torch.isfinite(d).all():
+        return d.float()
+    u, v = u.float(), v.float()
+    return torch.clamp((u * u).sum(1)[:, None] - 2 * u @ v.t() + (v * v).sum(1)[None], min=0)
+
+
+def distance_blocks(rows, cols, adm, batch=1024):
+    """Distances of consecutive blocks of rows to every col: float64 Euclidean distances, or (adm) ADM's
+    float16 squared ones (adm_distances) in its 10 000 x 10 000 blocks; either is compared only with radii of
+    its own kind."""
+    if not adm:
+        r, c = torch.as_tensor(rows, dtype=torch.float64), torch.as_tensor(cols, dtype=torch.float64)
+        for i in range(0, len(r), batch):
+            yield torch.cdist(r[i:i + batch], c)
+        return
+    r, c = torch.as_tensor(rows, dtype=torch.float32), torch.as_tensor(cols, dtype=torch.float32)
+    for i in range(0, len(r), ADM_PR_BLOCK):
+        yield torch.cat([adm_distances(r[i:i + ADM_PR_BLOCK], c[j:j + ADM_PR_BLOCK])
+                         for j in range(0, len(c), ADM_PR_BLOCK)], dim=1)
+
+
+def knn_radii(feats, k=3, adm=False):
+    """Distance of each feature to its k-th nearest other feature (ADM: squared, float16, as distance_blocks)."""
+    return torch.cat([dist.kthvalue(k + 1, dim=1).values                 # +1 skips the point itself
+                      for dist in distance_blocks(feats, feats, adm)])
+
+
+def coverage_fraction(query, ref, ref_radii, adm=False):
     """Fraction of query points inside at least one ball B(ref_j, radius_j)."""
-    q, r = torch.as_tensor(query, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
-    inside = [(torch.cdist(q[i:i + batch], r) <= ref_radii[None]).any(1) for i in range(0, len(q), batch)]
+    inside = [(dist <= ref_radii[None]).any(1) for dist in distance_blocks(query, ref, adm)]
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(real, fake, k=3):
-    """Improved precision / recall (Kynkaanniemi et al. 2019) with k-NN balls."""
-    precision = coverage_fraction(fake, real, knn_radii(real, k))
-    recall = coverage_fraction(real, fake, knn_radii(fake, k))
+def precision_recall(real, fake, k=3, adm=False):
+    """Improved precision / recall (Kynkaanniemi et al. 2019) with k-NN balls; adm: with the distances of ADM's
+    evaluator (float16, adm_distances), which move them by about 0.005 on Inception-like features."""
+    precision = coverage_fraction(fake, real, knn_radii(real, k, adm), adm)
+    recall = coverage_fraction(real, fake, knn_radii(fake, k, adm), adm)
     return precision, recall
 
 
@@ -704,12 +751,13 @@ class Reference:
         return None if self.kind == "stats" else self._images
 
 
-def generation_metrics(extractor, fake, real=None, ref_stats=None, ref_spatial=None, k=3, is_split=None):
+def generation_metrics(extractor, fake, real=None, ref_stats=None, ref_spatial=None, k=3, is_split=None, adm=False):
     """gFID, sFID, IS and (with real images) precision / recall, all from one feature network.
 
     fake, real: streams of uint8 batches (or arrays (N, H, W, 3)); ref_stats / ref_spatial: (mu, sigma) of
     the reference's pool / sFID features, used instead of those of `real` when given (an ADM batch: its
-    statistics for FID / sFID, its images for precision / recall, as ADM's evaluator does).
+    statistics for FID / sFID, its images for precision / recall, as ADM's evaluator does); adm: precision /
+    recall from ADM's float16 distances.
     """
     fs, rs = FeatureMoments(), FeatureMoments()
     fm, ff, fp = extract(extractor, _batched(fake), keep=real is not None, spatial=fs)
@@ -717,7 +765,12 @@ def generation_metrics(extractor, fake, real=None, ref_stats=None, ref_spatial=N
     if real is not None:
         rm, rf, _ = extract(extractor, _batched(real), spatial=rs)
         out["n_real"] = rm.n
-        out["precision"], out["recall"] = precision_recall(rf, ff, k)
+        if min(fm.n, rm.n) > k:                                     # each point needs k other points
+            out["precision"], out["recall"] = precision_recall(rf, ff, k, adm)
+            out["pr_distances"] = "float16, as ADM's evaluator" if adm else "float64"
+        else:
+            out["pr_missing"] = (f"precision / recall need more than k = {k} images in each set "
+                                 f"({fm.n} samples, {rm.n} reference images)")
         if ref_stats is None:                                       # everything from the reference images
             ref_stats, ref_spatial = rm.stats(), (rs.stats() if rs.n else None)
     out["fid"] = frechet_distance(*fm.stats(), *ref_stats)
@@ -762,8 +815,16 @@ def samples_manifest(samples):
     path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, f"it records how the samples in {folder} were drawn; sample them again into a new --out")
+
+
+def sample_set_protocol(samples):
+    """How a sample set's class labels were drawn ('balanced' or 'random', from the manifest.json `sample` wrote;
+    sets of earlier versions, without the entry, were balanced), or 'unknown' for a set without a manifest."""
+    manifest = samples_manifest(samples)
+    if manifest is None:
+        return "unknown (no manifest.json of evaluate.py sample)"
+    return manifest.get("labels", "balanced")
 
 
 def sample_set_classes(samples):
@@ -818,7 +879,7 @@ def cmd_fid(a, d):
         log0(f"note: {n_fake} samples; the papers' tables use 50 000 (FID is biased upwards with fewer)")
     res = generation_metrics(ext, fake, real=ref.images(), ref_stats=ref.stats(),
                              ref_spatial=ref.stats("mu_s", "sigma_s") if ref.kind != "images" else None,
-                             is_split=IS_SPLIT if ext.mode == "adm" else None)
+                             is_split=IS_SPLIT if ext.mode == "adm" else None, adm=ext.mode == "adm")
     res = {"fid_mode": ext.mode, "network": ext.name, "network_hash": ext.network_hash, "resolution": side,
            **ref.describe(), **res}
     if "sfid" not in res:
@@ -827,13 +888,18 @@ def cmd_fid(a, d):
 
 
 def report_generation(a, res, checkpoint=None):
-    """Print the metrics; with --record RUN_DIR also keep them there for `compare` (generation_metrics.json,
-    one entry per network), with the checkpoint (path, step, content hash) the samples came from."""
-    res = {"samples": a.samples, **res, **({"checkpoint": checkpoint} if checkpoint else {})}
+    """Print the metrics with the label protocol of the samples; with --record RUN_DIR also keep them there for
+    `compare` (generation_metrics.json, one entry per network), with the checkpoint (path, step, content hash)
+    the samples came from."""
+    labels = sample_set_protocol(a.samples)
+    path = a.record and os.path.join(a.record, "generation_metrics.json")
+    old = read_json(path, "delete it and record the metrics again") if a.record and os.path.isfile(path) else {}
+    res = {"samples": a.samples, "labels": labels, **res, **({"checkpoint": checkpoint} if checkpoint else {})}
+    if res.get("fid_mode") == "adm" and labels != "random":
+        log0(f"note: the samples' labels are {labels}; the published tables (DiT, SiT, ADM) draw them uniformly at "
+             f"random (sample --labels random), and class-balanced labels raise the Inception Score")
     log0(json.dumps(res, indent=1))
     if a.record:
-        path = os.path.join(a.record, "generation_metrics.json")
-        old = json.load(open(path)) if os.path.isfile(path) else {}
         write_json(path, {**old, res["network"]: res})
 
 
@@ -1392,6 +1458,7 @@ def plot_spectra(series, path, title):
 @torch.no_grad()
 def cmd_spectrum(a, d):
     """The latent spectrum of one checkpoint's samples against real latents (SPECTRUM_DEFINITION)."""
+    a.ckpt = checkpoint_path(a.ckpt)                                     # a run folder: its last.pt
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
     if not d.main:
         return
@@ -1430,22 +1497,40 @@ def run_summary(run_dir):
     lines = read_jsonl(metrics) if os.path.isfile(metrics) else []
     val = [r for r in lines if "loss" not in r and len(r) > 1]
     final = {k: v for k, v in (val[-1] if val else {}).items() if k in FINAL_KEYS}
-    gm_path, stale = os.path.join(run_dir, "generation_metrics.json"), []
+    gm_path, stale, labels = os.path.join(run_dir, "generation_metrics.json"), [], {}
     if os.path.isfile(gm_path):
         current = file_hash(ck_path)
-        with open(gm_path) as f:
-            records = json.load(f)
+        records = read_json(gm_path, "delete it and record the metrics again (fid --record)")
         for net, res in records.items():
             keys = [k for k in res if k in FINAL_KEYS]
             rec = res.get("checkpoint") or {}
             if rec.get("content_hash") == current:
                 final.update({k: res[k] for k in keys})
+                labels.update({k: res.get("labels", "unknown") for k in keys})    # how the samples were drawn
             elif keys:
                 of = f"step {rec['step']} (checkpoint {rec['content_hash']})" if rec else "an unrecorded checkpoint"
                 stale.append(f"{run_dir}: {', '.join(keys)} ({net}) are of {of}, not of its last.pt now "
                              f"(step {ck.get('step')}): sample again and rerun fid --record")
     return {"dir": run_dir, "config": ck.get("config", {}), "step": ck.get("step"), "val": val, "final": final,
-            "stale": stale}
+            "stale": stale, "labels": labels}
+
+
+def labels_cell(label, rs):
+    """The label protocol of a group's recorded sample metrics ('random', or per metric when they differ);
+    one line if runs of the group recorded one metric from samples drawn differently (no mean over them)."""
+    per_key = {}
+    for r in rs:
+        for k, v in r["labels"].items():
+            per_key.setdefault(k, {}).setdefault(v, r["dir"])
+    mixed = {k: v for k, v in per_key.items() if len(v) > 1}
+    if mixed:
+        k, v = next(iter(mixed.items()))
+        raise UserError(f"runs '{label}' recorded {k} of samples drawn with different labels "
+                        f"({', '.join(f'{p} in {d}' for p, d in v.items())}): sample them the same way")
+    protocols = {k: next(iter(v)) for k, v in per_key.items()}
+    if len(set(protocols.values())) <= 1:
+        return next(iter(protocols.values()), "-")
+    return ", ".join(f"{k} {p}" for k, p in sorted(protocols.items()))
 
 
 def group_runs(runs):
@@ -1489,6 +1574,7 @@ def cmd_compare(a, d):
             raise UserError(f"compare: {' and '.join(both[:2])} have the same settings and the same seed {dup}: "
                             f"a spread over seeds needs runs with distinct --seed")
     cols = [k for k in FINAL_KEYS if any(k in r["final"] for r in runs)]
+    sampled = any(r["labels"] for r in runs)            # metrics of samples: say how their labels were drawn
     rows = []
     for label, rs in groups.items():
         steps = sorted({r["step"] for r in rs})
@@ -1499,8 +1585,8 @@ def cmd_compare(a, d):
                  else "-" for k in cols]
         seeds = ",".join(str(r["config"].get("seed")) for r in rs)
         steps = ",".join(sorted({str(r["step"]) for r in rs}, key=int))
-        rows.append([label, seeds, steps, *cells])
-    table = markdown_table(["runs", "seeds", "step", *cols], rows)
+        rows.append([label, seeds, steps, *cells] + ([labels_cell(label, rs)] if sampled else []))
+    table = markdown_table(["runs", "seeds", "step", *cols] + (["sample labels"] if sampled else []), rows)
     notes = [n for r in runs for n in r["stale"]]
     if not cols:
         notes.append("no final metrics: none of these runs logged validation metrics or recorded generation metrics")
@@ -1834,6 +1920,8 @@ def validate(a):
     elif a.cmd == "export":
         if a.private and not a.push_to_hub:
             raise UserError("--private only applies with --push-to-hub REPO")
+        if a.push_to_hub:
+            check_hub_repo(a.push_to_hub)
         check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
     elif a.cmd == "curve":
         for name in ("batch", "sample_steps"):

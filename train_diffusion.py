@@ -61,8 +61,8 @@ import fft_ops
 from common import (VAE_OUT, Run, UserError, adamw, add_common_args, autocast, check_finite, check_range, ema_update,
                     derive_seed, fixed_on_resume, log0, parse_training_args, run_main, save_grid, setup_distributed, to_device,
                     step_uniform)
-from data import (StepSampler, build_dataset, cache_latents, fingerprint, image_batches, make_loader, random_subset,
-                  train_val_split)
+from data import (StepSampler, build_dataset, cache_latents, check_readable, fingerprint, image_batches, make_loader,
+                  random_subset, train_val_split)
 from dit import (SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde,
                  velocity_loss)
 from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, LatentSpace, absolute_spec, dataset_latent_stats, describe_f3,
@@ -292,6 +292,8 @@ def train(args, run):
                     check=lambda ck, path: check_resume(ck, path, args, ae, d),
                     check_after=lambda ck, path: check_warmup(ck, path, args))
     step = run.restore(ck, {"model": student, "ema": ema, "opt": opt}, lr={"opt": args.lr}) if ck else 0
+    if not ck:
+        check_readable(dataset, d, args.workers)     # an unreadable image stops the run now, not at its step
     if ck:
         log0(f"resumed from {ck['path']} at step {step}"
              + (f" (FreqWarm switch at step {ck['freqwarm']['warmup_steps']})" if args.freqwarm else ""), d)

@@ -46,7 +46,7 @@ import fft_ops
 from common import (VAE_OUT, Run, UserError, adamw, add_common_args, barrier, check_range, ema_update,
                     fixed_on_resume, load_checkpoint, log0, parse_training_args, resume_path, run_main,
                     save_checkpoint, save_grid, setup_distributed, step_uniform, unwrap, write_json)
-from data import StepSampler, build_dataset, fingerprint, make_loader, train_val_split
+from data import StepSampler, build_dataset, check_readable, fingerprint, make_loader, train_val_split
 from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, MLSR_FILE, SIZES, PatchDiscriminator, VGGPerceptual,
                  ViTVAEAutoencoder, build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
 
@@ -114,6 +114,11 @@ FIXED_ON_RESUME = fixed_on_resume(parser())
 
 def get_args(argv=None):
     args = parse_training_args(parser(), PRESETS, argv)
+    preset_arch = PRESETS[args.preset].get("arch", "vit") if args.preset else args.arch
+    if preset_arch != args.arch:                # a preset of the other architecture would set its flags
+        mine = [n for n, v in PRESETS.items() if v.get("arch", "vit") == args.arch]
+        raise UserError(f"--preset {args.preset} is a preset of --arch {preset_arch}; for --arch {args.arch} use one "
+                        f"of its presets: {', '.join('--preset ' + n for n in mine)}")
     # flags the arch would ignore (diffusers' AutoencoderDC has no activation checkpointing)
     other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight", "grad_checkpoint")}[args.arch]
     for name in other:
@@ -216,6 +221,7 @@ def train(args, run):
         step = 0
         if d.main:                                  # a fresh run: no DC-AE folder of an earlier run stays behind
             shutil.rmtree(os.path.join(args.out, DCAE_FOLDER), ignore_errors=True)
+        check_readable(dataset, d, args.workers)     # an unreadable image stops the run now, not at its step
     name = f"VAE {args.size}" if args.arch == "vit" else f"DC-AE {args.dcae_config}"
     log0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
          f"{model.latent_shape(args.image_size)}; {d.world_size} rank(s) x {run.per_rank} images "
@@ -350,7 +356,7 @@ def stats_only(args, d):
 
     Data, dataset size, seed, workers, held-out images and image size come from the checkpoint's own config (an
     explicit --data, --n-images, --stats-images, --seed, --workers or --val-images overrides them); the model
-    from its model config; no VGG needed.
+    from its model config; no VGG needed. The weights stay, and so does the content hash (vae.checkpoint_identity).
     """
     start = resume_path(args)
     if not start:
@@ -365,6 +371,7 @@ def stats_only(args, d):
     dataset = build_dataset(pick["data"], ae.image_size, n=pick["n_images"], seed=pick["seed"])
     ck["latent_stats"] = dataset_latent_stats(ae, dataset, pick["stats_images"], pick["seed"], d,
                                               workers=pick["workers"], val_images=pick["val_images"])
+    ck["content_hash"] = ae.content_hash            # same weights: the same autoencoder for the SiTs trained on it
     if d.main:
         save_checkpoint(start, ck)
     barrier()

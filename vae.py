@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fft_ops
-from common import UserError, file_hash, load_checkpoint, read_export
+from common import UserError, checkpoint_path, file_hash, load_checkpoint, read_export
 from data import fingerprint, image_batches, random_subset, train_val_split
 
 # Named sizes. The paper sizes are ViT-B-like encoder and decoder (~86M each).
@@ -411,6 +411,13 @@ class FrozenAutoencoder(nn.Module):
         return next(self.parameters()).device
 
 
+def checkpoint_identity(path, ck):
+    """The content hash of a Stage-1 checkpoint: its file's sha256, or, after `train_vae.py --stats-only` rewrote
+    it with the same weights and new latent statistics, the hash it had before (stored as `content_hash`), so
+    the Stage-2 runs trained on it still recognise it. Stage 2 keeps its own statistics, not these."""
+    return ck.get("content_hash") or file_hash(path)
+
+
 class ViTVAEAutoencoder(FrozenAutoencoder):
     """Our ViT VAE (Stage 1): posterior mean as the latent, its MLSR fractions, the statistics it carries."""
 
@@ -434,7 +441,7 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
         vae.load_state_dict(ck["ema" if use_ema else "model"])
         name = f"ViT-VAE {os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
         ae = cls(vae.to(device), ck["config"].get("mlsr_fractions", fft_ops.MLSR_FRACTIONS), name,
-                 ck.get("latent_stats"), file_hash(path), path)
+                 ck.get("latent_stats"), checkpoint_identity(path, ck), path)
         ae.checkpoint = ck
         return ae
 
@@ -629,13 +636,14 @@ def _first_line(e):
 
 
 def load_autoencoder(spec, device="cpu"):
-    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path, its exported folder (evaluate.py export),
-    or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
+    """The frozen autoencoder named by --vae: a Stage-1 checkpoint path or run folder, its exported folder
+    (evaluate.py export), or diffusers:HUB_ID_OR_FOLDER[#SUBFOLDER]."""
     if spec.startswith(DIFFUSERS_PREFIX):
         return DiffusersAutoencoder.from_pretrained(spec, device)
     if not os.path.exists(spec):
         raise UserError(f"no VAE at {spec}: train one with `python train_vae.py` (it writes runs/vae/last.pt), "
                         f"pass --vae PATH, or a pretrained one as --vae diffusers:HUB_ID_OR_FOLDER")
+    spec = checkpoint_path(spec, "--vae")                       # a run folder: its last.pt
     if os.path.isdir(spec):                                     # evaluate.py export of a Stage-1 checkpoint
         return ViTVAEAutoencoder.from_export(spec, device)
     return ViTVAEAutoencoder.from_checkpoint(spec, device)

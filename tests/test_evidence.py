@@ -114,8 +114,8 @@ def test_compare_reads_what_the_runs_logged(vae_ckpt, tmp_path):
     ev.main(["compare", *dirs, "--out", str(tmp_path / "cmp")])
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
-    assert table[0] == "| runs | seeds | step | val_loss | fd_dl | class_acc_dl |"
+    assert table[0] == "| runs | seeds | step | val_loss | fd_dl | class_acc_dl | sample labels |"
     finals = [read_metrics(tmp_path / f"run{s}" / "metrics.jsonl", "val")[-1]["val_loss"] for s in (0, 1)]
     mean, std = np.mean(finals), np.std(finals, ddof=1)
     assert table[2] == (f"| all runs | 0,1 | 2 | {mean:.4f} ± {std:.4f} | {10.5:.4f} ± {np.std([10, 11], ddof=1):.4f} "
-                        f"| 0.5000 ± 0.0000 |")
+                        f"| 0.5000 ± 0.0000 | unknown |")                # recorded without a label protocol

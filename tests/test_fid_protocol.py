@@ -273,7 +273,7 @@ def test_adm_batch_statistics_in_adm_mode_and_pr_on_its_images(tmp_path, capsys,
     assert res["fid"] == pytest.approx(ev.frechet_distance(*ev.feature_stats(f), batch["mu"], batch["sigma"]), rel=1e-6)
     assert res["sfid"] == pytest.approx(ev.frechet_distance(*ev.feature_stats(s), batch["mu_s"], batch["sigma_s"]),
                                         rel=1e-6)
-    assert (res["precision"], res["recall"]) == pytest.approx(ev.precision_recall(rf, f, k=3))
+    assert (res["precision"], res["recall"]) == pytest.approx(ev.precision_recall(rf, f, k=3, adm=True))
     assert res["reference_kind"] == "adm-batch" and res["n_real"] == 12 and res["fid_mode"] == "adm"
     # clean mode: the batch's statistics are refused, but clean statistics of its images can be made (stated)
     ev.main(["fid", "--ref", str(tmp_path / "VIRTUAL.npz"), "--make-ref-stats", str(tmp_path / "clean.npz"),

@@ -654,8 +654,9 @@ def test_fid_record_keeps_one_entry_per_network(tmp_path):
     ev.report_generation(a, {"network": "Inception", "fid": 7.0})
     ev.report_generation(a, {"network": "DL-net", "fd_dl": 2.0})               # a later evaluation replaces its own
     rec = json.loads((tmp_path / "generation_metrics.json").read_text())
-    assert rec == {"DL-net": {"samples": "s.npz", "network": "DL-net", "fd_dl": 2.0},
-                   "Inception": {"samples": "s.npz", "network": "Inception", "fid": 7.0}}
+    unknown = ev.sample_set_protocol("s.npz")                                  # no manifest.json beside it
+    assert rec == {"DL-net": {"samples": "s.npz", "labels": unknown, "network": "DL-net", "fd_dl": 2.0},
+                   "Inception": {"samples": "s.npz", "labels": unknown, "network": "Inception", "fid": 7.0}}
 
 
 def test_fid_deadleaves_network_flags_reach_the_network(tmp_path, monkeypatch):

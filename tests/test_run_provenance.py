@@ -114,14 +114,14 @@ def test_recorded_metrics_name_their_checkpoint_and_compare_marks_stale_ones(smo
     # no validation metrics anywhere, but recorded ones: a well-formed table
     ev.main(["compare", *map(str, runs), "--out", str(tmp_path / "c1")])
     table = (tmp_path / "c1" / "compare.md").read_text().split("\n\n")[0].splitlines()
-    assert table[0] == "| runs | seeds | step | fd_dl | class_acc_dl |"
+    assert table[0] == "| runs | seeds | step | fd_dl | class_acc_dl | sample labels |"
     assert all(line.count("|") == table[0].count("|") for line in table) and "| 0,1 | 2 |" in table[2]
     # more training: the step-2 metrics are no longer of run0's checkpoint
     td.main(sit_args(vae, runs[0], "--steps", "3", "--seed", "0", "--val-every", "0"))
     ev.main(["compare", *map(str, runs), "--out", str(tmp_path / "c2")])
     text = (tmp_path / "c2" / "compare.md").read_text()
     rows = text.split("\n\n")[0].splitlines()
-    assert rows[2] == "| steps=3 | 0 | 3 | - | - |"                  # run0's metrics are of step 2: not shown
+    assert rows[2] == "| steps=3 | 0 | 3 | - | - | - |"              # run0's metrics are of step 2: not shown
     assert f"not shown: {runs[0]}: fd_dl, class_acc_dl" in text and "step 2" in text and "(step 3)" in text
     one_line_error(capsys, ev.main, ["compare", str(runs[1]), str(runs[1]), "--out", str(tmp_path / "c3")],
                    "is given twice")
