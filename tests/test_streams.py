@@ -135,3 +135,27 @@ def test_training_draws_are_one_global_draw_sliced_by_rank_and_micro_batch():
         assert torch.equal(u, whole_u) and torch.equal(nrm, whole_n), (world, micro)
     assert not torch.equal(draws(1, None, 3, 12)[0], whole_u)                # another stream
     assert not torch.equal(draws(1, None, 4, 11)[0], whole_u)                # another step
+
+
+def test_validation_noise_is_one_draw_per_t_whatever_the_validation_batch():
+    """Stage 2's validation loss at grid point i uses the noise of stream (seed, "val", i) drawn over all
+    held-out latents at once: the same numbers in batches of 3 as in one batch, equal to the loss written out."""
+    import train_diffusion as td
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(7, 2, 3, 3, generator=g), torch.arange(7) % 3
+
+    class Model(torch.nn.Module):
+        def forward(self, x, t, y):
+            return 0.5 * x + t.view(-1, 1, 1, 1) * (y.view(-1, 1, 1, 1) + 1.0)
+
+    results = []
+    for batch in (64, 3):
+        val = td.Validation.__new__(td.Validation)
+        val.z, val.y, val.seed, val.batch = z, y, 4, batch
+        results.append(val(Model()))
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    for i, t in enumerate(td.VAL_TS):
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(derive_seed(4, "val", i)))
+        tt = torch.full((7,), t)
+        v = Model()((1 - t) * z + t * eps, tt, y)
+        assert results[1][f"val_loss_t{t:.4f}"] == pytest.approx(((v - (eps - z)) ** 2).mean().item(), rel=1e-5)
