@@ -17,7 +17,7 @@ import fft_ops
 import train_diffusion as td
 import train_vae
 from common import UserError, fixed_on_resume, load_checkpoint
-from data import build_dataset
+from data import DeadLeaves, build_dataset, to_uint8
 from vae import load_autoencoder
 
 CPU = types.SimpleNamespace(rank=0, world_size=1, main=True, device=torch.device("cpu"))
@@ -309,3 +309,57 @@ def test_a_run_resumed_at_a_kept_step_keeps_that_step(smoke_models, tmp_path):
     assert sorted(os.listdir(out / "keep")) == ["ema_0000002.pt", "ema_0000004.pt", "ema_0000006.pt"]
     assert hashlib.sha256(kept4.read_bytes()).hexdigest() == digest
     assert load_checkpoint(str(kept4), "sit")["step"] == 4
+
+
+# ----------------------------------------------------------------------------- latent statistics reused from the VAE
+
+@pytest.mark.parametrize("flag,value", [(None, None), ("--seed", "1"), ("--n-images", "48"), ("--val-images", "4")])
+def test_the_vaes_latent_statistics_are_used_only_for_its_own_data_and_split(smoke_models, tmp_path, flag, value):
+    """Stage 2 takes the statistics stored in the VAE checkpoint only when they were taken on the same data
+    (--data, --n-images, --seed), size and held-out split (--val-images); with any of these changed it
+    measures its own, equal to dataset_latent_stats on its training images."""
+    from vae import dataset_latent_stats
+    vae_ckpt = str(smoke_models / "vae" / "last.pt")
+    args = td.get_args(["--preset", "smoke", "--vae", vae_ckpt, "--out", str(tmp_path)] + ([flag, value] if flag else []))
+    ae, ds, _, _, _ = td.build(args, CPU)
+    stats = td.training_stats(ae, ds, args, CPU)
+    own = load_checkpoint(vae_ckpt, "vae")["latent_stats"]
+    if flag is None:
+        assert stats["source"].startswith(ae.name) and torch.equal(stats["mean"], own["mean"])
+        return
+    ref = dataset_latent_stats(ae, build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed),
+                               args.stats_images, args.seed, CPU, val_images=args.val_images)
+    assert stats["source"].startswith("computed over")
+    for k in ("mean", "std", "level_std"):
+        torch.testing.assert_close(stats[k], ref[k])
+    assert not torch.allclose(stats["mean"], own["mean"], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the offline metric's caches
+
+def test_the_dead_leaves_network_and_reference_caches_hold_only_their_own_settings(tmp_path):
+    """The offline metric caches its network (per resolution, training images, steps) and the reference
+    moments (per network weights, side, reference size, seed): each changed setting finds its own file, whose
+    content equals what is computed afresh without a cache."""
+    cache = str(tmp_path / "cache")
+    base = dict(resolution=16, n_train=16, steps=1)
+    nets = {}
+    for change in ({}, {"n_train": 20}, {"steps": 2}, {"resolution": 12}):
+        kw = {**base, **change}
+        ext = ev.DeadLeavesExtractor(cache_dir=cache, **kw)
+        fresh = ev.train_deadleaves_net(kw["resolution"], kw["n_train"], kw["steps"])
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(ext.net.state_dict()[k], v), (change, k)
+        nets[tuple(sorted(change.items()))] = ext
+    assert len(os.listdir(cache)) == 4
+    ext = nets[()]
+    settings = [dict(side=16, n_ref=6, seed=0), dict(side=16, n_ref=8, seed=0), dict(side=16, n_ref=6, seed=1),
+                dict(side=12, n_ref=6, seed=0)]
+    for extractor in (ext, nets[(("steps", 2),)]):                      # other network weights
+        for s in settings:
+            got = ev.deadleaves_reference(extractor, **s)
+            ref = DeadLeaves(n=s["n_ref"], resolution=s["side"], seed=s["seed"])
+            direct = ev.extract(extractor, [to_uint8(torch.stack([ref[i][0] for i in range(len(ref))]))], keep=False)[0]
+            assert got.n == direct.n and np.allclose(got.s, direct.s) and np.allclose(got.ss, direct.ss), s
+    assert len([f for f in os.listdir(cache) if f.startswith("deadleaves-ref")]) == 2 * len(settings)
+
