@@ -18,7 +18,7 @@ import train_diffusion as td
 import train_vae
 from common import UserError, fixed_on_resume, load_checkpoint
 from data import DeadLeaves, build_dataset, to_uint8
-from vae import load_autoencoder
+from vae import dataset_latent_stats, load_autoencoder
 
 CPU = types.SimpleNamespace(rank=0, world_size=1, main=True, device=torch.device("cpu"))
 
@@ -318,9 +318,9 @@ def test_the_vaes_latent_statistics_are_used_only_for_its_own_data_and_split(smo
     """Stage 2 takes the statistics stored in the VAE checkpoint only when they were taken on the same data
     (--data, --n-images, --seed), size and held-out split (--val-images); with any of these changed it
     measures its own, equal to dataset_latent_stats on its training images."""
-    from vae import dataset_latent_stats
     vae_ckpt = str(smoke_models / "vae" / "last.pt")
-    args = td.get_args(["--preset", "smoke", "--vae", vae_ckpt, "--out", str(tmp_path)] + ([flag, value] if flag else []))
+    extra = [flag, value] if flag else []
+    args = td.get_args(["--preset", "smoke", "--vae", vae_ckpt, "--out", str(tmp_path)] + extra)
     ae, ds, _, _, _ = td.build(args, CPU)
     stats = td.training_stats(ae, ds, args, CPU)
     own = load_checkpoint(vae_ckpt, "vae")["latent_stats"]
