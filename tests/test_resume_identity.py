@@ -3,10 +3,13 @@ that ask for it (one test per setting that changes the cached tensors), the sett
 trained may not change on resume (checked against a list declared here from the method, independent of the
 parser's group), a sample folder is only added to with the same picture-making flags, and a resumed run keeps
 the kept EMA checkpoints up to its own step."""
+import argparse
 import hashlib
 import os
+import shutil
 import types
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -16,9 +19,10 @@ import evaluate as ev
 import fft_ops
 import train_diffusion as td
 import train_vae
-from common import UserError, fixed_on_resume, load_checkpoint
+from common import UserError, fixed_on_resume, load_checkpoint, save_checkpoint
 from data import DeadLeaves, build_dataset, to_uint8
-from vae import dataset_latent_stats, load_autoencoder
+from test_pretrained_ae import tiny
+from vae import dataset_latent_stats, load_autoencoder, load_vae
 
 CPU = types.SimpleNamespace(rank=0, world_size=1, main=True, device=torch.device("cpu"))
 
@@ -28,7 +32,6 @@ CPU = types.SimpleNamespace(rank=0, world_size=1, main=True, device=torch.device
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
     """A tiny diffusers AutoencoderKL (f8, any image side) saved to a folder, and a class-sorted ImageFolder."""
-    from test_pretrained_ae import tiny
     root = tmp_path_factory.mktemp("cache-env")
     tiny("AutoencoderKL").eval().save_pretrained(root / "ae")
     rng = np.random.default_rng(0)
@@ -40,9 +43,8 @@ def cache_env(tmp_path_factory):
     return root
 
 
-def replace_ae_weights(env, tmp):
+def replace_ae_weights(env):
     """The autoencoder retrained in place: same folder, same class and config, other weights."""
-    import diffusers
     model = diffusers.AutoencoderKL.from_pretrained(env / "ae")
     with torch.no_grad():
         for p in model.parameters():
@@ -50,7 +52,7 @@ def replace_ae_weights(env, tmp):
     model.save_pretrained(env / "ae")
 
 
-def replace_an_image(env, tmp):
+def replace_an_image(env):
     """One image file of the folder replaced by another picture under the same name."""
     arr = np.random.default_rng(1).integers(0, 256, (24, 22, 3), dtype=np.uint8)
     Image.fromarray(arr).save(env / "imgs" / "n00000000" / "0.png")
@@ -85,7 +87,6 @@ def reference_rows(env, args):
     """{low-passed: (keys, C, h, w)} written out here: key k < N is image k, k >= N image k - N mirrored (with
     --hflip); the diffusers model's posterior mean of the image, or of lowpass(image, r0) (clamped with
     --lowpass-clamp)."""
-    import diffusers
     model = diffusers.AutoencoderKL.from_pretrained(env / "ae").eval()
     ds = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -100,7 +101,6 @@ def test_a_cache_built_with_other_settings_is_never_reused(cache_env, tmp_path, 
     """Run A caches its latents (full and low-passed) in OUT; run B, which differs in one setting that changes
     the cached tensors, caches into the same OUT: it gets the latents of its own settings (encoded here
     directly), under another key, and the setting is one a resumed run may not change."""
-    import shutil
     env = tmp_path / "env"
     shutil.copytree(cache_env, env)
     out = tmp_path / "out"
@@ -110,7 +110,7 @@ def test_a_cache_built_with_other_settings_is_never_reused(cache_env, tmp_path, 
     td.build_cache(ae_a, ds_a, args_a, CPU)
     ref_a = reference_rows(env, args_a)
     if change is not None:
-        change(env, tmp_path)
+        change(env)
     args_b = cache_args(env, out, flags_b)
     ae_b = load_autoencoder(args_b.vae, CPU.device)
     ds_b = build_dataset(args_b.data, args_b.image_size, n=args_b.n_images, seed=args_b.seed)
@@ -153,7 +153,6 @@ def test_every_setting_the_cache_key_reads_has_a_case_and_is_fixed_on_resume(cac
 def test_a_run_at_r0_0_3_after_one_at_r0_0_2_trains_on_its_own_cached_latents(smoke_models, tmp_path, monkeypatch):
     """Two FreqWarm runs with --cache-latents in one folder (the second with --resume none --overwrite): the
     second, at r0 = 0.3, builds and trains on latents of lowpass(x, 0.3), not the 0.2 ones the first left."""
-    from vae import load_vae
     vae_ckpt, out = str(smoke_models / "vae" / "last.pt"), tmp_path / "sit"
     common = ["--preset", "smoke", "--vae", vae_ckpt, "--out", str(out), "--freqwarm", "--cache-latents",
               "--steps", "1", "--sample-every", "100", "--val-every", "0"]
@@ -232,7 +231,6 @@ KEEPS_PICTURES = {"--num-samples", "--batch", "--out", "--vae", "--dist-timeout"
 def test_every_sample_flag_is_declared(monkeypatch):
     """A new flag of `sample` must be put in one of the two lists above (and so, if it changes the pictures,
     be tested to be refused below)."""
-    import argparse
     seen, real = [], argparse.ArgumentParser.parse_args
 
     def spy(self, *a, **k):
@@ -249,8 +247,6 @@ def test_every_sample_flag_is_declared(monkeypatch):
 def test_a_sample_folder_refuses_every_flag_that_changes_the_pictures(smoke_models, tmp_path):
     """One flag at a time, against a folder drawn with the defaults: refused with a line naming the setting,
     before anything is drawn; so is the checkpoint retrained in place (same path, same step, other EMA)."""
-    import shutil
-    from common import save_checkpoint
     ckpt, out = str(tmp_path / "sit.pt"), tmp_path / "s"
     shutil.copy(smoke_models / "sit" / "last.pt", ckpt)
     base = ["sample", "--ckpt", ckpt, "--num-samples", "2", "--batch", "2", "--sample-steps", "2", "--out", str(out)]

@@ -2,7 +2,6 @@
 (--labels random), each image's initial noise and SDE Brownian increments, and the training draws (t, noise,
 label dropout) do not depend on the batch size, the number of ranks or where a run was resumed."""
 import os
-import shutil
 import types
 
 import numpy as np
@@ -11,7 +10,8 @@ import scipy.stats
 import torch
 
 import evaluate as ev
-from common import Run, derive_seed
+import train_diffusion as td
+from common import Run, derive_seed, load_checkpoint, save_checkpoint
 from data import to_uint8
 from helpers import run
 
@@ -74,7 +74,6 @@ def test_sde_sample_set_is_the_same_whatever_the_batch_ranks_or_resume_point(smo
     label i of one seeded draw; the .npz (images and labels) is the same drawn in one batch, in batches of 2,
     by 2 processes (gloo), or as a partial set (3 images) completed by a rerun with a missing image redrawn."""
     ckpt = tmp_path / "sit.pt"                      # the EMA moved off its near-zero start: outputs depend on x, t, y
-    from common import load_checkpoint, save_checkpoint
     ck = load_checkpoint(str(smoke_models / "sit" / "last.pt"), "sit")
     torch.manual_seed(2)
     ck["ema"] = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ck["ema"].items()}
@@ -140,7 +139,6 @@ def test_training_draws_are_one_global_draw_sliced_by_rank_and_micro_batch():
 def test_validation_noise_is_one_draw_per_t_whatever_the_validation_batch():
     """Stage 2's validation loss at grid point i uses the noise of stream (seed, "val", i) drawn over all
     held-out latents at once: the same numbers in batches of 3 as in one batch, equal to the loss written out."""
-    import train_diffusion as td
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(7, 2, 3, 3, generator=g), torch.arange(7) % 3
 
