@@ -1,8 +1,9 @@
 """What a run may reuse or continue, and only that: the latent cache holds exactly the latents of the settings
-that ask for it (one test per setting that changes the cached tensors), the settings that define what is
-trained may not change on resume (checked against a list declared here from the method, independent of the
-parser's group), a sample folder is only added to with the same picture-making flags, and a resumed run keeps
-the kept EMA checkpoints up to its own step."""
+that ask for it (one case per setting that changes the cached tensors), as do the VAE's latent statistics and
+the offline metric's caches; the settings that define what is trained may not change on resume (checked
+against a list declared here from the method, independent of the parser's group) and are never pooled as
+seeds by `compare` / `curve`; a sample folder is only added to with the same picture-making flags; a resumed
+run keeps the kept EMA checkpoints up to its own step."""
 import argparse
 import hashlib
 import os
@@ -204,6 +205,21 @@ def test_every_setting_that_defines_the_training_is_in_the_fixed_group(trainer, 
     assert set(trainer.FIXED_ON_RESUME) == fixed
     flags = {a.dest for a in trainer.parser()._actions}
     assert defining <= flags                           # a renamed flag must be renamed here too
+
+
+@pytest.mark.parametrize("trainer,defining", [(td, SIT_DEFINING), (train_vae, VAE_DEFINING)],
+                         ids=["sit", "vae"])
+def test_compare_and_curve_average_over_seeds_only(trainer, defining):
+    """`compare` and `curve` pool runs that differ only in --seed and bookkeeping: runs that differ in any
+    setting that defines the training stand in groups of their own."""
+    config = vars(trainer.get_args(["--preset", "smoke"]))
+    assert ev.IGNORED_IN_GROUPS & defining == {"seed"}
+    for k in sorted(defining - {"seed"}):
+        runs = [{"config": config}, {"config": {**config, k: f"{config[k]}-other"}},
+                {"config": {**config, "seed": config["seed"] + 1}}]
+        groups = ev.group_runs(runs)
+        assert sorted(len(g) for g in groups.values()) == [1, 2], k
+        assert any(k in label for label in groups), k
 
 
 def test_a_freqwarm_filter_change_on_resume_is_refused_end_to_end(smoke_models, tmp_path):
