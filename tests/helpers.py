@@ -21,6 +21,16 @@ def run(args, timeout=300, env=None, torchrun=0):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def ranks_report(proc):
+    """What a failed torchrun run says about each rank: its exit status, torchrun's lines on failed ranks
+    (exit code, signal), every error line, and the end of stderr."""
+    lines = proc.stderr.splitlines()
+    keys = ("exitcode", "Signal", "signal", "error", "Error", "Traceback", "terminate", "abort", "Abort", "what():")
+    found = [l for l in lines if any(k in l for k in keys)]
+    return "\n".join([f"torchrun exit status {proc.returncode}", *found[-40:], "--- stderr tail ---",
+                      proc.stderr[-3000:], "--- stdout tail ---", proc.stdout[-1000:]])
+
+
 def read_metrics(path, kind="train"):
     """Lines of a metrics.jsonl: 'train' (those with a loss) or 'val' (validation lines)."""
     with open(path) as f:

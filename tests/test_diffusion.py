@@ -10,8 +10,8 @@ import train_vae
 from common import UserError, load_checkpoint, save_checkpoint
 from data import DeadLeaves
 from vae import load_autoencoder, load_vae
-from helpers import (Stage2Latents, assert_ema_weights_and_statistics, assert_one_line_error, read_metrics, run,
-                     sigterm_after_first_log, spy_sampling)
+from helpers import (Stage2Latents, assert_ema_weights_and_statistics, assert_one_line_error, ranks_report,
+                     read_metrics, run, sigterm_after_first_log, spy_sampling)
 
 
 @pytest.fixture(scope="module")
@@ -276,17 +276,25 @@ def test_errors_are_one_clear_line(vae_ckpt, tmp_path):
 
 def test_ddp_two_ranks_equal_one_process(vae_ckpt, tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo), 2 micro-batches per rank, with FreqWarm + FDA + cache == one
-    process with the whole batch in one forward."""
-    flags = ["--freqwarm", "--r0", "0.2", "--warmup-steps", "2", "--fda", "--cache-latents", "--steps", "3"]
-    one = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "one", *flags)])
+    process with the whole batch in one forward; the latent statistics (27 images: 14 on rank 0, 13 on rank 1)
+    are those of one process."""
+    nostats = tmp_path / "vae-nostats.pt"                       # so that Stage 2 measures them, over the ranks
+    save_checkpoint(str(nostats), {**load_checkpoint(vae_ckpt, "vae"), "latent_stats": None})
+    flags = ["--freqwarm", "--r0", "0.2", "--warmup-steps", "2", "--fda", "--cache-latents", "--steps", "3",
+             "--stats-images", "27"]
+    one = run(["train_diffusion.py", *smoke(str(nostats), tmp_path / "one", *flags)])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "two", *flags, "--micro-batch", "2")], torchrun=2)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = run(["train_diffusion.py", *smoke(str(nostats), tmp_path / "two", *flags, "--micro-batch", "2")],
+              torchrun=2, timeout=600, env={"TORCH_SHOW_CPP_STACKTRACES": "1"})   # a C++ abort says where
+    assert two.returncode == 0, ranks_report(two)
     assert "switching from low-passed" in two.stdout
     m1, m2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert m1[0]["grad_norm"] == pytest.approx(m2[0]["grad_norm"], rel=1e-4)
     assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m2], rel=1e-4)
     a, b = (load_checkpoint(str(tmp_path / r / "last.pt"), "sit") for r in ("one", "two"))
+    assert a["latent_stats"]["n_images"] == b["latent_stats"]["n_images"] == 27
+    for k in ("mean", "std", "level_std"):
+        torch.testing.assert_close(a["latent_stats"][k], b["latent_stats"][k], atol=1e-5, rtol=1e-5)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=1e-4)
 

@@ -372,3 +372,95 @@ def test_recon_command_line_records_mode_network_and_lpips_file(tmp_path, monkey
     assert rec["fid_mode"] == "clean" and rec["network_hash"] == ev.file_hash(stand_in_inception)
     assert ev.file_hash(lpips_vgg[2]) in rec["image_metrics"] and rec["rsfid"] == ev.RSFID_DEFINITION
     assert all({"lpips", "rfid", "rsfid", "is"} <= set(r) and r["n_images"] == 6 for r in rec["rows"])
+
+
+def is_per_split(p, size):
+    """The one-shot reference: ADM's Inception Score computed directly on all probabilities (N, K), split after
+    split of `size` consecutive rows (the last one shorter); (mean, std) over the splits."""
+    scores = []
+    for i in range(0, len(p), size):
+        part = p[i:i + size]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def drifting(n, k=10, seed=7):
+    """Probabilities whose class mix moves along the sample order: every split has its own marginal p(y), so
+    splits merged, cut elsewhere or dropped change the score."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, k))
+    logits[np.arange(n), np.arange(n) * k // n] += 3.0
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("n,sizes", [
+    (23, [23]),                     # one batch holding four whole splits and the short last one
+    (23, [12, 11]),                 # each batch straddles two split boundaries
+    (23, [3, 9, 1, 10]),            # boundaries inside batches, batches inside splits
+    (20, [5, 5, 5, 5]),             # batches end exactly on the boundaries; no short split
+    (20, [20]),                     # an exact multiple in one batch: no empty last split
+    (23, [1] * 23),                 # one row at a time
+    (7, [7])])                      # fewer rows than one split: one short split
+def test_streamed_inception_score_equals_the_one_shot_score_at_every_batch_split(n, sizes):
+    """StreamedIS over batches of any sizes (larger than a split, straddling split boundaries, ending on them)
+    gives what ADM's formula gives on all probabilities at once, split by split (split size 5 standing in
+    for ADM's 5000)."""
+    p = drifting(n)
+    assert sum(sizes) == n
+    s, start = ev.StreamedIS(split_size=5), 0
+    for b in sizes:
+        s.add(p[start:start + b])
+        start += b
+    ref = is_per_split(p, 5)
+    assert s.result() == pytest.approx(ref, rel=1e-9)
+    assert ev.inception_score(p, split_size=5) == pytest.approx(ref, rel=1e-9)
+    if n > 5:                                       # the splits matter: one split over everything differs
+        assert abs(is_per_split(p, n)[0] - ref[0]) > 1e-3 * ref[0]
+
+
+def test_recon_scores_the_inception_score_in_adms_5000_image_splits():
+    """`recon`'s IS of the reconstructions streams in ADM's splits of 5000 images: 5600 images in batches of
+    700 (batch 8 straddles image 5000) score as the one-shot reference over all their probabilities, split at
+    5000; a score in one split, or in splits of another size, would differ."""
+    import fft_ops
+    from data import to_uint8
+    from test_evaluate import IdentityAE
+    assert ev.IS_SPLIT == 5000 and ev.StreamedIS().size == ev.IS_SPLIT
+    n, side = 5600, 12
+    g = torch.Generator().manual_seed(0)
+    level = torch.linspace(-0.9, 0.9, n).view(n, 1, 1, 1)                  # brightness drifts along the order
+    x = (level + 0.05 * torch.randn(n, 3, side, side, generator=g)).clamp(-1, 1)
+
+    class Brightness:
+        """A stand-in network (not Inception): 4-d features, and p(y|x) over 10 classes from the mean pixel."""
+        name, mode, dims, sfid_missing = "stand-in (not Inception)", "adm", (4, None), "a stand-in"
+
+        def __call__(self, imgs):
+            m = np.asarray(imgs, dtype=np.float64).mean(axis=(1, 2)) / 255            # (B, 3)
+            logits = -((m[:, :1] - np.linspace(0, 1, 10)[None]) ** 2) * 50
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            return np.concatenate([m, m[:, :1] ** 2], 1), p / p.sum(1, keepdims=True)
+
+    rows = ev.recon_table(IdentityAE(), [x[i:i + 700] for i in range(0, n, 700)], extractor=Brightness())
+    for level, row in enumerate(rows):
+        r = x if level == 0 else fft_ops.attenuate(x, level, IdentityAE.mlsr_fractions).clamp(-1, 1)
+        p = Brightness()(to_uint8(r))[1]
+        ref = is_per_split(p, 5000)
+        assert (row["is"], row["is_std"]) == pytest.approx(ref, rel=1e-6), level
+        assert abs(is_per_split(p, n)[0] - ref[0]) > 1e-3 * ref[0] and ref[1] > 1e-3
+
+
+def test_precision_recall_balls_streamed_in_query_batches_equal_brute_force():
+    """k-NN radii and ball coverage are computed in query batches (1024 rows): batches of 7 over 60 and 50
+    points (boundaries inside both sets) give the brute-force radii and coverage of all points at once."""
+    rng = np.random.default_rng(2)
+    real, fake = rng.standard_normal((60, 4)), rng.standard_normal((50, 4)) * 1.5 + 0.7
+    d = np.linalg.norm(real[:, None] - real[None], axis=2)                       # (60, 60), 0 on the diagonal
+    radii = np.sort(d, axis=1)[:, 3]                                             # k = 3 (index 0: the point)
+    np.testing.assert_allclose(ev.knn_radii(real, 3, batch=7).numpy(), radii, rtol=1e-12)
+    inside = (np.linalg.norm(fake[:, None] - real[None], axis=2) <= radii[None]).any(1)
+    cov = ev.coverage_fraction(fake, real, torch.from_numpy(radii), batch=7)
+    assert cov == pytest.approx(inside.mean(), abs=1e-12) and 0 < cov < 1
+    assert ev.precision_recall(real, fake, 3)[0] == pytest.approx(inside.mean(), abs=1e-12)
