@@ -6,6 +6,7 @@ seeds by `compare` / `curve`; a sample folder is only added to with the same pic
 run keeps the kept EMA checkpoints up to its own step."""
 import argparse
 import hashlib
+import math
 import os
 import shutil
 import types
@@ -66,6 +67,9 @@ CACHE_SETTINGS = [
     ("lowpass-kind-butterworth", [], ["--lowpass-kind", "butterworth"], None),
     ("lowpass-kind-gaussian", ["--lowpass-kind", "butterworth"], ["--lowpass-kind", "gaussian"], None),
     ("lowpass-clamp", [], ["--lowpass-clamp"], None),
+    ("freqwarm-schedule", [], ["--freqwarm-schedule", "linear"], None),
+    ("freqwarm-stages", ["--freqwarm-schedule", "cosine"], ["--freqwarm-schedule", "cosine", "--freqwarm-stages", "3"],
+     None),
     ("image-size", ["--image-size", "16"], ["--image-size", "24"], None),
     ("hflip", ["--no-hflip"], ["--hflip"], None),
     ("n-images", ["--n-images", "6"], ["--n-images", "8"], None),
@@ -74,7 +78,8 @@ CACHE_SETTINGS = [
     ("data-files", ["--data", "IMGS"], ["--data", "IMGS"], replace_an_image),
     ("autoencoder-weights", [], [], replace_ae_weights),
 ]
-CACHE_FLAGS = {"r0", "lowpass_kind", "lowpass_clamp", "image_size", "hflip", "n_images", "seed", "data"}
+CACHE_FLAGS = {"r0", "lowpass_kind", "lowpass_clamp", "freqwarm_schedule", "freqwarm_stages", "image_size", "hflip",
+               "n_images", "seed", "data"}
 
 
 def cache_args(env, out, flags):
@@ -85,16 +90,21 @@ def cache_args(env, out, flags):
 
 @torch.no_grad()
 def reference_rows(env, args):
-    """{low-passed: (keys, C, h, w)} written out here: key k < N is image k, k >= N image k - N mirrored (with
-    --hflip); the diffusers model's posterior mean of the image, or of lowpass(image, r0) (clamped with
-    --lowpass-clamp)."""
+    """{radius: (keys, C, h, w)} written out here: key k < N is image k, k >= N image k - N mirrored (with
+    --hflip); the diffusers model's posterior mean of the image (radius None), or of lowpass(image, r) (clamped
+    with --lowpass-clamp) for each warm-up stage's radius r: r0, and with a schedule
+    r0 + (0.7071 - r0) s(k / K), s(u) = u (linear) or (1 - cos(pi u)) / 2 (cosine)."""
     model = diffusers.AutoencoderKL.from_pretrained(env / "ae").eval()
     ds = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     x = torch.cat([x, x.flip(-1)]) if args.hflip else x
-    low = fft_ops.lowpass(x, args.r0, args.lowpass_kind)
-    low = low.clamp(-1, 1) if args.lowpass_clamp else low
-    return {lp: model.encode(v).latent_dist.mean for lp, v in ((False, x), (True, low))}
+    K = 1 if args.freqwarm_schedule == "step" else args.freqwarm_stages
+    s = (lambda u: u) if args.freqwarm_schedule == "linear" else (lambda u: (1 - math.cos(math.pi * u)) / 2)
+    out = {None: model.encode(x).latent_dist.mean}
+    for r in [args.r0 + (math.sqrt(0.5) - args.r0) * s(k / K) for k in range(K)]:
+        low = fft_ops.lowpass(x, r, args.lowpass_kind)
+        out[r] = model.encode(low.clamp(-1, 1) if args.lowpass_clamp else low).latent_dist.mean
+    return out
 
 
 @pytest.mark.parametrize("name,flags_a,flags_b,change", CACHE_SETTINGS, ids=[c[0] for c in CACHE_SETTINGS])
@@ -117,17 +127,21 @@ def test_a_cache_built_with_other_settings_is_never_reused(cache_env, tmp_path, 
     ds_b = build_dataset(args_b.data, args_b.image_size, n=args_b.n_images, seed=args_b.seed)
     cache_b = td.build_cache(ae_b, ds_b, args_b, CPU)
     ref_b = reference_rows(env, args_b)
+    assert sorted(cache_b, key=lambda r: -1 if r is None else r) == pytest.approx(
+        sorted(ref_b, key=lambda r: -1 if r is None else r))                 # one copy per stage radius, and full
+    keys_a = {td.cache_key(ae_a, ds_a, args_a, r) for r in ref_a}
     changed = []
-    for lp in (False, True):
-        got = torch.from_numpy(cache_b[lp][np.arange(len(cache_b[lp]))])
-        assert got.shape == ref_b[lp].shape, (lp, got.shape, ref_b[lp].shape)
-        torch.testing.assert_close(got, ref_b[lp], atol=2e-3, rtol=2e-3)        # float16 storage
-        if ref_a[lp].shape != ref_b[lp].shape or not torch.allclose(ref_a[lp], ref_b[lp], atol=2e-2, rtol=2e-2):
-            changed.append(lp)
-            assert td.cache_key(ae_a, ds_a, args_a, lp) != td.cache_key(ae_b, ds_b, args_b, lp), lp
+    for r, ref in ref_b.items():
+        got = torch.from_numpy(cache_b[r][np.arange(len(cache_b[r]))])
+        assert got.shape == ref.shape, (r, got.shape, ref.shape)
+        torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)             # float16 storage
+        same = [a for a in ref_a.values() if a.shape == ref.shape and torch.allclose(a, ref, atol=2e-2, rtol=2e-2)]
+        if not same:                                                            # no copy of run A holds these
+            changed.append(r)
+            assert td.cache_key(ae_b, ds_b, args_b, r) not in keys_a, r
     assert changed, f"{name}: the setting changes no cached tensor here, so this case tests nothing"
-    if name == "r0" or name.startswith("lowpass"):
-        assert changed == [True]                        # the full-frequency cache stays shared
+    if name == "r0" or name.startswith("lowpass") or name.startswith("freqwarm"):
+        assert None not in changed                      # the full-frequency cache stays shared
     assert {f[2:].replace("-", "_") for f in flags_b if f.startswith("--")} - {"no_hflip"} <= set(td.FIXED_ON_RESUME)
 
 
@@ -137,15 +151,17 @@ def test_every_setting_the_cache_key_reads_has_a_case_and_is_fixed_on_resume(cac
     args = cache_args(cache_env, tmp_path, [])
     ae = load_autoencoder(args.vae, CPU.device)
     ds = build_dataset(args.data, args.image_size, n=args.n_images, seed=args.seed)
-    keys = {lp: td.cache_key(ae, ds, args, lp) for lp in (False, True)}
+    keys = lambda a: [td.cache_key(ae, ds, a, r) for r in [None] + td.stage_radii(a)]   # every copy a run caches
     read = set()
-    for k, v in vars(args).items():
-        other = (not v if isinstance(v, bool) else v + 1 if isinstance(v, int) else v * 1.5 if isinstance(v, float)
-                 else f"{v}-other" if isinstance(v, str) else 1 if v is None else v)
-        changed = types.SimpleNamespace(**{**vars(args), k: other})
-        if any(td.cache_key(ae, ds, changed, lp) != keys[lp] for lp in (False, True)):
-            read.add(k)
-    assert {"r0", "lowpass_kind", "lowpass_clamp", "hflip"} <= read         # the probe sees the key's settings
+    for base in (args, types.SimpleNamespace(**{**vars(args), "freqwarm_schedule": "linear"})):
+        for k, v in vars(base).items():
+            other = (not v if isinstance(v, bool) else v + 1 if isinstance(v, int) else v * 1.5 if isinstance(v, float)
+                     else ("cosine" if k == "freqwarm_schedule" else f"{v}-other") if isinstance(v, str)
+                     else 1 if v is None else v)
+            changed = types.SimpleNamespace(**{**vars(base), k: other})
+            if keys(changed) != keys(base):
+                read.add(k)
+    assert {"r0", "lowpass_kind", "lowpass_clamp", "hflip", "freqwarm_schedule", "freqwarm_stages"} <= read
     covered = {f[2:].replace("-", "_") for _, a, b, _ in CACHE_SETTINGS for f in a + b if f.startswith("--")}
     assert read <= covered and read <= CACHE_FLAGS
     assert CACHE_FLAGS <= covered and CACHE_FLAGS <= set(td.FIXED_ON_RESUME)
