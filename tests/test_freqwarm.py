@@ -12,26 +12,15 @@ import torch
 import evaluate as ev
 import fft_ops
 import train_diffusion as td
-import train_vae
 from common import load_checkpoint
 from data import DeadLeaves, train_val_split
 from helpers import Stage2Latents, assert_one_line_error, read_metrics, run
 from test_dcae import R0_AUTO, CurveAE
+from test_diffusion import smoke, vae_ckpt  # noqa: F401 (a fixture)
 from test_pretrained_ae import in_process
 from vae import R0_SWEEP, LatentSpace, f3_peak_test
 
 CPU = type("D", (), dict(rank=0, world_size=1, main=True, device=torch.device("cpu")))()
-
-
-@pytest.fixture(scope="module")
-def vae_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vae")
-    train_vae.main(["--preset", "smoke", "--out", str(out), "--gan-weight", "0"])
-    return str(out / "last.pt")
-
-
-def smoke(vae, out, *extra):
-    return ["--preset", "smoke", "--vae", vae, "--out", str(out), "--sample-every", "100", *extra]
 
 
 # ----------------------------------------------------------------------------- schedules
