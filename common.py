@@ -185,7 +185,7 @@ def parse_training_args(parser, presets, argv=None, needs=None):
     """A trainer's settings: parse_with_presets, then the checks of add_common_args' settings and of `needs`
     (settings that act only with others: check_needs)."""
     args = parse_with_presets(parser, presets, argv)
-    check_needs(args, needs or {})
+    check_needs(args, {**COMMON_NEEDS, **(needs or {})})
     validate_common(args)
     return args
 
@@ -974,6 +974,14 @@ def add_common_args(p):
                    help="a step whose loss or gradient norm is NaN / inf: stop the run (keeping the last good "
                         "checkpoint) or skip that step's update")
     return fixed
+
+
+# add_common_args' settings that act only with others (each trainer's own are in its NEEDS; check_needs)
+COMMON_NEEDS = {
+    "n_images": (when("data", "deadleaves"),),            # the size of the built-in set; a folder has its own
+    "val_every": (when("val_images", 0, unless=True),),    # no held-out images: no validation
+    "overwrite": (when("resume", "none"),),
+}
 
 
 def resume_path(args):

@@ -1599,6 +1599,8 @@ NEEDS = {
               "dl_train_images": (DEADLEAVES,), "dl_steps": (DEADLEAVES,),
               "cfg_interval": (when("cfg_scale", 1.0, unless=True),)},
     "export": {"private": (when("push_to_hub", None, unless=True),)},
+    "recon": {"n_images": (when("data", "deadleaves"),)},
+    "diagnose": {"n_images": (when("data", "deadleaves"),)},
 }
 
 

@@ -13,7 +13,7 @@ import evaluate as ev
 import fft_ops
 import train_diffusion as td
 import train_vae
-from common import UserError, check_needs, load_checkpoint, save_checkpoint
+from common import COMMON_NEEDS, UserError, check_needs, load_checkpoint, save_checkpoint
 from data import build_dataset, random_subset, train_val_split
 from helpers import assert_one_line_error
 from test_pretrained_ae import in_process
@@ -23,7 +23,8 @@ from vae import MLSR_FILE, load_autoencoder, scalar_stats
 
 SAMPLE = {"latent_scale": "0.5", "warmup_steps": "4", "disc_lr": "0.001", "perceptual_weights": "vgg16.pth",
           "ref": "ref.npz", "inception_path": "inception.pt", "push_to_hub": "user/name"}   # flags without default
-OTHER = {"r0": "0.3", "cfg_scale": "2.0", "gan_weight": "0.3", "perceptual_weight": "0.5",
+OTHER = {"r0": "0.3", "cfg_scale": "2.0", "gan_weight": "0.3", "perceptual_weight": "0.5", "data": "a/folder",
+         "resume": "auto", "val_images": "8",
          "features": {"inception": "deadleaves", "deadleaves": "inception"}}   # a value where a condition fails
 
 
@@ -32,12 +33,14 @@ def trainer_case(module):
 
 
 EV_BASE = {"sample": ["sample", "--ckpt", "x.pt", "--out"], "fid": ["fid", "--samples", "s.npz", "--record"],
-           "curve": ["curve", "r1", "--out"], "export": ["export", "--ckpt", "x.pt", "--out"]}   # + a folder
+           "curve": ["curve", "r1", "--out"], "export": ["export", "--ckpt", "x.pt", "--out"],
+           "recon": ["recon", "--vae", "v.pt", "--out"],
+           "diagnose": ["diagnose", "--vae", "v.pt", "--out"]}                  # each followed by a folder
 TABLES = [trainer_case(train_vae), trainer_case(td)] + [(ev, cmd, EV_BASE[cmd], None) for cmd in ev.NEEDS]
 
 
 def table_of(module, cmd):
-    return module.NEEDS if cmd is None else module.NEEDS[cmd]
+    return {**COMMON_NEEDS, **module.NEEDS} if cmd is None else module.NEEDS[cmd]
 
 
 def flag(dest):
