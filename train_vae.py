@@ -29,7 +29,8 @@ gradient, which DDP and torch.compile make awkward) and starts at --gan-start.
 The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of the
 posterior means over a seeded random subset of --stats-images training images (every class
 of a class-sorted folder is represented): Stage 2 normalises with them (a DC-AE is read by Stage 2 from
-OUT/diffusers, with its --mlsr-fractions in OUT/diffusers/freqldm.json; Stage 2 measures its statistics).
+OUT/diffusers, with its --mlsr-fractions in OUT/diffusers/freqldm.json and, from the last step on, the measured
+scaling_factor 1 / std in its config.json; Stage 2 measures its per-channel statistics).
 """
 import argparse
 import copy
