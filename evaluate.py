@@ -1281,14 +1281,16 @@ def run_settings(ck):
 
 
 def group_runs(runs):
-    """Runs that differ only in seed (and bookkeeping) form a group, labelled by the settings that differ (and,
-    for --r0 auto, the r0 each run chose)."""
+    """Runs that differ only in seed (and bookkeeping) form a group, labelled by the settings that differ between
+    the runs they acted in (one that was idle in a run is not in its settings: run_settings; a run that differs
+    in it differs in the setting that made it idle) and, for --r0 auto, the r0 each run chose."""
     keys = sorted({k for r in runs for k in r["config"]} - IGNORED_IN_GROUPS)
-    varying = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    varying = [k for k in keys if len({json.dumps(r["config"][k]) for r in runs if k in r["config"]}) > 1]
     groups = {}
     for r in runs:
-        label = ", ".join(f"{k}={r['config'].get(k)}" for k in varying if k in r["config"]) or "all runs"
-        groups.setdefault(label, []).append(r)
+        parts = [f"{k}={r['config'][k]}" for k in varying if k in r["config"]]
+        parts += ["r0=auto"] if r.get("r0_chosen") is not None and "r0" not in varying else []
+        groups.setdefault(", ".join(parts) or "all runs", []).append(r)
     chosen = {label: [r.get("r0_chosen") for r in rs] for label, rs in groups.items()}
     return {label + (f" (r0 chosen: {', '.join(f'{c:g}' for c in chosen[label])})"
                      if any(c is not None for c in chosen[label]) else ""): rs for label, rs in groups.items()}

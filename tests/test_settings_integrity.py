@@ -156,19 +156,25 @@ def fake_run(folder, seed, config, step=4, val_loss=1.0, freqwarm=None):
 
 
 def test_compare_groups_by_what_acted_and_by_the_r0_that_was_asked(tmp_path):
-    """Two baselines whose inert --r0 / --fda-depth differ (set by presets or defaults) are one setting; --r0 auto
-    runs whose seeds chose different r0 are one setting, 'auto', shown with each chosen r0."""
+    """Two baselines whose inert --r0 / --fda-depth differ (set by presets or defaults) are one setting, labelled
+    without them; --r0 auto runs whose seeds chose different r0 are one setting, 'auto', shown with each chosen
+    r0; a setting that acted in one run only (--fda-depth with --fda) does not lengthen the labels."""
     inert = ["fda_depth", "r0", "warmup_frac"]
-    base = [fake_run(tmp_path / f"base{s}", s, {"freqwarm": False, "r0": r0, "fda_depth": depth, "inert": inert},
-                     val_loss=v) for s, r0, depth, v in ((0, 0.5, 1, 1.0), (1, 0.2, 2, 2.0))]
-    auto = [fake_run(tmp_path / f"auto{s}", s, {"freqwarm": True, "r0": r0, "fda_depth": 1, "inert": ["fda_depth"]},
+    base = [fake_run(tmp_path / f"base{s}", s, {"freqwarm": False, "fda": False, "r0": r0, "fda_depth": depth,
+                                               "inert": inert}, val_loss=v)
+            for s, r0, depth, v in ((0, 0.5, 1, 1.0), (1, 0.2, 2, 2.0))]
+    auto = [fake_run(tmp_path / f"auto{s}", s, {"freqwarm": True, "fda": False, "r0": r0, "fda_depth": 1,
+                                               "inert": ["fda_depth"]},
                      val_loss=v, freqwarm={"enabled": True, "r0": r0, "auto": {"chosen": r0}})
             for s, r0, v in ((0, 0.2, 3.0), (1, 0.3, 5.0))]
-    ev.main(["compare", *base, *auto, "--out", str(tmp_path / "cmp")])
+    fda = fake_run(tmp_path / "fda", 0, {"freqwarm": False, "fda": True, "r0": 0.2, "fda_depth": 2,
+                                         "inert": ["r0", "warmup_frac"]}, val_loss=7.0)
+    ev.main(["compare", *base, *auto, fda, "--out", str(tmp_path / "cmp")])
     rows = (tmp_path / "cmp" / "compare.md").read_text().splitlines()[2:]
-    assert rows == [f"| freqwarm=False | 0,1 | 4 | 1.5000 ± {np.std([1.0, 2.0], ddof=1):.4f} |",
-                    f"| freqwarm=True, r0=auto (r0 chosen: 0.2, 0.3) | 0,1 | 4 | 4.0000 ± "
-                    f"{np.std([3.0, 5.0], ddof=1):.4f} |"]
+    assert rows == [f"| fda=False, freqwarm=False | 0,1 | 4 | 1.5000 ± {np.std([1.0, 2.0], ddof=1):.4f} |",
+                    f"| fda=False, freqwarm=True, r0=auto (r0 chosen: 0.2, 0.3) | 0,1 | 4 | 4.0000 ± "
+                    f"{np.std([3.0, 5.0], ddof=1):.4f} |",
+                    "| fda=True, freqwarm=False | 0 | 4 | 7.0000 |"]
 
 
 def test_curve_refuses_a_run_twice_or_a_copy_before_sampling(tmp_path, capsys):
