@@ -585,13 +585,16 @@ class DiffusersAutoencoder(FrozenAutoencoder):
         if self.mlsr_fractions != tuple(fft_ops.MLSR_FRACTIONS):
             key = f"{self.content_hash}:{self.mlsr_fractions!r}".encode()
             self.content_hash = hashlib.sha256(key).hexdigest()[:16]
-        scale = rec.get("scaling_factor")
-        if isinstance(scale, dict) and scale.get("value") == self.scaling_factor:
+        scale, config_scale = rec.get("scaling_factor"), self.scaling_factor
+        if isinstance(scale, dict) and scale.get("value") == config_scale:
             self.scale_source = f"measured by train_vae.py: {scale['source']}"
-        else:
-            self.scaling_factor = None
-            self.scale_source = (f"its config's scaling_factor {self.model.config.get('scaling_factor')} is not "
-                                 f"a measurement ({path} records none: Stage 1 measures it at its last step)")
+            return
+        self.scaling_factor = None
+        self.scale_source = (f"its config's scaling_factor {config_scale} is not the {scale['value']} measured by "
+                             f"train_vae.py, which {path} records: the folder was edited"
+                             if isinstance(scale, dict) else
+                             f"its config's scaling_factor {config_scale} is not a measurement ({path} records none: "
+                             f"Stage 1 measures it at its last step)")
 
     def _check_latent(self, x, z):
         if z.shape[-1] * self.downsample != x.shape[-1] or z.shape[-2] * self.downsample != x.shape[-2]:

@@ -280,12 +280,13 @@ def test_a_dcae_folder_carries_a_measured_scale_and_its_fractions_in_its_identit
     train_vae.save_diffusers_folder(model_of(out), str(tmp_path / "mid"), fr)     # a save before the last step
     mid = tmp_path / "mid" / "diffusers"
     assert json.loads((mid / "config.json").read_text())["scaling_factor"] == 1.0          # diffusers' default
-    for record in (None, {"mlsr_fractions": fr}):                 # as saved, and a folder of an earlier version
+    edited = {"mlsr_fractions": fr, "scaling_factor": {"value": 0.7, "source": "..."}}    # config.json not it
+    for record in (None, {"mlsr_fractions": fr}, edited):  # as saved, a folder of an earlier version, an edited one
         if record:
             (mid / MLSR_FILE).write_text(json.dumps(record))
         ae = load_autoencoder(f"diffusers:{mid}")
         assert ae.scaling_factor is None and ae.mlsr_fractions == tuple(fr)
-        with pytest.raises(UserError, match="scaling_factor 1.0 is not a measurement"):
+        with pytest.raises(UserError, match="scaling_factor 1.0 is not (a measurement|the 0.7 measured by)"):
             scalar_stats(ae)
 
 
