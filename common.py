@@ -4,7 +4,8 @@
      python SCRIPT.py ... | torchrun --nproc_per_node=8 SCRIPT.py ... |
      torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 SCRIPT.py ...)
 
-- settings: argparse + named presets that flags override; the config is a plain dict
+- settings: argparse + named presets that flags override; the config is a plain dict; settings that act only
+  with others are listed in each script's NEEDS table and refused without them (check_needs)
 - distributed: one setup for plain python (rank 0 of 1) and torchrun (nccl on GPU, gloo on CPU)
 - randomness: every random draw of a training step comes from a generator seeded by
   (seed, step, stream) over the *global* batch, then sliced to this rank's samples, so a
