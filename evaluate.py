@@ -1573,10 +1573,13 @@ def get_args(argv=None):
                        help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g, c, cv):
-        q.add_argument("--seed", type=int, default=0)
+    for q in (s, f, r, g, cv):                     # each command takes the ones it acts on
         q.add_argument("--device", default=None)
+    for q in (s, r, g, cv):
+        q.add_argument("--seed", type=int, default=0)
+    for q in (s, cv):
         q.add_argument("--no-bf16", action="store_true")
+    for q in (f, r, g, cv):
         q.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
     for q in (f, r, cv):
         q.add_argument("--inception-path", default=None, help="local Inception torchscript file (any name)")

@@ -145,6 +145,19 @@ def test_a_baseline_given_a_freqwarm_setting_stops_before_any_work(tmp_path, cap
         assert not out.exists()
 
 
+@pytest.mark.parametrize("argv,extra", [(["compare", "r"], "--seed 1"), (["compare", "r"], "--workers 2"),
+                                        (["fid", "--samples", "s.npz"], "--seed 1"),
+                                        (["recon", "--vae", "v.pt"], "--no-bf16"),
+                                        (["sample", "--ckpt", "x.pt"], "--workers 2"),
+                                        (["export", "--ckpt", "x.pt", "--out", "o"], "--device cpu")])
+def test_evaluate_commands_take_only_the_common_flags_they_act_on(argv, extra, capsys):
+    """--seed, --device, --no-bf16, --workers: a command that never draws, runs a network in bf16 or decodes images
+    does not take them (compare computes nothing; fid draws nothing; recon / diagnose run in float32)."""
+    with pytest.raises(SystemExit) as e:
+        ev.get_args(argv + extra.split())
+    assert e.value.code == 2 and f"unrecognized arguments: {extra}" in capsys.readouterr().err
+
+
 def fake_run(folder, seed, config, step=4, val_loss=1.0, freqwarm=None):
     """A Stage-2 run folder as the trainers leave it: last.pt (config, step, FreqWarm record), metrics.jsonl."""
     folder.mkdir()
