@@ -2,7 +2,6 @@
 they enter, part of an autoencoder's identity, fixed on resume, recorded with what they affect), a DC-AE's measured
 scaling_factor, and runs grouped by what was asked for (compare / curve)."""
 import json
-import os
 
 import diffusers
 import numpy as np
