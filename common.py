@@ -1019,9 +1019,12 @@ def clear_run_folder(out, d):
 
 def check_resume_settings(stored, args, fixed, path, d=None):
     """Resume policy: settings in `fixed` may not change (one line naming the first that did); the others may
-    (learning rate, steps, logging, workers, devices ...): each change is logged and takes effect."""
+    (learning rate, steps, logging, workers, devices ...): each change is logged and takes effect. A fixed setting
+    idle in this run (args.inert: e.g. --r0 without --freqwarm) acts on nothing, so its stored value is not
+    compared (the settings that make it idle are fixed themselves, and compared)."""
+    idle = set(getattr(args, "inert", ()))
     for k in fixed:
-        if k in stored and stored[k] != getattr(args, k):
+        if k in stored and k not in idle and stored[k] != getattr(args, k):
             raise UserError(f"{path} was trained with --{k.replace('_', '-')} {stored[k]}, not {getattr(args, k)}: "
                             f"it may not change on resume; start a fresh run with another --out")
     skip = set(fixed) | {"explicit", "preset_set", "inert", "resume", "overwrite", "preset"}

@@ -157,6 +157,24 @@ def test_evaluate_commands_take_only_the_common_flags_they_act_on(argv, extra, c
     assert e.value.code == 2 and f"unrecognized arguments: {extra}" in capsys.readouterr().err
 
 
+def test_a_resumed_run_does_not_compare_a_setting_that_acts_on_nothing(tmp_path):
+    """A baseline whose checkpoint stores --r0 0.5 (an earlier version accepted it without --freqwarm) resumes
+    without it: r0 acted on nothing. With --freqwarm, another r0 is refused as before."""
+    import types
+    from common import SEED_SCHEME, Run
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1, main=True)
+    path = str(tmp_path / "ck.pt")
+    for on, refused in (([], False), (["--freqwarm"], True)):
+        args = td.get_args(["--preset", "smoke", "--out", str(tmp_path / "run"), "--resume", path, *on])
+        save_checkpoint(path, {"kind": "sit", "config": {**vars(args), "r0": 0.5}, "step": 0,
+                               "model_config": {"m": 1}, "data_fingerprint": "fp", "seeds": SEED_SCHEME})
+        if refused:
+            with pytest.raises(UserError, match="was trained with --r0 0.5, not 0.2: it may not change on resume"):
+                Run(args, cpu, "sit", td.FIXED_ON_RESUME).resume("fp", {"m": 1})
+        else:
+            assert Run(args, cpu, "sit", td.FIXED_ON_RESUME).resume("fp", {"m": 1})["step"] == 0
+
+
 def fake_run(folder, seed, config, step=4, val_loss=1.0, freqwarm=None):
     """A Stage-2 run folder as the trainers leave it: last.pt (config, step, FreqWarm record), metrics.jsonl."""
     folder.mkdir()
