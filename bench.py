@@ -247,14 +247,15 @@ def quiet_loop(args, device):
 def diffusion_args(b, name, side, ch, batch, *extra):
     return td.get_args(["--out", os.path.join(b.tmp, "sit"), "--model", name, "--global-batch", str(batch),
                         "--steps", str(10 ** 9), "--log-every", str(10 ** 9), "--ckpt-every", str(10 ** 9),
-                        "--sample-every", str(10 ** 9), "--fda-depth", "1", *extra]
+                        "--sample-every", str(10 ** 9), *extra]
                        + (["--no-bf16"] if not b.bf16 else []))
 
 
 def stage2_step(b, model_name, build, fda=False):
     name, side, ch, batch = b.cfg["dit"]
     dev, ncls = b.device, 1000
-    args = diffusion_args(b, name, side, ch, batch, *(["--fda", "--denoise-level", "1"] if fda else []))
+    args = diffusion_args(b, name, side, ch, batch,
+                          *(["--fda", "--fda-depth", "1", "--denoise-level", "1"] if fda else []))
     torch.manual_seed(0)
     with dev:                                      # initialised on the device (SiT-XL on a CPU takes seconds)
         net = build(name, side, ch, ncls).to(dev)

@@ -4,7 +4,8 @@
      python SCRIPT.py ... | torchrun --nproc_per_node=8 SCRIPT.py ... |
      torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 SCRIPT.py ...)
 
-- settings: argparse + named presets that flags override; the config is a plain dict
+- settings: argparse + named presets that flags override; the config is a plain dict; settings that act only
+  with others are listed in each script's NEEDS table and refused without them (check_needs)
 - distributed: one setup for plain python (rank 0 of 1) and torchrun (nccl on GPU, gloo on CPU)
 - randomness: every random draw of a training step comes from a generator seeded by
   (seed, step, stream) over the *global* batch, then sliced to this rank's samples, so a
@@ -178,29 +179,101 @@ def parse_with_presets(parser, presets, argv=None):
         parser.set_defaults(**presets[first.preset])
     args = parser.parse_args(argv)
     args.explicit = sorted(explicit_dests(parser, argv))
+    args.preset_set = sorted(presets[first.preset]) if first.preset else []
     return args
 
 
-def parse_training_args(parser, presets, argv=None):
-    """A trainer's settings: parse_with_presets, then the checks of add_common_args' settings."""
+def parse_training_args(parser, presets, argv=None, needs=None):
+    """A trainer's settings: parse_with_presets, then the checks of add_common_args' settings and of `needs`
+    (settings that act only with others: check_needs)."""
     args = parse_with_presets(parser, presets, argv)
+    check_needs(args, {**COMMON_NEEDS, **(needs or {})})
     validate_common(args)
     return args
 
 
 def explicit_dests(parser, argv=None):
-    """The settings given on the command line itself (not by a default or a preset)."""
-    saved, preset = {a: a.default for a in parser._actions}, parser._defaults   # a preset's values live in both
+    """The settings given on the command line itself (not by a default or a preset), subcommands' included."""
+    parsers, seen = [parser], []
+    while parsers:                                       # the parser and its subcommands' parsers
+        q = parsers.pop()
+        seen.append(q)
+        parsers += [s for a in q._actions if isinstance(a, argparse._SubParsersAction) for s in a.choices.values()]
+    saved = [(q, q._defaults, {a: a.default for a in q._actions}) for q in seen]
     try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        parser._defaults = {}
+        for q in seen:
+            q._defaults = {}                             # set_defaults (a preset) puts its values here too
+            for a in q._actions:
+                a.default = argparse.SUPPRESS
         given, _ = parser.parse_known_args(argv)
     finally:
-        for a, v in saved.items():
-            a.default = v
-        parser._defaults = preset
-    return set(vars(given)) - {"preset"}
+        for q, defaults, actions in saved:
+            q._defaults = defaults
+            for a, v in actions.items():
+                a.default = v
+    return set(vars(given)) - {"preset", "cmd"}
+
+
+@dataclass(frozen=True)
+class When:
+    """A condition on another setting: `dest` holds one of `values` (with unless=True: none of them).
+
+    A script's table {setting: (When, ...)} lists the settings that act only when all their conditions hold
+    (check_needs refuses them otherwise), e.g. {"r0": (when("freqwarm", True),)}."""
+    dest: str
+    values: tuple
+    unless: bool = False
+
+    def holds(self, args):
+        return (getattr(args, self.dest) in self.values) != self.unless
+
+    def __str__(self):
+        flag = "--" + self.dest.replace("_", "-")
+        if self.values == (True,) and not self.unless:
+            return f"with {flag}"
+        if self.values == (None,):
+            return f"{'with' if self.unless else 'without'} {flag}"
+        shown = " or ".join(map(str, self.values)) if len(self.values) < 3 else \
+            f"{', '.join(map(str, self.values[:-1]))} or {self.values[-1]}"
+        return f"with {flag} {'other than ' if self.unless else ''}{shown}"
+
+
+def when(dest, *values, unless=False):
+    """When(dest, values, unless): e.g. when("freqwarm", True), when("latent_norm", "scalar"),
+    when("cfg_scale", 1.0, unless=True), when("warmup_steps", None) (only while --warmup-steps is not given)."""
+    return When(dest, tuple(values), unless)
+
+
+def flag_text(args, dest):
+    """'--r0 0.5', '--mlsr-fractions 0 0.25 0.5 0.75', or '--lowpass-clamp' (a switch) as given."""
+    v = getattr(args, dest)
+    flag = "--" + dest.replace("_", "-")
+    if v is True:
+        return flag
+    return f"{flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+
+
+def check_needs(args, needs):
+    """Settings that act only with others (`needs`: {dest: (When, ...)}, all must hold): one given on the command
+    line where they do not hold would do nothing, so it is refused in one line; one set by a preset (or a default)
+    is left, named in a note when a flag given explicitly made it idle. args.inert lists every idle setting: runs
+    store it, and `evaluate.py compare` / `curve` ignore those settings when they group runs."""
+    explicit, preset_set = set(getattr(args, "explicit", ())), set(getattr(args, "preset_set", ()))
+    args.inert, idle = [], []
+    for dest, conditions in needs.items():
+        unmet = [c for c in conditions if not c.holds(args)]
+        if not unmet:
+            continue
+        args.inert.append(dest)
+        if dest in explicit:
+            raise UserError(f"{flag_text(args, dest)} acts only {unmet[0]}: leave it out, or run {unmet[0]}")
+        if dest in preset_set and any(c.dest in explicit for c in unmet):
+            idle.append(f"{flag_text(args, dest)} (acts only {unmet[0]})")
+    if idle and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: the flags given leave these settings of --preset {args.preset} idle, so they are ignored: "
+              f"{', '.join(idle)}", flush=True)
+    args.inert.sort()
+    return args
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -944,6 +1017,14 @@ def add_common_args(p):
     return fixed
 
 
+# add_common_args' settings that act only with others (each trainer's own are in its NEEDS; check_needs)
+COMMON_NEEDS = {
+    "n_images": (when("data", "deadleaves"),),            # the size of the built-in set; a folder has its own
+    "val_every": (when("val_images", 0, unless=True),),    # no held-out images: no validation
+    "overwrite": (when("resume", "none"),),
+}
+
+
 def resume_path(args):
     """The checkpoint a run continues from: OUT/last.pt with --resume auto (if present), a path, or None.
 
@@ -978,12 +1059,15 @@ def clear_run_folder(out, d):
 
 def check_resume_settings(stored, args, fixed, path, d=None):
     """Resume policy: settings in `fixed` may not change (one line naming the first that did); the others may
-    (learning rate, steps, logging, workers, devices ...): each change is logged and takes effect."""
+    (learning rate, steps, logging, workers, devices ...): each change is logged and takes effect. A fixed setting
+    idle in this run (args.inert: e.g. --r0 without --freqwarm) acts on nothing, so its stored value is not
+    compared (the settings that make it idle are fixed themselves, and compared)."""
+    idle = set(getattr(args, "inert", ()))
     for k in fixed:
-        if k in stored and stored[k] != getattr(args, k):
+        if k in stored and k not in idle and stored[k] != getattr(args, k):
             raise UserError(f"{path} was trained with --{k.replace('_', '-')} {stored[k]}, not {getattr(args, k)}: "
                             f"it may not change on resume; start a fresh run with another --out")
-    skip = set(fixed) | {"explicit", "resume", "overwrite", "preset"}
+    skip = set(fixed) | {"explicit", "preset_set", "inert", "resume", "overwrite", "preset"}
     for k, v in sorted(vars(args).items()):
         if k not in skip and k in stored and stored[k] != v:
             log0(f"resume: --{k.replace('_', '-')} changes from {stored[k]} to {v}", d)

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fft_ops
-from common import (UserError, atomic_write, autocast, barrier, check_finite, check_out_dir, check_range,
-                    checkpoint_path, derive_seed, file_hash, load_checkpoint, log0, read_export, read_json, read_jsonl,
-                    run_main, setup_distributed, wait_for_files, write_export, write_json)
+from common import (UserError, atomic_write, autocast, barrier, check_finite, check_needs, check_out_dir, check_range,
+                    checkpoint_path, derive_seed, explicit_dests, file_hash, load_checkpoint, log0, read_export,
+                    read_json, read_jsonl, run_main, setup_distributed, wait_for_files, when, write_export, write_json)
 from data import (DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8,
                   train_val_split)
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
@@ -1213,10 +1213,17 @@ def eval_batches(a, ae, image_size, n_default, d, batch=64):
     return image_batches(ds, idx, batch, a.workers), len(idx)
 
 
-def cmd_recon(a, d):
-    ae = load_autoencoder(a.vae, d.device)
+def evaluated_fractions(a, ae):
+    """The p_l that recon / diagnose apply (--mlsr-fractions, else the autoencoder's own), and their source."""
     if a.mlsr_fractions:
         ae.mlsr_fractions = tuple(a.mlsr_fractions)
+        return {"mlsr_fractions": list(ae.mlsr_fractions), "mlsr_fractions_source": "--mlsr-fractions"}
+    return {"mlsr_fractions": list(ae.mlsr_fractions), "mlsr_fractions_source": f"those of {ae.name}"}
+
+
+def cmd_recon(a, d):
+    ae = load_autoencoder(a.vae, d.device)
+    fractions = evaluated_fractions(a, ae)
     ext = lp = None
     try:
         ext = inception(a, d)
@@ -1246,7 +1253,7 @@ def cmd_recon(a, d):
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
     lpips_name = f" / LPIPS v0.1 VGG ({lp.net_file})" if lp else ""
     protocol = {"image_metrics": f"PSNR / SSIM{lpips_name} on [-1, 1] images",
-                "hf_definition": HF_DEFINITION}
+                "hf_definition": HF_DEFINITION, **fractions}
     if ext is not None:
         protocol.update(fid_mode=ext.mode, network=ext.name, network_hash=ext.network_hash,
                         rsfid=RSFID_DEFINITION if ext.sfid_missing is None else f"skipped: {ext.sfid_missing}",
@@ -1347,20 +1354,20 @@ def plot_diagnosis(res, out_dir):
 
 def cmd_diagnose(a, d):
     ae = load_autoencoder(a.vae, d.device)
-    if a.mlsr_fractions:
-        ae.mlsr_fractions = tuple(a.mlsr_fractions)
+    fractions = evaluated_fractions(a, ae)
     batches, n = eval_batches(a, ae, resolve_image_size(ae, a.image_size), 256, d)
     x = torch.cat(list(batches)).to(d.device)
     stats = ae.stats or latent_stats(ae.encode, ae.latent_dim, x.split(64), d.device, ae.mlsr_fractions)
     log0(f"latent statistics: those of {ae.name}" if ae.stats else f"latent statistics: computed over the {n} images")
     space = LatentSpace(stats, ae.mlsr_fractions, device=d.device)
     res = diagnose(ae, x, space.normalize)
-    res.update(autoencoder=ae.name, data=a.data, n_images=n, seed=a.seed)
+    res.update(autoencoder=ae.name, data=a.data, n_images=n, seed=a.seed, **fractions)
     os.makedirs(a.out, exist_ok=True)
     write_json(os.path.join(a.out, "diagnosis.json"), res)
     plot_diagnosis(res, a.out)
     i02 = res["f3_r0"].index(0.2)
-    log0(f"diagnosis of {ae.name} on {n} random images of {a.data} (seed {a.seed}) -> {a.out}/diagnosis.json "
+    log0(f"diagnosis of {ae.name} on {n} random images of {a.data} (seed {a.seed}; MLSR fractions "
+         f"{fractions['mlsr_fractions']}, {fractions['mlsr_fractions_source']}) -> {a.out}/diagnosis.json "
          f"and 4 PNG figures\n"
          f"  F1 PSNR at r=0.25: D(z_low) {res['f1_psnr_low'][4]:.2f} dB, D(z_high) {res['f1_psnr_high'][4]:.2f} dB\n"
          f"  F2 RGB energy within r=0.2: {res['f2_cumulative_energy'][20]:.3f}\n"
@@ -1478,9 +1485,9 @@ def cmd_spectrum(a, d):
 
 # ----------------------------------------------------------------------------- comparing runs
 
-IGNORED_IN_GROUPS = {"seed", "out", "explicit", "resume", "overwrite", "workers", "device", "compile", "no_bf16",
-                     "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite", "log_to", "keep_every",
-                     "sampler", "sample_steps", "cfg_scale", "dist_timeout"}
+IGNORED_IN_GROUPS = {"seed", "out", "explicit", "preset_set", "inert", "resume", "overwrite", "workers", "device",
+                     "compile", "no_bf16", "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite",
+                     "log_to", "keep_every", "sampler", "sample_steps", "cfg_scale", "dist_timeout"}
 FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
 
 
@@ -1511,8 +1518,21 @@ def run_summary(run_dir):
                 of = f"step {rec['step']} (checkpoint {rec['content_hash']})" if rec else "an unrecorded checkpoint"
                 stale.append(f"{run_dir}: {', '.join(keys)} ({net}) are of {of}, not of its last.pt now "
                              f"(step {ck.get('step')}): sample again and rerun fid --record")
-    return {"dir": run_dir, "config": ck.get("config", {}), "step": ck.get("step"), "val": val, "final": final,
-            "stale": stale, "labels": labels}
+    return {"dir": run_dir, **run_settings(ck), "step": ck.get("step"), "val": val, "final": final, "stale": stale,
+            "labels": labels}
+
+
+def run_settings(ck):
+    """What a run was asked to do, as compare and curve group it: its settings without those it recorded as inert
+    (common.check_needs: they acted on nothing), and --r0 auto as asked, 'auto', whatever r0 its seed's curve
+    chose (kept as r0_chosen, from the checkpoint's freqwarm.auto)."""
+    config = dict(ck.get("config", {}))
+    for k in config.get("inert", ()):
+        config.pop(k, None)
+    auto = (ck.get("freqwarm") or {}).get("auto")
+    if auto:
+        config["r0"] = "auto"
+    return {"config": config, "r0_chosen": auto["chosen"] if auto else None}
 
 
 def labels_cell(label, rs):
@@ -1534,14 +1554,38 @@ def labels_cell(label, rs):
 
 
 def group_runs(runs):
-    """Runs that differ only in seed (and bookkeeping) form a group, labelled by the settings that differ."""
+    """Runs that differ only in seed (and bookkeeping) form a group, labelled by the settings that differ between
+    the runs they acted in (one that was idle in a run is not in its settings: run_settings; a run that differs
+    in it differs in the setting that made it idle) and, for --r0 auto, the r0 each run chose."""
     keys = sorted({k for r in runs for k in r["config"]} - IGNORED_IN_GROUPS)
-    varying = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    varying = [k for k in keys if len({json.dumps(r["config"][k]) for r in runs if k in r["config"]}) > 1]
     groups = {}
     for r in runs:
-        label = ", ".join(f"{k}={r['config'].get(k)}" for k in varying) or "all runs"
-        groups.setdefault(label, []).append(r)
-    return groups
+        parts = [f"{k}={r['config'][k]}" for k in varying if k in r["config"]]
+        parts += ["r0=auto"] if r.get("r0_chosen") is not None and "r0" not in varying else []
+        groups.setdefault(", ".join(parts) or "all runs", []).append(r)
+    chosen = {label: [r.get("r0_chosen") for r in rs] for label, rs in groups.items()}
+    return {label + (f" (r0 chosen: {', '.join(f'{c:g}' for c in chosen[label])})"
+                     if any(c is not None for c in chosen[label]) else ""): rs for label, rs in groups.items()}
+
+
+def check_distinct_runs(cmd, runs, groups):
+    """A spread over seeds needs distinct runs: the same folder twice, or two runs of one setting with the same
+    seed (e.g. a run and its copy), would show an invented spread; one line instead."""
+    seen = {}
+    for r in runs:
+        key = os.path.realpath(r["dir"])
+        if key in seen:
+            raise UserError(f"{cmd}: {r['dir']} is given twice (as {seen[key]}): a spread over seeds needs "
+                            f"distinct runs")
+        seen[key] = r["dir"]
+    for rs in groups.values():
+        seeds = [r["config"].get("seed") for r in rs]
+        dup = next((s for s in seeds if seeds.count(s) > 1), None)
+        if dup is not None:
+            both = [r["dir"] for r in rs if r["config"].get("seed") == dup]
+            raise UserError(f"{cmd}: {' and '.join(both[:2])} have the same settings and the same seed {dup}: "
+                            f"a spread over seeds needs runs with distinct --seed")
 
 
 def mean_spread(values):
@@ -1558,21 +1602,10 @@ def markdown_table(header, rows):
 
 
 def cmd_compare(a, d):
-    seen = {}
-    for r in a.runs:
-        key = os.path.realpath(r)
-        if key in seen:
-            raise UserError(f"compare: {r} is given twice (as {seen[key]}): a spread over seeds needs distinct runs")
-        seen[key] = r
+    check_distinct_runs("compare", [{"dir": r} for r in a.runs], {})
     runs = [run_summary(r) for r in a.runs]
     groups = group_runs(runs)
-    for label, rs in groups.items():
-        seeds = [r["config"].get("seed") for r in rs]
-        dup = next((s for s in seeds if seeds.count(s) > 1), None)
-        if dup is not None:
-            both = [r["dir"] for r in rs if r["config"].get("seed") == dup]
-            raise UserError(f"compare: {' and '.join(both[:2])} have the same settings and the same seed {dup}: "
-                            f"a spread over seeds needs runs with distinct --seed")
+    check_distinct_runs("compare", runs, groups)
     cols = [k for k in FINAL_KEYS if any(k in r["final"] for r in runs)]
     sampled = any(r["labels"] for r in runs)            # metrics of samples: say how their labels were drawn
     rows = []
@@ -1697,8 +1730,10 @@ def cmd_curve(a, d):
         kept = kept_checkpoints(run_dir)
         where = os.path.abspath(run_dir)                    # sample sets of each run in their own folder
         tag = f"{os.path.basename(where)}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
-        config = load_checkpoint(kept[-1][1], "sit")["config"]
-        runs.append({"dir": run_dir, "tag": tag, "config": config, "kept": kept, "points": {}})
+        runs.append({"dir": run_dir, "tag": tag, **run_settings(load_checkpoint(kept[-1][1], "sit")), "kept": kept,
+                     "points": {}})
+    groups = group_runs(runs)
+    check_distinct_runs("curve", runs, groups)                  # before any sampling
     metric = "fd_dl" if a.features == "deadleaves" else "fid"
     cache = {"ref": curve_reference(a, runs)} if a.features == "inception" else {}
     for run in runs:
@@ -1715,7 +1750,6 @@ def cmd_curve(a, d):
                                        **curve_extras(a, run, step, path, sa, d)}
     if not d.main:
         return
-    groups = group_runs(runs)
     steps = sorted({s for r in runs for s in r["points"]})
     first = next(iter(runs[0]["points"].values()))
     what = (f"{metric} ({first['network']}; {a.num_samples} samples per point, {a.sampler} x {a.sample_steps}, "
@@ -1748,7 +1782,7 @@ def cmd_curve(a, d):
         "sample_steps": a.sample_steps, "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
         "labels": a.labels, "seed": a.seed, "groups": {label: [r["dir"] for r in rs] for label, rs in groups.items()},
         "spectrum_samples": a.spectrum_samples, "spectrum_definition": SPECTRUM_DEFINITION,
-        "runs": [{"dir": r["dir"], "seed": r["config"].get("seed"),
+        "runs": [{"dir": r["dir"], "seed": r["config"].get("seed"), "r0_chosen": r["r0_chosen"],
                   "points": [r["points"][s] for s in sorted(r["points"])]} for r in runs]})
     import matplotlib
     matplotlib.use("Agg")
@@ -1865,10 +1899,13 @@ def get_args(argv=None):
                        help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g, c, cv, sp, mc):
-        q.add_argument("--seed", type=int, default=0)
+    for q in (s, f, r, g, cv, sp, mc):             # each command takes the ones it acts on
         q.add_argument("--device", default=None)
+    for q in (s, r, g, cv, sp, mc):
+        q.add_argument("--seed", type=int, default=0)
+    for q in (s, cv, sp):
         q.add_argument("--no-bf16", action="store_true")
+    for q in (f, r, g, cv):
         q.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
     for q in (f, r, cv):
         q.add_argument("--inception-path", default=None, help="local Inception torchscript file (any name)")
@@ -1877,11 +1914,31 @@ def get_args(argv=None):
     for q in (f, cv, mc):
         q.add_argument("--dl-train-images", type=int, default=1000, help="training images of the dead-leaves network")
         q.add_argument("--dl-steps", type=int, default=300, help="training steps of the dead-leaves network")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.explicit = sorted(explicit_dests(p, argv))
+    return a
+
+
+# Per command, the settings that act only with others: given without them they are refused in one line
+# (common.check_needs). A new one is one line.
+INCEPTION, DEADLEAVES = when("features", "inception"), when("features", "deadleaves")
+NEEDS = {
+    "sample": {"cfg_interval": (when("cfg_scale", 1.0, unless=True),)},
+    "fid": {"ref": (INCEPTION,), "inception_path": (INCEPTION,), "fid_mode": (INCEPTION,),
+            "dl_train_images": (DEADLEAVES,), "dl_steps": (DEADLEAVES,)},
+    "curve": {"ref": (INCEPTION,), "inception_path": (INCEPTION,), "fid_mode": (INCEPTION,),
+              "dl_train_images": (DEADLEAVES,), "dl_steps": (DEADLEAVES,),
+              "cfg_interval": (when("cfg_scale", 1.0, unless=True),)},
+    "export": {"private": (when("push_to_hub", None, unless=True),)},
+    "spectrum": {"cfg_interval": (when("cfg_scale", 1.0, unless=True),)},
+    "recon": {"n_images": (when("data", "deadleaves"),)},
+    "diagnose": {"n_images": (when("data", "deadleaves"),)},
+}
 
 
 def validate(a):
     """Every check of the command line, in one place (one line and exit status 2 on failure)."""
+    check_needs(a, NEEDS.get(a.cmd, {}))
     if a.cmd == "sample":
         for name in ("num_samples", "batch", "sample_steps"):
             check_range(a, name, 1)
@@ -1918,8 +1975,6 @@ def validate(a):
         check_finite(a, "cfg_scale")
         check_out_dir(a.out)
     elif a.cmd == "export":
-        if a.private and not a.push_to_hub:
-            raise UserError("--private only applies with --push-to-hub REPO")
         if a.push_to_hub:
             check_hub_repo(a.push_to_hub)
         check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
@@ -1933,10 +1988,12 @@ def validate(a):
         lo, hi = a.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
-        if (a.features == "inception") != bool(a.ref):
-            raise UserError("curve: --ref goes with --features inception (and only with it)")
+        if a.features == "inception" and not a.ref:
+            raise UserError("curve --features inception needs --ref (as `fid --ref`)")
         check_out_dir(a.out)
     else:
+        if a.mlsr_fractions is not None:
+            a.mlsr_fractions = list(fft_ops.check_fractions(a.mlsr_fractions, "--mlsr-fractions"))
         check_range(a, "image_size", 1, optional=True)
         if a.n is not None and a.n != "all" and not (a.n.isdigit() and int(a.n) >= 1):
             raise UserError(f"--n must be a positive number of images or 'all', got {a.n}")

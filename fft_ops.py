@@ -43,6 +43,25 @@ def check_r0(r0):
     return r0
 
 
+def check_fractions(fractions, where="--mlsr-fractions"):
+    """The MLSR fractions p_0..p_3 of Eq. 3 as a tuple of floats, or a one-line ValueError naming `where` (the flag
+    or file they came from): four finite numbers in [0, 1), p_0 = 0 (level 0 is the autoencoder itself), each
+    level removing at least as much as the one below."""
+    try:
+        p = tuple(float(v) for v in fractions)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: the MLSR fractions must be {len(MLSR_FRACTIONS)} numbers; "
+                         f"got {fractions!r}") from None
+    why = (f"{len(MLSR_FRACTIONS)} numbers are needed, one per level" if len(p) != len(MLSR_FRACTIONS) else
+           "each must be a finite number" if not all(math.isfinite(v) for v in p) else
+           "each must be in [0, 1) (a fraction of the latent bins removed)" if not all(0 <= v < 1 for v in p) else
+           "p_0 must be 0 (level 0 is the unattenuated latent)" if p[0] != 0 else
+           "they must not decrease from level to level" if any(b < a for a, b in zip(p, p[1:])) else None)
+    if why:
+        raise ValueError(f"{where}: invalid MLSR fractions {' '.join(f'{v:g}' for v in p)}: {why}")
+    return p
+
+
 # ----------------------------------------------------------------------------- grids and spectra
 
 def radius_grid(h, w, device=None, half=False):

@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fft_ops
 from common import (VAE_OUT, Run, UserError, adamw, add_common_args, autocast, check_finite, check_range, ema_update,
                     derive_seed, fixed_on_resume, log0, parse_training_args, run_main, save_grid, setup_distributed, to_device,
-                    step_uniform)
+                    step_uniform, when)
 from data import (StepSampler, build_dataset, cache_latents, check_readable, fingerprint, image_batches, make_loader,
                   random_subset, train_val_split)
 from dit import (SAMPLERS, Projector, build_denoiser, guided_velocity, interpolate, sample_ode, sample_sde,
@@ -166,11 +166,28 @@ def parser():
 
 FIXED_ON_RESUME = fixed_on_resume(parser())
 
+# Settings that act only with others: given without them they are refused in one line (common.check_needs), and
+# runs record them as inert, so `evaluate.py compare` / `curve` do not group runs by them. A new one is one line.
+NEEDS = {
+    "r0": (when("freqwarm", True),),
+    "r0_auto_images": (when("freqwarm", True), when("r0", "auto")),
+    "warmup_steps": (when("freqwarm", True),),
+    "warmup_frac": (when("freqwarm", True), when("warmup_steps", None)),
+    "lowpass_kind": (when("freqwarm", True),),
+    "lowpass_clamp": (when("freqwarm", True),),
+    "freqwarm_schedule": (when("freqwarm", True),),
+    "freqwarm_stages": (when("freqwarm", True), when("freqwarm_schedule", "linear", "cosine")),
+    "fda_weight": (when("fda", True),),
+    "fda_depth": (when("fda", True),),
+    "fda_schedule": (when("fda", True),),
+    "latent_scale": (when("latent_norm", "scalar"),),
+    "stats_images": (when("latent_norm", "channel"),),
+    "renorm_level": (when("latent_norm", "channel"), when("denoise_level", 1, 2, 3)),
+}
+
 
 def get_args(argv=None):
-    args = parse_training_args(parser(), PRESETS, argv)
-    if args.r0 == "auto" and not args.freqwarm:
-        raise UserError("--r0 auto chooses FreqWarm's low-pass radius: add --freqwarm")
+    args = parse_training_args(parser(), PRESETS, argv, NEEDS)
     if args.r0 != "auto":
         fft_ops.check_r0(args.r0)               # checked even without --freqwarm: a given value must be valid
     check_range(args, "r0_auto_images", F3_SUBSETS)
@@ -185,10 +202,8 @@ def get_args(argv=None):
     check_range(args, "image_size", 1, optional=True)
     check_range(args, "grad_clip", 0.0, float("inf"))
     check_range(args, "keep_every", 0)
-    if args.latent_scale is not None and (args.latent_norm != "scalar" or not args.latent_scale > 0):
-        raise UserError(f"--latent-scale {args.latent_scale} needs --latent-norm scalar and a value > 0")
-    if args.latent_norm == "scalar" and args.renorm_level:
-        raise UserError("--renorm-level needs per-level statistics, which --latent-norm scalar does not measure")
+    if args.latent_scale is not None and not (0 < args.latent_scale < float("inf")):
+        raise UserError(f"--latent-scale must be a finite number > 0; got {args.latent_scale}")
     check_range(args, "fda_weight", 0.0, float("inf"))
     check_finite(args, "cfg_scale")                       # the grids are checked too (common.save_grid)
     return args
@@ -410,6 +425,11 @@ def check_resume(ck, path, args, ae, d):
     if ck["model_config"]["in_channels"] != channels:
         raise UserError(f"{path} was trained on {ck['model_config']['in_channels']}-channel latents, "
                         f"but {args.vae} gives {channels} channels")
+    stored_p = ck.get("autoencoder", {}).get("mlsr_fractions")
+    if stored_p is not None and tuple(stored_p) != tuple(ae.mlsr_fractions):
+        raise UserError(f"{path} was trained with the MLSR fractions {list(stored_p)} of its autoencoder, but "
+                        f"{args.vae} now gives {list(ae.mlsr_fractions)} (S_l of --denoise-level and FDA would "
+                        f"change): they may not change on resume")
     stored_ae = ck.get("autoencoder", {}).get("content_hash")
     if stored_ae and stored_ae != ae.content_hash:
         raise UserError(f"{path} was trained on the latents of another autoencoder (content {stored_ae}), "

@@ -31,10 +31,12 @@ gradient, which DDP and torch.compile make awkward) and starts at --gan-start.
 The final checkpoint (OUT/last.pt, kind "vae") carries per-channel mean / std of the
 posterior means over a seeded random subset of --stats-images training images (every class
 of a class-sorted folder is represented): Stage 2 normalises with them (a DC-AE is read by Stage 2 from
-OUT/diffusers, with its --mlsr-fractions in OUT/diffusers/freqldm.json; Stage 2 measures its statistics).
+OUT/diffusers, with its --mlsr-fractions in OUT/diffusers/freqldm.json and, from the last step on, the measured
+scaling_factor 1 / std in its config.json; Stage 2 measures its per-channel statistics).
 """
 import argparse
 import copy
+import json
 import os
 import shutil
 
@@ -45,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fft_ops
 from common import (VAE_OUT, Run, UserError, adamw, add_common_args, barrier, check_range, ema_update,
                     fixed_on_resume, load_checkpoint, log0, parse_training_args, resume_path, run_main,
-                    save_checkpoint, save_grid, setup_distributed, step_uniform, unwrap, write_json)
+                    save_checkpoint, save_grid, setup_distributed, step_uniform, unwrap, when, write_json)
 from data import StepSampler, build_dataset, check_readable, fingerprint, make_loader, train_val_split
 from vae import (DCAE, DCAE_CONFIGS, DCAE_FOLDER, MLSR_FILE, SIZES, PatchDiscriminator, VGGPerceptual,
                  ViTVAEAutoencoder, build_vae, dataset_latent_stats, hinge_d_loss, hinge_g_loss, level_scores)
@@ -111,19 +113,31 @@ def parser():
 
 FIXED_ON_RESUME = fixed_on_resume(parser())
 
+# Settings that act only with others: given without them they are refused in one line (common.check_needs), and
+# runs record them as inert, so `evaluate.py compare` does not group runs by them. A new one is one line.
+GAN_ON = when("gan_weight", 0.0, unless=True)
+NEEDS = {
+    "size": (when("arch", "vit"),),
+    "kl_weight": (when("arch", "vit"),),                  # a DC-AE's latent is deterministic: no KL term
+    "dcae_config": (when("arch", "dcae"),),
+    "grad_checkpoint": (when("arch", "vit"),),            # diffusers' AutoencoderDC has no activation checkpointing
+    "gan_start": (GAN_ON,),
+    "gan_real": (GAN_ON,),
+    "disc_channels": (GAN_ON,),
+    "disc_layers": (GAN_ON,),
+    "disc_lr": (GAN_ON,),
+    "perceptual_weights": (when("perceptual_weight", 0.0, unless=True),),
+}
+
 
 def get_args(argv=None):
-    args = parse_training_args(parser(), PRESETS, argv)
+    args = parse_training_args(parser(), PRESETS, argv, NEEDS)
     preset_arch = PRESETS[args.preset].get("arch", "vit") if args.preset else args.arch
     if preset_arch != args.arch:                # a preset of the other architecture would set its flags
         mine = [n for n, v in PRESETS.items() if v.get("arch", "vit") == args.arch]
         raise UserError(f"--preset {args.preset} is a preset of --arch {preset_arch}; for --arch {args.arch} use one "
                         f"of its presets: {', '.join('--preset ' + n for n in mine)}")
-    # flags the arch would ignore (diffusers' AutoencoderDC has no activation checkpointing)
-    other = {"vit": ("dcae_config",), "dcae": ("size", "kl_weight", "grad_checkpoint")}[args.arch]
-    for name in other:
-        if name in args.explicit:
-            raise UserError(f"--{name.replace('_', '-')} does not apply to --arch {args.arch}")
+    args.mlsr_fractions = list(fft_ops.check_fractions(args.mlsr_fractions, "--mlsr-fractions"))
     for name in ("image_size", "stats_images"):
         check_range(args, name, 1)
     check_range(args, "gan_start", 0)
@@ -277,8 +291,8 @@ def train(args, run):
         if run.due(step, args.ckpt_every) or run.stopping:
             stats = vae_latent_stats(ema, dataset, args, d) if step == args.steps else None   # for Stage 2
             run.save(lambda: checkpoint_state(run, step, model, ema, disc, opt, opt_d, stats),
-                     also=(lambda: save_diffusers_folder(ema, args.out, args.mlsr_fractions)) if args.arch == "dcae"
-                     else None)
+                     also=(lambda: save_diffusers_folder(ema, args.out, args.mlsr_fractions, stats))
+                     if args.arch == "dcae" else None)
         if run.stopping:
             break
     run.close()                                     # signals act normally again while the last grid is written
@@ -331,24 +345,45 @@ def checkpoint_state(run, step, model, ema, disc, opt, opt_d, stats=None):
                           opt_d=opt_d.state_dict(), latent_stats=stats)
 
 
-def save_diffusers_folder(ema, out, fractions):
+def save_diffusers_folder(ema, out, fractions, stats=None):
     """--arch dcae: OUT/diffusers, the EMA autoencoder as a diffusers folder, with this run's MLSR fractions in
     freqldm.json (vae.DiffusersAutoencoder reads them, so S_l in Stages 2-3 is the one it was trained with);
     replaced whole: it is written to a temporary folder first, so a reader finds the previous folder or the new
-    one, never a half-written one."""
+    one, never a half-written one.
+
+    With the latent statistics of the last step, its config's scaling_factor is the measured 1 / std of the latents
+    over all channels (as SD-VAE and DC-AE define it), and freqldm.json says what it was measured on; before
+    that, the config holds diffusers' default 1.0 and freqldm.json records no measurement, so --latent-norm
+    scalar does not take the default for a measured scale."""
     final = os.path.join(out, DCAE_FOLDER)
     tmp, old = final + ".part", final + ".old"          # one run per folder (OUT/.lock): fixed names, and what a
     for left in (tmp, old):                             # killed save left behind is removed here
         shutil.rmtree(left, ignore_errors=True)
     try:
         ema.save_pretrained(tmp)
-        write_json(os.path.join(tmp, MLSR_FILE), {"mlsr_fractions": list(fractions)})
+        record = {"mlsr_fractions": list(fractions), "scaling_factor": None}
+        if stats is not None:
+            scale = measured_scale(stats)
+            with open(os.path.join(tmp, "config.json")) as f:
+                config = json.load(f)
+            write_json(os.path.join(tmp, "config.json"), {**config, "scaling_factor": scale})
+            record["scaling_factor"] = {"value": scale, "source": f"1 / std of its latents over all channels, "
+                                                                  f"{stats['source']}"}
+        write_json(os.path.join(tmp, MLSR_FILE), record)
         if os.path.isdir(final):
             os.replace(final, old)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def measured_scale(stats):
+    """1 / std of the latents over every channel and position, from per-channel mean / std (equal counts per
+    channel): the scaling_factor of SD-VAE and DC-AE, z_n = z * scale."""
+    mean, std = stats["mean"].double(), stats["std"].double()
+    var = (std ** 2 + mean ** 2).mean() - mean.mean() ** 2
+    return float(1.0 / var.sqrt())
 
 
 def stats_only(args, d):

@@ -389,12 +389,13 @@ class FrozenAutoencoder(nn.Module):
         decode(z (B, C, h, w))            -> image (B, 3, h f, w f) in about [-1, 1], float32
     plus `name`, `latent_dim` C, `downsample` f, `content_hash` (provenance), `mlsr_fractions` (the p_l
     its S_l uses), `stats`: per-channel latent statistics the source carries, or None, and
-    `scaling_factor` / `shift_factor`: the one scalar latent scale of its config (diffusers), or None / 0.
+    `scaling_factor` / `shift_factor`: the one scalar latent scale of its config (diffusers), or None / 0, and
+    `scale_source`: where that scale comes from (or, when it is None, why there is none).
     Both directions run in float32 with autocast off: latents for training and images for metrics.
     """
 
     name, content_hash, stats, mlsr_fractions = "autoencoder", "", None, tuple(fft_ops.MLSR_FRACTIONS)
-    scaling_factor, shift_factor = None, 0.0
+    scaling_factor, shift_factor, scale_source = None, 0.0, "it has none of its own"
     image_size = None                          # the one image side it serves, or None: any multiple of downsample
 
     def check_image_size(self, size):
@@ -440,8 +441,9 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
         vae = ViTVAE(**ck["model_config"])
         vae.load_state_dict(ck["ema" if use_ema else "model"])
         name = f"ViT-VAE {os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
-        ae = cls(vae.to(device), ck["config"].get("mlsr_fractions", fft_ops.MLSR_FRACTIONS), name,
-                 ck.get("latent_stats"), checkpoint_identity(path, ck), path)
+        fractions = fft_ops.check_fractions(ck["config"].get("mlsr_fractions", fft_ops.MLSR_FRACTIONS),
+                                            f"{path} (its --mlsr-fractions)")
+        ae = cls(vae.to(device), fractions, name, ck.get("latent_stats"), checkpoint_identity(path, ck), path)
         ae.checkpoint = ck
         return ae
 
@@ -453,7 +455,8 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
         vae = ViTVAE(**cfg["model_config"])
         vae.load_state_dict(weights)
         name = f"ViT-VAE export {os.path.basename(os.path.abspath(folder))} (step {cfg['step']})"
-        return cls(vae.to(device), cfg["mlsr_fractions"], name, cfg["latent_stats"], cfg["content_hash"], folder)
+        fractions = fft_ops.check_fractions(cfg["mlsr_fractions"], f"{folder}/config.json (mlsr_fractions)")
+        return cls(vae.to(device), fractions, name, cfg["latent_stats"], cfg["content_hash"], folder)
 
     def check_image_size(self, size):
         if size != self.image_size:            # fixed sin-cos positions were only ever trained at this size
@@ -473,7 +476,7 @@ class ViTVAEAutoencoder(FrozenAutoencoder):
 
 DIFFUSERS_PREFIX = "diffusers:"
 DCAE_FOLDER = "diffusers"           # train_vae.py --arch dcae writes OUT/diffusers beside OUT/last.pt
-MLSR_FILE = "freqldm.json"          # ... with its --mlsr-fractions in OUT/diffusers/freqldm.json
+MLSR_FILE = "freqldm.json"          # ... with its --mlsr-fractions and where its scaling_factor came from
 DEFAULT_IMAGE_SIZE = 256            # image side for autoencoders without a native one, unless --image-size
 DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderDC", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
 VIDEO_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo")
@@ -584,11 +587,38 @@ class DiffusersAutoencoder(FrozenAutoencoder):
             diffusers.utils.logging.set_verbosity(quiet)
         model = model.float()
         ae = cls(model, class_name, f"{class_name} {where}", weights_hash(model, class_name), spec)
+        ae.scale_source = ("as its diffusers config gives it (its publisher's value, not measured here)"
+                           if ae.scaling_factor is not None else "its diffusers config has no scaling_factor")
         mlsr = os.path.join(source, sub or "", MLSR_FILE)
         if os.path.isfile(mlsr):                   # a DC-AE of train_vae.py: S_l with the p_l it was trained with
-            with open(mlsr) as f:
-                ae.mlsr_fractions = tuple(float(p) for p in json.load(f)["mlsr_fractions"])
+            ae.read_training_record(mlsr)
         return ae.to(device)
+
+    def read_training_record(self, path):
+        """A DC-AE of train_vae.py (its folder's freqldm.json): the MLSR fractions it was trained with, which S_l
+        uses and which join its content hash (another p_l gives other latents at every level > 0), and the
+        scaling_factor Stage 1 measured, if it did (until then its config holds diffusers' default: no scale)."""
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            fractions = rec["mlsr_fractions"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a readable freqldm.json of train_vae.py ({type(e).__name__}: "
+                            f"{_first_line(e)})") from None
+        self.mlsr_fractions = fft_ops.check_fractions(fractions, f"{path} (mlsr_fractions)")
+        if self.mlsr_fractions != tuple(fft_ops.MLSR_FRACTIONS):
+            key = f"{self.content_hash}:{self.mlsr_fractions!r}".encode()
+            self.content_hash = hashlib.sha256(key).hexdigest()[:16]
+        scale, config_scale = rec.get("scaling_factor"), self.scaling_factor
+        if isinstance(scale, dict) and scale.get("value") == config_scale:
+            self.scale_source = f"measured by train_vae.py: {scale['source']}"
+            return
+        self.scaling_factor = None
+        self.scale_source = (f"its config's scaling_factor {config_scale} is not the {scale['value']} measured by "
+                             f"train_vae.py, which {path} records: the folder was edited"
+                             if isinstance(scale, dict) else
+                             f"its config's scaling_factor {config_scale} is not a measurement ({path} records none: "
+                             f"Stage 1 measures it at its last step)")
 
     def _check_latent(self, x, z):
         if z.shape[-1] * self.downsample != x.shape[-1] or z.shape[-2] * self.downsample != x.shape[-2]:
@@ -735,9 +765,10 @@ def scalar_stats(ae, scale=None):
     if scale is None:
         scale = ae.scaling_factor
         if scale is None:
-            raise UserError(f"{ae.name} has no scaling factor of its own: pass --latent-scale VALUE "
-                            f"with --latent-norm scalar")
-        what = f"the scaling_factor {scale:g}" + (f" and shift_factor {shift:g}" if shift else "") + f" of {ae.name}"
+            raise UserError(f"{ae.name} has no scaling factor to use ({ae.scale_source}): pass --latent-scale "
+                            f"VALUE with --latent-norm scalar")
+        what = (f"the scaling_factor {scale:g}" + (f" and shift_factor {shift:g}" if shift else "")
+                + f" of {ae.name}, {ae.scale_source}")
     else:
         what = f"the given --latent-scale {scale:g}"
     C = ae.latent_dim

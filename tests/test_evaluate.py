@@ -219,7 +219,8 @@ def test_curve_of_two_seeds_writes_table_json_and_figure(smoke_models, tmp_path,
         rng = np.random.default_rng(0)
         real = tmp_path / "real.npz"
         np.savez(real, arr_0=rng.integers(0, 256, (12, side, side, 3), dtype=np.uint8))
-        ev.main(args[:-2] + ["--features", "inception", "--ref", str(real), "--out", str(out)])
+        dl = args.index("--dl-train-images")         # its flags act only with --features deadleaves: left out
+        ev.main(args[:dl] + args[dl + 4:-2] + ["--features", "inception", "--ref", str(real), "--out", str(out)])
         inc = __import__("json").loads((out / "curve.json").read_text())
         assert inc["metric"] == "fid" and inc["network"] == PixelStats.name
         for r in inc["runs"]:

@@ -309,12 +309,12 @@ def test_bad_training_flags_are_one_clear_line(smoke_models, tmp_path, capsys):
         assert_cli_error(capsys, train_vae.main, ["--preset", "smoke", *argv], needle)
     sit = ["--preset", "smoke", "--vae", vae, *out]
     for argv, needle in [(["--warmup-steps", "-2", "--freqwarm"], "--warmup-steps must be >= 0"),
-                         (["--warmup-frac", "1.5"], "--warmup-frac must be in [0.0, 1.0]; got 1.5"),
-                         (["--warmup-frac", "nan"], "--warmup-frac must be in [0.0, 1.0]; got nan"),
+                         (["--warmup-frac", "1.5", "--freqwarm"], "--warmup-frac must be in [0.0, 1.0]; got 1.5"),
+                         (["--warmup-frac", "nan", "--freqwarm"], "--warmup-frac must be in [0.0, 1.0]; got nan"),
                          (["--sample-steps", "0"], "--sample-steps must be >= 1"),
                          (["--model", "smoke/0"], "unknown SiT model 'smoke/0'"),
                          (["--image-size", "18"], "cannot serve 18-px ones"),
-                         (["--r0", "0.9"], "r0 must be in (0, 0.71]")]:
+                         (["--r0", "0.9", "--freqwarm"], "r0 must be in (0, 0.71]")]:
         assert_cli_error(capsys, td.main, sit + argv, needle)
 
 

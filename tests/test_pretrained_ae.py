@@ -313,6 +313,7 @@ def test_scalar_latent_norm_round_trips_through_sample(aes, folder, tmp_path, mo
     td.main([*flags, "--steps", "2", "--latent-norm", "scalar"])
     st = load_checkpoint(str(out / "last.pt"), "sit")["latent_stats"]
     assert st["norm"] == "scalar" and st["scale"] == pytest.approx(0.37) and st["shift"] == pytest.approx(0.1)
+    assert "its publisher's value, not measured here" in st["source"]        # where the scale came from
 
     args = td.get_args([*flags, "--latent-norm", "scalar"])
     ae = load_autoencoder(spec)
@@ -334,7 +335,7 @@ def test_scalar_latent_norm_round_trips_through_sample(aes, folder, tmp_path, mo
     p = in_process(lambda: td.main([*flags, "--steps", "3", "--latent-norm", "scalar", "--latent-scale", "0.5"]), capsys)
     assert_one_line_error(p, "--latent-scale None, not 0.5")
     p = in_process(lambda: td.main([*flags, "--latent-scale", "0.5"]), capsys)
-    assert_one_line_error(p, "--latent-scale 0.5 needs --latent-norm scalar")
+    assert_one_line_error(p, "--latent-scale 0.5 acts only with --latent-norm scalar")
     wan = load_autoencoder(aes["AutoencoderKLWan"][0])
-    with pytest.raises(UserError, match="has no scaling factor of its own: pass --latent-scale"):
+    with pytest.raises(UserError, match=r"no scaling factor to use \(its diffusers config has no scaling_factor\)"):
         scalar_stats(wan)

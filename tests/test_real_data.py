@@ -342,7 +342,7 @@ def test_one_latent_hf_definition_and_level_renormalisation():
     ds = DeadLeaves(n=40, resolution=16)
     stats = dataset_latent_stats(Pool(), ds, 40, 0, CPU)
     x = torch.stack([ds[i][0] for i in range(40)])
-    args = td.get_args(["--preset", "smoke", "--renorm-level"])
+    args = td.get_args(["--preset", "smoke", "--renorm-level", "--denoise-level", "1"])
     lat = LatentSpace(stats, Pool().mlsr_fractions, args.denoise_level, True)
     for level in (1, 2, 3):
         zl = lat.at_level(lat.normalize(Pool().encode(x)), level)
