@@ -1466,6 +1466,10 @@ def plot_spectra(series, path, title):
 def cmd_spectrum(a, d):
     """The latent spectrum of one checkpoint's samples against real latents (SPECTRUM_DEFINITION)."""
     a.ckpt = checkpoint_path(a.ckpt)                                     # a run folder: its last.pt
+    record = a.record and os.path.join(a.record, "last.pt")
+    if record and not (os.path.isfile(a.ckpt) and os.path.isfile(record) and file_hash(a.ckpt) == file_hash(record)):
+        raise UserError(f"--record {a.record}: {a.ckpt} is not {record} as it is now, so its spectrum is not that "
+                        f"run's: pass --ckpt {record}, or record into the run the checkpoint belongs to")
     ema, ae, space, ck = load_sit(a.ckpt, d.device, a.vae)
     if not d.main:
         return
@@ -1473,6 +1477,14 @@ def cmd_spectrum(a, d):
     res.update(checkpoint=a.ckpt, checkpoint_hash=file_hash(a.ckpt) if os.path.isfile(a.ckpt) else None,
                step=ck["step"], sampler=a.sampler, sample_steps=a.sample_steps, cfg_scale=a.cfg_scale,
                cfg_interval=list(a.cfg_interval), labels=a.labels, seed=a.seed, autoencoder=ae.name)
+    if record:                                      # for `compare`, beside the validation loss and fd_dl
+        path = os.path.join(a.record, "generation_metrics.json")
+        old = read_json(path, "delete it and record the metrics again") if os.path.isfile(path) else {}
+        write_json(path, {**old, SPECTRUM_NAME: {
+            SPECTRUM_NAME: res[SPECTRUM_NAME], "definition": SPECTRUM_DEFINITION, "labels": a.labels,
+            "n_gen": res["n_gen"], "n_real": res["n_real"], "sampler": a.sampler, "sample_steps": a.sample_steps,
+            "cfg_scale": a.cfg_scale, "seed": a.seed,
+            "checkpoint": {"path": os.path.abspath(record), "step": ck["step"], "content_hash": res["checkpoint_hash"]}}})
     os.makedirs(a.out, exist_ok=True)
     write_json(os.path.join(a.out, "spectrum.json"), res)
     plot_spectra({f"step {ck['step']}": res}, os.path.join(a.out, "spectrum.png"),
@@ -1488,7 +1500,7 @@ def cmd_spectrum(a, d):
 IGNORED_IN_GROUPS = {"seed", "out", "explicit", "preset_set", "inert", "resume", "overwrite", "workers", "device",
                      "compile", "no_bf16", "log_every", "ckpt_every", "sample_every", "preset", "on_nonfinite",
                      "log_to", "keep_every", "sampler", "sample_steps", "cfg_scale", "dist_timeout"}
-FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid")
+FINAL_KEYS = ("val_loss", "val_psnr_l0", "val_psnr_l3", "fd_dl", "class_acc_dl", "fid", SPECTRUM_NAME)
 
 
 def run_summary(run_dir):
@@ -1868,6 +1880,8 @@ def get_args(argv=None):
     sp.add_argument("--data", default=None, help="the run's --data, if it has moved (its held-out images are the "
                                                  "real latents)")
     sp.add_argument("--out", default="runs/eval/spectrum")
+    sp.add_argument("--record", default=None, help="also keep latent_hf_log_ratio in RUN_DIR/generation_metrics.json "
+                                                   "for `compare` (--ckpt must be RUN_DIR/last.pt as it is now)")
     for q in (sp, cv):
         q.add_argument("--spectrum-samples" if q is cv else "--num-samples", type=int, default=256,
                        help="latents drawn (and real held-out latents) for the latent spectrum"

@@ -239,6 +239,18 @@ def test_spectrum_and_curve_report_the_mechanism_beside_the_validation_loss(vae_
     assert points[1]["latent_hf_log_ratio"] == pytest.approx(res["latent_hf_log_ratio"], rel=1e-5)
     md = (cdir / "curve.md").read_text()
     assert "**latent_hf_log_ratio**" in md and "**val_loss**" in md and "**fd_dl**" in md
+    # one checkpoint: recorded into its run, `compare` shows it beside the validation loss; only of last.pt as it is
+    spec = ["spectrum", "--num-samples", "10", "--batch", "4", "--sample-steps", "3", "--sampler", "euler",
+            "--record", str(sit), "--out", str(tmp_path / "spec-last")]
+    with pytest.raises(ev.UserError, match="is not .*last.pt as it is now"):
+        ev.main([*spec, "--ckpt", str(sit / "keep" / "ema_0000003.pt")])
+    ev.main([*spec, "--ckpt", str(sit)])                                       # the run folder: its last.pt
+    rec = json.loads((sit / "generation_metrics.json").read_text())["latent_hf_log_ratio"]
+    last = json.loads((tmp_path / "spec-last" / "spectrum.json").read_text())
+    assert rec["latent_hf_log_ratio"] == last["latent_hf_log_ratio"] and rec["checkpoint"]["step"] == 6
+    ev.main(["compare", str(sit), "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "latent_hf_log_ratio" in table and f"{last['latent_hf_log_ratio']:.4f}" in table
 
 
 # ----------------------------------------------------------------------------- the sample metric's own check
