@@ -1516,7 +1516,8 @@ def band_plot(ax, xs, runs, label, style, over="seeds"):
     """Mean over runs (rows of `runs`, e.g. seeds) against xs, ± sample std shaded when there are several."""
     v = np.asarray(runs, dtype=np.float64)                                   # (runs, len(xs))
     mean = v.mean(0)
-    ax.plot(xs, mean, label=label + (f" (mean ± std over {len(v)} {over})" if len(v) > 1 else ""), **style)
+    ax.plot(xs, mean, label=label + (f" (mean ± std over {len(v)} {over})" if len(v) > 1 else ""),
+            markevery=max(len(xs) // 12, 1), **style)
     if len(v) > 1:
         std = v.std(0, ddof=1)
         ax.fill_between(xs, mean - std, mean + std, color=style["color"], alpha=0.2, lw=0)
@@ -1547,7 +1548,8 @@ def figure_freqwarm_input(path):
     fig, axes = plt.subplots(1, 2 + len(FIGURE_R0S), figsize=(10, 2.5), dpi=100)
     show_image(axes[0], x, f"x ({FIGURE_SIDE} px dead leaves)")
     edge = 0.5 + 0.5 / FIGURE_SIDE                                          # bin centres run -0.5 .. 0.5 - 1/side
-    im = axes[1].imshow(torch.log10(power + 1e-6).numpy(), cmap="viridis", origin="lower",
+    logp = torch.log10(power + 1e-6).numpy()                                # the DC bin is 0 (mean removed)
+    im = axes[1].imshow(logp, cmap="viridis", origin="lower", vmin=np.percentile(logp, 1),
                         extent=(-edge, 0.5 - 0.5 / FIGURE_SIDE, -edge, 0.5 - 0.5 / FIGURE_SIDE))
     for i, r0 in enumerate(FIGURE_R0S):
         axes[1].add_patch(Circle((0, 0), r0, fill=False, color="white", lw=1.2, ls=("--", "-", ":")[i % 3]))
@@ -1559,7 +1561,7 @@ def figure_freqwarm_input(path):
     kept = fft_ops.radius_grid(FIGURE_SIDE, FIGURE_SIDE)
     for ax, r0 in zip(axes[2:], FIGURE_R0S):
         show_image(ax, fft_ops.lowpass(x[None], r0)[0],
-                   f"lowpass(x, r0 = {r0:g}): {100 * (kept <= r0).float().mean():.1f} % of bins")
+                   f"lowpass(x, r0 = {r0:g})\nkeeps {100 * (kept <= r0).float().mean():.1f} % of the bins")
     fig.suptitle("FreqWarm: the encoder's input during the warm-up", fontsize=8)
     save_figure(fig, path)
 
@@ -1624,7 +1626,7 @@ def figure_diagnosis(ae, x, normalize, subsets, out_dir):
     curves = (("diagnosis_f2_rgb_energy.png", "f2_radii", "f2_cumulative_energy", "radius r (cycles/pixel)",
                "RGB energy within r (fraction)", "F2: cumulative RGB energy"),
               ("diagnosis_f3_latent_hf.png", "f3_r0", "f3_latent_hf_energy", "RGB low-pass radius r0 (cycles/pixel)",
-               f"mean square of z_n at r > {res[0]['f3_hf_radius']}\n(cycles/latent px; z_n normalised)",
+               f"latent HF energy: mean square of z_n\nabove {res[0]['f3_hf_radius']} cycles/latent px",
                "F3: latent HF energy of E(lowpass(x, r0))"))
     for name, xk, yk, xl, yl, title in curves:
         fig, ax = plt.subplots(figsize=(4.5, 3.0), dpi=100)
@@ -1715,7 +1717,8 @@ def figure_study_f3(study, path):
         for i, dim in enumerate(dims):
             band_plot(ax, runs[dim][0]["f3_r0"], [r["f3_latent_hf_energy"] for r in runs[dim]], f"{dim} channels",
                       series_style(i, len(dims)))
-        ax.set(xlabel="RGB low-pass radius r0 (cycles/pixel)", ylabel="mean square of z_n at r > 0.25",
+        ax.set(xlabel="RGB low-pass radius r0 (cycles/pixel)",
+               ylabel="latent HF energy: mean square of z_n\nabove 0.25 cycles/latent px",
                title=f"Study B: F3 of the {kind}")
         ax.legend(fontsize=6), ax.grid(alpha=0.3)
     save_figure(fig, path)
