@@ -9,6 +9,7 @@
     python evaluate.py diagnose --vae diffusers:Wan-AI/Wan2.2-TI2V-5B-Diffusers#vae --image-size 512 --data VAL_FOLDER
     python evaluate.py export   --ckpt runs/sit-demo/last.pt --out runs/export/sit-demo [--push-to-hub USER/NAME]
     python evaluate.py curve    runs/sit-a runs/sit-b --num-samples 1000 --out runs/curve   # runs with --keep-every
+    python evaluate.py figures  --demo demo_out --study runs/study --out docs/figures    # the docs' figures
     torchrun --nproc_per_node=8 evaluate.py sample --ckpt SIT.pt --num-samples 50000 --sample-steps 250 --cfg-scale 1.8
     torchrun --nnodes=4 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 --nproc_per_node=8 \\
              evaluate.py sample --ckpt SIT.pt --num-samples 50000
@@ -27,6 +28,8 @@ diagnose : FreqWarm Findings 1-3 on any VAE: (F1) PSNR of D(z_low), D(z_high) ov
            (F2) cumulative RGB spectral energy vs radius, (F3) latent high-frequency energy vs the RGB
            low-pass radius r0, and the radially averaged latent spectra per MLSR level; JSON + PNG figures.
 curve    : samples and scores the EMA checkpoints runs kept with --keep-every: metric vs step (table, JSON, figure).
+figures  : the figures of the README and docs/results.md (the method on dead leaves and the demo's autoencoder,
+           the demo's runs, the study's), PNG; one whose inputs are missing is skipped with one line.
 export   : a 'sit' or 'vae' checkpoint's EMA weights as model.safetensors + config.json (provenance sealed
            into the safetensors header); `sample --ckpt DIR` and `--vae DIR` read it like the checkpoint.
 Every printed metric names the network that produced it.
@@ -1640,23 +1643,31 @@ def cmd_compare(a, d):
     os.makedirs(a.out, exist_ok=True)
     with atomic_write(os.path.join(a.out, "compare.md"), text=True) as f:
         f.write(table + "\n")
+    plot_val_curves(groups, os.path.join(a.out, "compare.png"))
+    log0(f"{len(runs)} runs in {len(groups)} group(s) -> {a.out}/compare.md, {a.out}/compare.png\n{table}")
+
+
+def plot_val_curves(groups, path, title=None):
+    """The runs' validation curves ({label: [run_summary]}; a group's runs share one style): val_loss, or the
+    VAE's val_psnr_l0, against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    runs = [r for rs in groups.values() for r in rs]
     curve = next((k for k in ("val_loss", "val_psnr_l0") if any(k in v for r in runs for v in r["val"])), None)
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, rs) in enumerate(groups.items()):
         for j, r in enumerate(rs):
             pts = [(v["step"], v[curve]) for v in r["val"] if curve in v]
             if pts:
-                ax.plot(*zip(*pts), color=colours[i % len(colours)], alpha=0.8, label=label if j == 0 else None)
-    ax.set(xlabel="step", ylabel=curve or "", title=f"validation: {curve} (EMA, held-out)")
+                ax.plot(*zip(*pts), alpha=0.8, label=label if j == 0 else None, **series_style(i, len(groups)))
+    unit = {"val_loss": "flow-matching MSE of v", "val_psnr_l0": "dB"}.get(curve, "")
+    ax.set(xlabel="training step", ylabel=f"{curve} ({unit})" if curve else "",
+           title=title or f"validation: {curve} (EMA, held-out)")
     ax.grid(alpha=0.3)
     if curve:
         ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(a.out, "compare.png"))
-    log0(f"{len(runs)} runs in {len(groups)} group(s) -> {a.out}/compare.md, {a.out}/compare.png\n{table}")
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- convergence curves
@@ -1788,33 +1799,346 @@ def cmd_curve(a, d):
     os.makedirs(a.out, exist_ok=True)
     with atomic_write(os.path.join(a.out, "curve.md"), text=True) as f:
         f.write(table + "\n")
-    write_json(os.path.join(a.out, "curve.json"), {
+    record = {
         "metric": metric, "features": a.features, "network": first["network"],
         "ref": a.ref if a.features == "inception" else None, "num_samples": a.num_samples, "sampler": a.sampler,
         "sample_steps": a.sample_steps, "cfg_scale": a.cfg_scale, "cfg_interval": list(a.cfg_interval),
         "labels": a.labels, "seed": a.seed, "groups": {label: [r["dir"] for r in rs] for label, rs in groups.items()},
         "spectrum_samples": a.spectrum_samples, "spectrum_definition": SPECTRUM_DEFINITION,
         "runs": [{"dir": r["dir"], "seed": r["config"].get("seed"), "r0_chosen": r["r0_chosen"],
-                  "points": [r["points"][s] for s in sorted(r["points"])]} for r in runs]})
+                  "points": [r["points"][s] for s in sorted(r["points"])]} for r in runs]}
+    write_json(os.path.join(a.out, "curve.json"), record)
+    plot_metric_curve(record, os.path.join(a.out, "curve.png"))
+    log0(f"{len(runs)} runs in {len(groups)} column(s), {len(steps)} steps -> {a.out}/curve.md, curve.json, curve.png\n"
+         f"{table}")
+
+
+def plot_metric_curve(record, path, labels=None, title=None):
+    """A `curve` result (curve.json's record) against the step, one panel per metric it holds (the sample metric,
+    latent_hf_log_ratio, val_loss): one line per column, mean ± sample std over its seeds shaded; `labels` renames
+    the columns."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.5), dpi=110, squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        for label, rs in groups.items():
-            xs = [s for s in steps if any(s in r["points"] and m in r["points"][s] for r in rs)]
-            vals = [np.array([r["points"][s][m] for r in rs if s in r["points"] and m in r["points"][s]]) for s in xs]
+    groups = record["groups"]
+    metrics = [m for m in (record["metric"], SPECTRUM_NAME, "val_loss")
+               if any(m in p for r in record["runs"] for p in r["points"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.5), dpi=110, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, (label, dirs) in enumerate(groups.items()):
+            points = [{p["step"]: p[metric] for p in r["points"] if metric in p} for r in record["runs"]
+                      if r["dir"] in dirs]
+            xs = sorted({s for p in points for s in p})
+            vals = [np.array([p[s] for p in points if s in p]) for s in xs]
             mean = np.array([v.mean() for v in vals])
-            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-            if len(rs) > 1:
+            style = series_style(i, len(groups))
+            name = (labels or {}).get(label, label)
+            ax.plot(xs, mean, label=f"{name} ({len(dirs)} seed{'s' if len(dirs) > 1 else ''})", **style)
+            if len(dirs) > 1:
                 std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
-                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set(xlabel="training step", ylabel=m, title=f"{m} vs step")
+                ax.fill_between(xs, mean - std, mean + std, color=style["color"], alpha=0.2, lw=0)
+        what = {record["metric"]: f"{metric} ({'offline, ' if metric == 'fd_dl' else ''}lower is better)",
+                SPECTRUM_NAME: f"{metric} (0: real HF)", "val_loss": "val_loss (EMA, held-out)"}[metric]
+        ax.set(xlabel="training step", ylabel=what,
+               title=(title or f"{record['metric']} vs step ({record['num_samples']} samples, {record['sampler']})")
+               if metric == record["metric"] else f"{metric} vs step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
-    save_figure(fig, os.path.join(a.out, "curve.png"))
-    log0(f"{len(runs)} runs in {len(groups)} column(s), {len(steps)} steps -> {a.out}/curve.md, curve.json, curve.png\n"
-         f"{table}")
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- figures (README, docs/results.md)
+#
+# `figures` draws every figure of the README and docs/results.md into one folder: the method from the built-in
+# dead-leaves set and the demo's autoencoder, the demo's runs, and the study where it ran. The numbers come
+# from the computations above (level_scores, diagnose, run_summary, the compare and curve plots); a figure
+# whose inputs are missing is skipped with one line naming the command that makes them.
+
+FIGURE_R0S = (0.05, 0.2, 0.4)          # FreqWarm's three thresholds (cycles/pixel)
+FIGURE_SIDE = 64                       # side of the dead-leaves image of the FreqWarm figure
+F1_RADIUS = 0.25                       # latent split radius of the F1 figure (cycles/latent pixel), as study.py's
+DEMO_RUNS = ("baseline", "freqwarm", "dvae")
+
+
+def series_style(i, n):
+    """Style of line i of n, told apart in grey scale too: viridis shade, marker and dash pattern all differ."""
+    import matplotlib
+    return dict(color=matplotlib.colormaps["viridis"](0.85 * i / max(n - 1, 1)), marker="osD^v"[i % 5],
+                linestyle=("-", "--", ":", "-.")[i % 4], ms=3.5)
+
+
+def band_plot(ax, xs, runs, label, style, over="seeds"):
+    """Mean over runs (rows of `runs`, e.g. seeds) against xs, ± sample std shaded when there are several."""
+    v = np.asarray(runs, dtype=np.float64)                                   # (runs, len(xs))
+    mean = v.mean(0)
+    ax.plot(xs, mean, label=label + (f" (mean ± std over {len(v)} {over})" if len(v) > 1 else ""),
+            markevery=max(len(xs) // 12, 1), **style)
+    if len(v) > 1:
+        std = v.std(0, ddof=1)
+        ax.fill_between(xs, mean - std, mean + std, color=style["color"], alpha=0.2, lw=0)
+
+
+def show_image(ax, x, title=None):
+    """One image (3, H, W) in [-1, 1], pixels unsmoothed, no ticks."""
+    ax.imshow(to_uint8(x[None])[0], interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def run_label(run_dir):
+    """A run's short name: its folder's name without the seed suffix (sit-freqwarm, sitd-baseline)."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    head, _, tail = name.rpartition("-s")
+    return head if head and tail.isdigit() else name
+
+
+def figure_freqwarm_input(path):
+    """FreqWarm's encoder input: a dead-leaves image, its centred log power spectrum with the circles r = r0,
+    and the image low-passed at each r0 (fft_ops.lowpass, the ideal mask)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+    x = DeadLeaves(n=10, resolution=FIGURE_SIDE)[3][0]                       # (3, H, W), class 3
+    power = fft_ops.centered_fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs().pow(2).sum(0)   # (H, W)
+    fig, axes = plt.subplots(1, 2 + len(FIGURE_R0S), figsize=(10, 2.5), dpi=100)
+    show_image(axes[0], x, f"x ({FIGURE_SIDE} px dead leaves)")
+    edge = 0.5 + 0.5 / FIGURE_SIDE                                          # bin centres run -0.5 .. 0.5 - 1/side
+    logp = torch.log10(power + 1e-6).numpy()                                # the DC bin is 0 (mean removed)
+    im = axes[1].imshow(logp, cmap="viridis", origin="lower", vmin=np.percentile(logp, 1),
+                        extent=(-edge, 0.5 - 0.5 / FIGURE_SIDE, -edge, 0.5 - 0.5 / FIGURE_SIDE))
+    for i, r0 in enumerate(FIGURE_R0S):
+        axes[1].add_patch(Circle((0, 0), r0, fill=False, color="white", lw=1.2, ls=("--", "-", ":")[i % 3]))
+        axes[1].text(r0 * 0.71, r0 * 0.71, f"{r0:g}", color="white", fontsize=6)
+    axes[1].set_xlabel("f_x (cycles/pixel)", fontsize=7), axes[1].set_ylabel("f_y (cycles/pixel)", fontsize=7)
+    axes[1].set_title("log10 power, circles r = r0", fontsize=7)
+    axes[1].tick_params(labelsize=6)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    kept = fft_ops.radius_grid(FIGURE_SIDE, FIGURE_SIDE)
+    for ax, r0 in zip(axes[2:], FIGURE_R0S):
+        show_image(ax, fft_ops.lowpass(x[None], r0)[0],
+                   f"lowpass(x, r0 = {r0:g})\nkeeps {100 * (kept <= r0).float().mean():.1f} % of the bins")
+    fig.suptitle("FreqWarm: the encoder's input during the warm-up", fontsize=8)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def figure_mlsr_levels(ae, x, path):
+    """Denoising-VAE's MLSR (Eq. 3): which latent bins S_l removes, the latent S_l(z) (one channel) and its decode
+    D(S_l(z)) per level l, with the PSNR of that image and the mean over all of x (level_scores)."""
+    import matplotlib.pyplot as plt
+    scores = level_scores(ae, x)                                            # per level: (D(S_l(z)), psnr, hf)
+    z = ae.encode(x[:1])                                                    # (1, C, h, w)
+    h, w = z.shape[-2:]
+    L = len(ae.mlsr_fractions)
+    removed_by = torch.zeros(h, w)                                          # the first level that removes a bin
+    for level in reversed(range(1, L)):
+        removed_by[fft_ops.attenuation_mask(h, w, level, ae.mlsr_fractions) == 0] = level
+    fig, axes = plt.subplots(2, 1 + L, figsize=(1.75 * (1 + L) + 0.6, 4.3), dpi=100)
+    ext = (-0.5 - 0.5 / w, 0.5 - 0.5 / w, -0.5 - 0.5 / h, 0.5 - 0.5 / h)      # bin centres -0.5 .. 0.5 - 1/side
+    im = axes[0, 0].imshow(torch.fft.fftshift(removed_by).numpy(), cmap=plt.get_cmap("viridis", L), vmin=-0.5,
+                           vmax=L - 0.5, origin="lower", extent=ext)
+    cb = fig.colorbar(im, ax=axes[0, 0], fraction=0.046, pad=0.04, ticks=range(L))
+    cb.ax.tick_params(labelsize=6)
+    axes[0, 0].set_title("latent bins: first level\nthat removes them (0: none)", fontsize=7)
+    axes[0, 0].set(xlabel="f_x (cycles/latent px)", ylabel="f_y (cycles/latent px)")
+    axes[0, 0].xaxis.label.set_size(7), axes[0, 0].yaxis.label.set_size(7), axes[0, 0].tick_params(labelsize=6)
+    show_image(axes[1, 0], x[0], "x")
+    lat = [fft_ops.attenuate(z, level, ae.mlsr_fractions)[0, 0] for level in range(L)]
+    lo, hi = min(v.min().item() for v in lat), max(v.max().item() for v in lat)
+    for level, (zl, (rec, p, _)) in enumerate(zip(lat, scores)):
+        axes[0, 1 + level].imshow(zl.cpu().numpy(), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+        axes[0, 1 + level].set_xticks([]), axes[0, 1 + level].set_yticks([])
+        axes[0, 1 + level].set_title(f"S_{level}(z), channel 0\n(p_{level} = {ae.mlsr_fractions[level]:g})",
+                                     fontsize=7)
+        show_image(axes[1, 1 + level], rec[0], f"D(S_{level}(z)): {p[0]:.1f} dB\n"
+                                               f"mean {p.mean():.1f} dB over {len(x)}")
+    fig.suptitle(f"MLSR levels of {ae.name}: latent {tuple(z.shape[1:])}, PSNR of D(S_l(z)) vs x", fontsize=8)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def figure_diagnosis(ae, x, normalize, subsets, out_dir):
+    """FreqWarm's Findings 1-3 on `subsets` disjoint subsets of the images x (diagnose on each): F1 as decodes
+    of z_low and z_high (PSNR mean ± std over the subsets), F2 and F3 as curves with their spread."""
+    import matplotlib.pyplot as plt
+    parts = x[: len(x) // subsets * subsets].split(len(x) // subsets)      # disjoint, equal sizes
+    res = [diagnose(ae, part, normalize) for part in parts]
+    n, i25 = len(parts[0]), res[0]["radii"].index(F1_RADIUS)
+    z = ae.encode(x[:4])
+    low, high = fft_ops.split_frequencies(z, F1_RADIUS)
+    fig, axes = plt.subplots(3, 4, figsize=(4.6, 3.9), dpi=100)
+    rows = [("x", x[:4]), ("D(z_low)", ae.decode(low).clamp(-1, 1)), ("D(z_high)", ae.decode(high).clamp(-1, 1))]
+    for r, (name, imgs) in enumerate(rows):
+        for c in range(4):
+            show_image(axes[r, c], imgs[c])
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    for key, r in (("f1_psnr_low", 1), ("f1_psnr_high", 2)):
+        v = np.array([s[key][i25] for s in res])
+        axes[r, 0].set_title(f"PSNR {v.mean():.1f} ± {v.std(ddof=1):.1f} dB ({subsets} subsets of {n})",
+                             fontsize=7, loc="left")
+    fig.suptitle(f"F1: decoding one latent band (split at r = {F1_RADIUS} cycles/latent pixel)", fontsize=8)
+    save_figure(fig, os.path.join(out_dir, "diagnosis_f1_bands.png"))
+    curves = (("diagnosis_f2_rgb_energy.png", "f2_radii", "f2_cumulative_energy", "radius r (cycles/pixel)",
+               "RGB energy within r (fraction)", "F2: cumulative RGB energy"),
+              ("diagnosis_f3_latent_hf.png", "f3_r0", "f3_latent_hf_energy", "RGB low-pass radius r0 (cycles/pixel)",
+               f"latent HF energy: mean square of z_n\nabove {res[0]['f3_hf_radius']} cycles/latent px",
+               "F3: latent HF energy of E(lowpass(x, r0))"))
+    for name, xk, yk, xl, yl, title in curves:
+        fig, ax = plt.subplots(figsize=(4.5, 3.0), dpi=100)
+        band_plot(ax, res[0][xk], [s[yk] for s in res], f"{n} images each", series_style(0, 1), "subsets")
+        ax.axvline(0.2, color="0.4", lw=0.8, ls="--", label="FreqWarm's r0 = 0.2")
+        ax.set(xlabel=xl, ylabel=yl, title=title)
+        ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        save_figure(fig, os.path.join(out_dir, name))
+
+
+def figure_samples(demo, path, per_class=3):
+    """The demo's three runs side by side: the first `per_class` samples of each class, one column per class."""
+    import matplotlib.pyplot as plt
+    grids = []
+    for name in DEMO_RUNS:
+        with np.load(os.path.join(demo, f"samples-{name}.npz")) as npz:
+            images, labels = npz["arr_0"], npz["arr_1"]                     # (N, H, W, 3) uint8, (N,)
+        classes = sorted(set(labels.tolist()))
+        framed = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255)   # a white line between
+        cols = [framed[labels == c][:per_class] for c in classes]          # (<= per_class, H + 2, W + 2, 3) each
+        rows = min(len(c) for c in cols)
+        grids.append((name, classes, np.concatenate([np.concatenate(list(c[:rows]), axis=0) for c in cols], axis=1)))
+    h, w = grids[0][2].shape[:2]
+    fig, axes = plt.subplots(1, len(DEMO_RUNS), figsize=(3.3 * len(DEMO_RUNS), 0.9 + 3.1 * h / w), dpi=100)
+    for ax, (name, classes, grid) in zip(axes, grids):
+        ax.imshow(grid, interpolation="nearest")
+        side = grid.shape[1] / len(classes)
+        ax.set_xticks([(i + 0.5) * side for i in range(len(classes))], classes, fontsize=6)
+        ax.set_yticks([]), ax.tick_params(length=0)
+        final = run_summary(os.path.join(demo, f"sit-{name}"))["final"]
+        ax.set_title(f"{name}" + (f": fd_dl {final['fd_dl']:.1f}" if "fd_dl" in final else ""), fontsize=8)
+        ax.set_xlabel("class", fontsize=7)
+    fig.suptitle("Demo samples (SiT, one column per class)", fontsize=8)
+    save_figure(fig, path)
+
+
+def figure_val_loss(run_dirs, path, title):
+    """Validation curves of runs (compare's figure), one line per run, labelled by folder name."""
+    groups = {}
+    for r in run_dirs:
+        groups.setdefault(run_label(r), []).append(run_summary(r))
+    plot_val_curves(groups, path, title)
+
+
+def figure_curve(curve_json, path, title):
+    """A `curve` result (curve.json) as curve draws it, columns labelled by folder name."""
+    with open(curve_json) as f:
+        record = json.load(f)
+    plot_metric_curve(record, path, {label: run_label(dirs[0]) for label, dirs in record["groups"].items()}, title)
+
+
+def study_runs(study, prefix, rel):
+    """The study's results of one kind, by setting: {setting: [JSON of each seed]} from the folders
+    STUDY/PREFIX<setting>-s<seed>/REL (e.g. prefix "vae-d", rel "diagnosis/diagnosis.json": by latent channels)."""
+    found = {}
+    for folder in sorted(os.listdir(study)):
+        label, path = run_label(folder), os.path.join(study, folder, rel)
+        if label != folder and label.startswith(prefix) and os.path.isfile(path):
+            with open(path) as f:
+                found.setdefault(label[len(prefix):], []).append(json.load(f))
+    return found
+
+
+def figure_study_mlsr(study, path):
+    """Study part A: PSNR of D(S_l(z)) per level, MLSR against plain VAEs (mean ± std over seeds)."""
+    import matplotlib.pyplot as plt
+    runs = {k: v for k, v in study_runs(study, "vae-", "recon.json").items() if k in ("MLSR", "plain")}
+    fig, ax = plt.subplots(figsize=(4.5, 3.0), dpi=100)
+    for i, (name, rs) in enumerate(sorted(runs.items())):
+        band_plot(ax, [r["level"] for r in rs[0]["rows"]], [[r["psnr"] for r in x["rows"]] for x in rs],
+                  f"{name} VAE", series_style(i, len(runs)))
+    ax.set(xlabel="MLSR level l", ylabel="PSNR of D(S_l(z)) vs x (dB)", title="Study A: MLSR vs plain VAE",
+           xticks=range(4))
+    ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def figure_study_f3(study, path):
+    """Study part B: F3 (latent HF energy vs r0) per latent channel count, ViT VAE and conv autoencoder."""
+    import matplotlib.pyplot as plt
+    diag = os.path.join("diagnosis", "diagnosis.json")
+    kinds = [(kind, {k: v for k, v in study_runs(study, prefix, diag).items() if k.isdigit()})
+             for kind, prefix in (("ViT VAE", "vae-d"), ("conv AE", "dcae-d"))]
+    kinds = [(k, runs) for k, runs in kinds if runs]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.3 * len(kinds), 3.0), dpi=100, squeeze=False)
+    for ax, (kind, runs) in zip(axes[0], kinds):
+        dims = sorted(runs, key=int)
+        for i, dim in enumerate(dims):
+            band_plot(ax, runs[dim][0]["f3_r0"], [r["f3_latent_hf_energy"] for r in runs[dim]], f"{dim} channels",
+                      series_style(i, len(dims)))
+        ax.set(xlabel="RGB low-pass radius r0 (cycles/pixel)",
+               ylabel="latent HF energy: mean square of z_n\nabove 0.25 cycles/latent px",
+               title=f"Study B: F3 of the {kind}")
+        ax.legend(fontsize=6), ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def cmd_figures(a, d):
+    import matplotlib
+    matplotlib.use("Agg")
+    demo, study, out = a.demo, a.study, a.out
+    vae_path = os.path.join(demo, "vae", "last.pt")
+    sits = [os.path.join(demo, f"sit-{r}") for r in DEMO_RUNS]
+    demo_cmd = f"bash demo.sh {demo}"
+    study_cmd = f"python study.py --setting cpu --out {study}"
+    state = {}
+
+    def demo_images():
+        """The demo autoencoder and --n seeded random dead-leaves images at its size (as `diagnose` takes them)."""
+        if "ae" not in state:
+            ae = load_autoencoder(vae_path, d.device)
+            side = resolve_image_size(ae)
+            ea = argparse.Namespace(data="deadleaves", n_images=10000, n=str(a.n), seed=a.seed, workers=0)
+            batches, _ = eval_batches(ea, ae, side, a.n, d)
+            state.update(ae=ae, x=torch.cat(list(batches)).to(d.device))
+        return state["ae"], state["x"]
+
+    def diagnosis():
+        ae, x = demo_images()
+        stats = ae.stats or latent_stats(ae.encode, ae.latent_dim, x.split(64), d.device, ae.mlsr_fractions)
+        figure_diagnosis(ae, x, LatentSpace(stats, ae.mlsr_fractions, device=d.device).normalize, a.subsets, out)
+
+    # (figures written, the inputs they need, the command that makes those, how to draw them)
+    figures = [
+        (["freqwarm_input.png"], [], None, lambda: figure_freqwarm_input(os.path.join(out, "freqwarm_input.png"))),
+        (["mlsr_levels.png"], [vae_path], demo_cmd,
+         lambda: figure_mlsr_levels(*demo_images(), os.path.join(out, "mlsr_levels.png"))),
+        (["diagnosis_f1_bands.png", "diagnosis_f2_rgb_energy.png", "diagnosis_f3_latent_hf.png"], [vae_path],
+         demo_cmd, diagnosis),
+        (["demo_samples.png"], [os.path.join(demo, f"samples-{r}.npz") for r in DEMO_RUNS]
+         + [os.path.join(s, "last.pt") for s in sits], demo_cmd,
+         lambda: figure_samples(demo, os.path.join(out, "demo_samples.png"))),
+        (["demo_val_loss.png"], [os.path.join(s, "metrics.jsonl") for s in sits]
+         + [os.path.join(s, "last.pt") for s in sits], demo_cmd,
+         lambda: figure_val_loss(sits, os.path.join(out, "demo_val_loss.png"), "Demo: validation loss")),
+        (["demo_curve.png"], [os.path.join(demo, "curve", "curve.json")], demo_cmd,
+         lambda: figure_curve(os.path.join(demo, "curve", "curve.json"), os.path.join(out, "demo_curve.png"),
+                              "Demo: fd_dl vs step")),
+        (["study_a_mlsr_psnr.png"], [os.path.join(study, "vae-MLSR-s0", "recon.json"),
+                                     os.path.join(study, "vae-plain-s0", "recon.json")], study_cmd + " --parts A",
+         lambda: figure_study_mlsr(study, os.path.join(out, "study_a_mlsr_psnr.png"))),
+        (["study_b_f3.png"], [os.path.join(study, "dcae-d4-s0", "diagnosis", "diagnosis.json")],
+         study_cmd + " --parts B", lambda: figure_study_f3(study, os.path.join(out, "study_b_f3.png"))),
+        (["study_d_curve.png"], [os.path.join(study, "partD-curve", "curve.json")], study_cmd + " --parts D",
+         lambda: figure_curve(os.path.join(study, "partD-curve", "curve.json"), os.path.join(out, "study_d_curve.png"),
+                              "Study D: fd_dl vs step")),
+    ]
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for names, needs, command, draw in figures:
+        missing = next((p for p in needs if not os.path.exists(p)), None)
+        if missing:
+            log0(f"skipped {', '.join(names)}: {missing} is missing (`{command}` makes it)")
+            continue
+        draw()
+        written += names
+    log0(f"{len(written)} figures -> {out}: {', '.join(written)}")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1899,6 +2223,13 @@ def get_args(argv=None):
     mc.add_argument("--subsets", type=int, default=3, help="disjoint subsets (the spread is over them)")
     mc.add_argument("--heldout-seed", type=int, default=1000, help="dead-leaves seed of the held-out images")
     mc.add_argument("--out", default="runs/eval/metric-check")
+    fg = sub.add_parser("figures", help="every figure of the README and docs/results.md, from the built-in set, "
+                                        "the demo's outputs and the study's folder (missing inputs: skipped)")
+    fg.add_argument("--demo", default="demo_out", help="the demo's folder (`bash demo.sh DIR`)")
+    fg.add_argument("--study", default="runs/study", help="the study's folder (`python study.py --out DIR`)")
+    fg.add_argument("--n", type=int, default=128, help="random dead-leaves images of the MLSR and diagnosis figures")
+    fg.add_argument("--subsets", type=int, default=4, help="disjoint subsets of those images for the F1-F3 spread")
+    fg.add_argument("--out", default="docs/figures")
     r = sub.add_parser("recon", help="PSNR / SSIM / LPIPS / rFID / rsFID / IS per MLSR level")
     g = sub.add_parser("diagnose", help="FreqWarm Findings 1-3 and latent spectra")
     for q, n_help in ((r, "all with Inception weights (the papers' protocol), else 1000"), (g, "256")):
@@ -1913,9 +2244,9 @@ def get_args(argv=None):
                        help="p_l of S_l to evaluate with (default: those the VAE was trained with)")
     r.add_argument("--out", default=None, help="folder for recon.json")
     g.add_argument("--out", default="runs/eval/diagnosis")
-    for q in (s, f, r, g, cv, sp, mc):             # each command takes the ones it acts on
+    for q in (s, f, r, g, cv, sp, mc, fg):         # each command takes the ones it acts on
         q.add_argument("--device", default=None)
-    for q in (s, r, g, cv, sp, mc):
+    for q in (s, r, g, cv, sp, mc, fg):
         q.add_argument("--seed", type=int, default=0)
     for q in (s, cv, sp):
         q.add_argument("--no-bf16", action="store_true")
@@ -1988,6 +2319,11 @@ def validate(a):
             check_range(a, name, 1)
         check_finite(a, "cfg_scale")
         check_out_dir(a.out)
+    elif a.cmd == "figures":
+        check_range(a, "subsets", 3)
+        if a.n < 2 * a.subsets:
+            raise UserError(f"--n {a.n} images cannot fill --subsets {a.subsets} disjoint subsets of 2 or more")
+        check_out_dir(a.out)
     elif a.cmd == "export":
         if a.push_to_hub:
             check_hub_repo(a.push_to_hub)
@@ -2021,7 +2357,7 @@ def main(argv=None):
     d = setup_distributed(getattr(a, "device", None), getattr(a, "dist_timeout", None))
     commands = {"sample": cmd_sample, "fid": cmd_fid, "recon": cmd_recon, "diagnose": cmd_diagnose,
                 "compare": cmd_compare, "curve": cmd_curve, "export": cmd_export, "spectrum": cmd_spectrum,
-                "metric-check": cmd_metric_check}
+                "metric-check": cmd_metric_check, "figures": cmd_figures}
     commands[a.cmd](a, d)
 
 

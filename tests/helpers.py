@@ -6,11 +6,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from common import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_FIGURES = ("mlsr_levels.png", "diagnosis_f1_bands.png", "diagnosis_f2_rgb_energy.png",     # evaluate.py figures
+                "diagnosis_f3_latent_hf.png", "demo_samples.png", "demo_val_loss.png", "demo_curve.png")
+STUDY_FIGURES = ("study_a_mlsr_psnr.png", "study_b_f3.png", "study_d_curve.png")
 
 
 def run(args, timeout=300, env=None, torchrun=0):
@@ -29,6 +34,15 @@ def ranks_report(proc):
     found = [l for l in lines if any(k in l for k in keys)]
     return "\n".join([f"torchrun exit status {proc.returncode}", *found[-40:], "--- stderr tail ---",
                       proc.stderr[-3000:], "--- stdout tail ---", proc.stdout[-1000:]])
+
+
+def assert_drawn(path):
+    """A PNG with something drawn in it: grey levels that vary, and coloured pixels (images, viridis lines and
+    maps), which empty axes, titles and grid lines (black, grey, white) do not have."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)          # (H, W, 3)
+    assert rgb.mean(-1).var() > 100, path
+    saturation = rgb.max(-1) - rgb.min(-1)
+    assert (saturation > 60).mean() > 0.005, (path, (saturation > 60).mean())
 
 
 def read_metrics(path, kind="train"):

@@ -1,5 +1,6 @@
 """Stage 3: metric math against closed forms / brute force, sharding, sampling, diagnosis, demo."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import evaluate as ev
 import fft_ops
 from vae import load_autoencoder
 from common import load_checkpoint
-from helpers import assert_ema_weights_and_statistics, assert_one_line_error, run, spy_sampling
+from helpers import (DEMO_FIGURES, STUDY_FIGURES, assert_drawn, assert_ema_weights_and_statistics,
+                     assert_one_line_error, run, spy_sampling)
 
 
 def test_frechet_distance_closed_forms_and_cleanfid():
@@ -332,3 +334,21 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     assert "| runs | seeds | step | val_loss | fd_dl | class_acc_dl |" in table and table in p.stdout
     curve = (tmp_path / "demo" / "curve" / "curve.md").read_text()
     assert curve in p.stdout and "| 3 |" in curve and "| 6 |" in curve and curve.count("|---") == 4   # 3 runs
+    # `figures` on the demo's outputs, and on a study folder laid out as study.py lays it out (its recon,
+    # diagnosis and curve results are those same commands' outputs from the demo, two "seeds" each)
+    demo, study, figs = tmp_path / "demo", tmp_path / "study", tmp_path / "figs"
+    for seed in (0, 1):
+        for rel, src in ((f"vae-MLSR-s{seed}/recon.json", "recon/recon.json"),
+                         (f"vae-plain-s{seed}/recon.json", "recon/recon.json"),
+                         (f"vae-d8-s{seed}/diagnosis/diagnosis.json", "diagnosis/diagnosis.json"),
+                         (f"dcae-d4-s{seed}/diagnosis/diagnosis.json", "diagnosis/diagnosis.json"),
+                         ("partD-curve/curve.json", "curve/curve.json")):
+            (study / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo / src, study / rel)
+    p = run(["evaluate.py", "figures", "--demo", str(demo), "--study", str(study), "--out", str(figs)])
+    assert p.returncode == 0 and "skipped" not in p.stdout + p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+    names = ["freqwarm_input.png", *DEMO_FIGURES, *STUDY_FIGURES]
+    assert sorted(os.listdir(figs)) == sorted(names) and f"{len(names)} figures -> {figs}" in p.stdout
+    for name in names:
+        assert_drawn(figs / name)
+    assert sum(os.path.getsize(figs / name) for name in names) < 2 * 2 ** 20
