@@ -4,10 +4,12 @@
     python study.py --setting cpu    --out runs/study          # CPU, about an hour on 2 cores
     python study.py --setting gpu    --out runs/study-gpu      # one GPU: 64 px, f8, larger models and VAEs
     python study.py --setting cpu --parts D --out runs/study   # the conv autoencoders of B, then D only
+    python study.py --setting cpu --parts E --out runs/study-e # FreqWarm vs latent channels: ~3 h alone on 2 cores
+    python study.py --setting smoke --parts E --out runs/study-e-smoke   # the same chain in minutes (CI runs it)
     (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
      by hand from the printed command lines)
 
-Four parts, each over --seeds seeds, tabulated as mean ± sample std over seeds in OUT/study.md:
+Five parts, each over several seeds, tabulated as mean ± sample std over seeds in OUT/study.md (E only when named):
   A  MLSR vs a plain VAE (same size and steps; plain = every p_l and sigma_l zero): PSNR of D(S_l(z)) per
      level l and the latent high-frequency ratio, on held-out images (evaluate.py recon).
   B  The frequency diagnosis vs latent channels d (same compression): F1 PSNR of D(z_low) and D(z_high)
@@ -21,6 +23,13 @@ Four parts, each over --seeds seeds, tabulated as mean ± sample std over seeds 
      baseline vs FreqWarm at r0 = 0.2, at the peak (--r0 auto) and at 0.05, equal steps and warm-up; the
      validation loss, and the offline metric of the EMA weights kept along the way (--keep-every, scored by
      evaluate.py curve: a metric-vs-step curve). Not run when no conv autoencoder shows an interior F3 peak.
+  E  FreqWarm where the paper finds its gain, more latent channels: one conv layout (tiny-f4w256, f4: 8 x 8
+     latents at 32 px) with c = 4, 16, 64, 256, each trained until its held-out PSNR rises < 0.1 dB per round;
+     F3 with its spread over 4 image subsets; SiT baseline, FreqWarm r0 = 0.2 and at the autoencoder's own peak
+     (--r0 auto), 3 seeds, scored at every kept step by fd_dl of 1000 samples (checked first against known
+     damage: evaluate.py metric-check), the generated-vs-real latent spectrum and the validation loss; then the
+     linear / cosine schedules and a Gaussian cut where FreqWarm helps most. Table: gain vs channels, beside
+     the paper's.
 Parts A, B and B (conv) evaluate on OUT/heldout: dead-leaves images of seed HELDOUT_SEED, a set no run of the
 study trains on (each run trains on the dead-leaves set of its own seed). Every command is printed and kept in
 OUT/commands.txt; results in OUT/results.json. A rerun of the same command line finishes what is not finished:
