@@ -34,7 +34,8 @@ def trainer_case(module):
 EV_BASE = {"sample": ["sample", "--ckpt", "x.pt", "--out"], "fid": ["fid", "--samples", "s.npz", "--record"],
            "curve": ["curve", "r1", "--out"], "export": ["export", "--ckpt", "x.pt", "--out"],
            "recon": ["recon", "--vae", "v.pt", "--out"],
-           "diagnose": ["diagnose", "--vae", "v.pt", "--out"]}                  # each followed by a folder
+           "diagnose": ["diagnose", "--vae", "v.pt", "--out"],
+           "spectrum": ["spectrum", "--ckpt", "x.pt", "--out"]}                 # each followed by a folder
 TABLES = [trainer_case(train_vae), trainer_case(td)] + [(ev, cmd, EV_BASE[cmd], None) for cmd in ev.NEEDS]
 
 
@@ -113,6 +114,8 @@ def test_each_setting_that_needs_another_is_refused_without_it(module, cmd, base
     assert not (tmp_path / "out").exists()
     ok = base + given(dest, default) + [a for c in conds for a in meet(c)]
     if cmd is None:
+        if "--arch" in ok and ok[ok.index("--arch") + 1] == "dcae":
+            ok[ok.index("smoke")] = "dcae-smoke"                  # a DC-AE takes a DC-AE preset (one line otherwise)
         args = module.get_args(ok + ["--out", str(tmp_path / "ok")])
     else:                                                          # the rest of validate needs real files
         args = check_needs(ev.get_args(base + [str(tmp_path / "ok")] + ok[len(base):]), ev.NEEDS[cmd])
