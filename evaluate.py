@@ -2281,19 +2281,25 @@ NEEDS = {
 }
 
 
+def check_sampling(a):
+    """The sampler's flags of sample, curve and spectrum: batch and steps, SDE steps, guidance scale and interval."""
+    for name in ("batch", "sample_steps"):
+        check_range(a, name, 1)
+    if a.sampler == "sde" and a.sample_steps < 2:
+        raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
+    check_finite(a, "cfg_scale")
+    lo, hi = a.cfg_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
+
+
 def validate(a):
     """Every check of the command line, in one place (one line and exit status 2 on failure)."""
     check_needs(a, NEEDS.get(a.cmd, {}))
     if a.cmd == "sample":
-        for name in ("num_samples", "batch", "sample_steps"):
-            check_range(a, name, 1)
-        if a.sampler == "sde" and a.sample_steps < 2:
-            raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
-        check_finite(a, "cfg_scale")
+        check_range(a, "num_samples", 1)
+        check_sampling(a)
         check_range(a, "dist_timeout", 1, optional=True)
-        lo, hi = a.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
         check_out_dir(a.out)
     elif a.cmd == "fid":
         if a.features == "deadleaves":
@@ -2315,9 +2321,8 @@ def validate(a):
         check_range(a, "subsets", 2)
         check_out_dir(a.out)
     elif a.cmd == "spectrum":
-        for name in ("num_samples", "batch", "sample_steps"):
-            check_range(a, name, 1)
-        check_finite(a, "cfg_scale")
+        check_range(a, "num_samples", 1)
+        check_sampling(a)
         check_out_dir(a.out)
     elif a.cmd == "figures":
         check_range(a, "subsets", 3)
@@ -2329,15 +2334,9 @@ def validate(a):
             check_hub_repo(a.push_to_hub)
         check_out_dir(os.path.dirname(os.path.abspath(a.out)), "--out's parent folder")
     elif a.cmd == "curve":
-        for name in ("batch", "sample_steps"):
-            check_range(a, name, 1)
         check_range(a, "num_samples", 2)
         check_range(a, "spectrum_samples", 0)
-        if a.sampler == "sde" and a.sample_steps < 2:
-            raise UserError("--sampler sde needs --sample-steps >= 2 (Euler-Maruyama steps, then SiT's last step)")
-        lo, hi = a.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise UserError(f"--cfg-interval must be 0 <= lo <= hi <= 1; got {lo} {hi}")
+        check_sampling(a)
         if a.features == "inception" and not a.ref:
             raise UserError("curve --features inception needs --ref (as `fid --ref`)")
         check_out_dir(a.out)

@@ -75,8 +75,8 @@ SETTINGS = {
                 d_kept=(500, 1000, 1500, 2000), d_seeds=3, d_r0s=(0.2, "auto", 0.05),
                 e_dcae=["--preset", "dcae-cpu", "--dcae-config", "tiny-f4w256", "--stats-images", "1000",
                         "--val-every", "200"], e_size=32, e_dims=(4, 16, 64, 256), e_ae_round=400, e_ae_max=2400,
-                e_sit=["--preset", "cpu-demo", "--val-every", "300", "--sample-every", "100000"],
-                e_kept=(300, 600, 900, 1200, 1500), e_seeds=3, e_samples=1000, e_spectrum=256,
+                e_sit=["--preset", "cpu-demo", "--val-every", "400", "--sample-every", "100000"],
+                e_kept=(400, 800, 1200, 1600), e_seeds=3, e_samples=1000, e_spectrum=256,
                 e_check=["--n", 1000, "--subsets", 3]),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
@@ -104,6 +104,7 @@ SETTINGS = {
                 e_kept=(5000, 10000, 15000, 20000), e_seeds=3, e_samples=5000, e_spectrum=1000,
                 e_check=["--n", 5000, "--subsets", 3]),
 }
+R0_AUTO_REFUSED = "error: --r0 auto:"      # train_diffusion.py's refusal of a curve without a peak above its spread
 HELDOUT_SEED = 1000         # dead-leaves seed of the evaluation images: no run trains on it (runs: seeds 0 ..)
 PLAIN = ["--mlsr-fractions", "0", "0", "0", "0", "--mlsr-sigmas", "0", "0", "0", "0"]
 
@@ -137,6 +138,9 @@ class Runner:
         state = {"command": line, "inputs": {os.path.relpath(p, self.out): content_hash(p) for p in inputs}}
         if os.path.exists(output) and self.done.get(key) == {**state, "output": content_hash(output)}:
             return
+        if tolerate and self.done.get(key, {}).get("refused") and \
+                self.done[key] == {**state, "refused": self.done[key]["refused"]}:
+            return self.done[key]["refused"]                        # refused before with these very inputs
         for path in clear:                                         # outputs of other inputs or settings
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -149,6 +153,8 @@ class Runner:
         last = (p.stderr.strip().splitlines() or [""])[-1]
         if p.returncode != 0 and tolerate and tolerate in last:
             print(f"  refused: {last}", flush=True)
+            self.done[key] = {**state, "refused": last}
+            write_json(self.done_path, self.done)
             return last
         if p.returncode != 0:
             sys.exit(f"error: the study stopped: `{line}` failed:\n{p.stderr[-2000:]}")
@@ -260,7 +266,8 @@ def part_b_conv(run, s, out, heldout):
             r = json.load(open(diag))
             res.setdefault(dim, []).append(r)
             runs.append(dict(dim=dim, seed=seed, folder=folder, peak_r0=r["f3_peak_r0"],
-                             prominence=f3_prominence(r["f3_latent_hf_energy"])))
+                             prominence=f3_prominence(r["f3_latent_hf_energy"]),
+                             stands=r.get("f3_subsets", {}).get("stands", False)))
     i25, r0s = res[s["dcae_dims"][0]][0]["radii"].index(0.25), list(R0_SWEEP)
     rows = []
     for dim, rs in res.items():
@@ -268,18 +275,22 @@ def part_b_conv(run, s, out, heldout):
         mine = [r for r in runs if r["dim"] == dim]
         rows.append([dim, spread([r["f1_psnr_low"][i25] for r in rs]), spread([r["f1_psnr_high"][i25] for r in rs]),
                      " / ".join(f"{v:.3f}" for v in f3.mean(0)),
-                     ", ".join(f"{r['peak_r0']:g} (+{r['prominence']:.1%})" if r["peak_r0"] else "none" for r in mine)])
+                     ", ".join(f"{r['peak_r0']:g} (+{r['prominence']:.1%}, "
+                               f"{'stands above' if r['stands'] else 'within'} its spread)" if r["peak_r0"] else "none"
+                               for r in mine)])
     text = table(["latent channels c", "F1 PSNR D(z_low) @0.25", "F1 PSNR D(z_high) @0.25",
                   f"F3 latent HF energy, mean over seeds, r0 = {' / '.join(f'{r:g}' for r in r0s)}",
                   "F3 interior peak r0 per seed (height above the higher end)"], rows)
-    peaked = [r for r in runs if r["peak_r0"] is not None]
+    peaked = [r for r in runs if r["peak_r0"] is not None and r["stands"]]      # above its spread over 4 subsets
     clearest = max(peaked, key=lambda r: r["prominence"]) if peaked else None
     if clearest:
-        text += (f"\n\n{len(peaked)} of {len(runs)} conv autoencoders show an interior F3 peak; the clearest: "
+        text += (f"\n\n{len(peaked)} of {len(runs)} conv autoencoders show an interior F3 peak that stands above "
+                 f"its spread over image subsets; the clearest: "
                  f"c = {clearest['dim']}, seed {clearest['seed']}, at r0 = {clearest['peak_r0']:g} "
                  f"({clearest['prominence']:+.1%} above the higher end of the curve).")
     else:
-        text += "\n\nNo conv autoencoder shows an interior F3 peak at this setting (curves above): part D is not run."
+        text += ("\n\nNo conv autoencoder shows an interior F3 peak that stands above its spread over image subsets "
+                 "at this setting (curves above): part D is not run.")
     return {"runs": {str(k): v for k, v in res.items()}, "peaks": runs, "clearest": clearest}, text
 
 
@@ -297,7 +308,7 @@ def part_d(run, s, out, clearest):
             d = os.path.join(out, "sitd-" + name.replace(" ", "").replace("=", "") + f"-s{seed}")
             err = run("train_diffusion.py", *s["d_sit"], *extra, "--vae", vae, "--image-size", s["dcae_size"],
                       "--steps", steps, "--keep-every", keep, "--seed", seed, "--out", d,
-                      output=os.path.join(d, "last.pt"), tolerate="has no interior peak")
+                      output=os.path.join(d, "last.pt"), tolerate=R0_AUTO_REFUSED)
             if err:
                 refused.setdefault(name, []).append(f"seed {seed}: {err}")
             else:
@@ -394,7 +405,8 @@ def part_e(run, s, out, heldout):
         output=os.path.join(check, "metric_check.json"), clear=[check])
     mc = json.load(open(os.path.join(check, "metric_check.json")))
     steps, keep = s["e_kept"][-1], s["e_kept"][0]
-    warm = steps // 2
+    warm = steps // 2                                               # the warm-up: half the steps, a kept step
+    assert list(s["e_kept"]) == list(range(keep, steps + 1, keep)) and warm in s["e_kept"], s["e_kept"]
     fw = ["--freqwarm", "--warmup-steps", warm, "--r0"]
     arms = [("baseline", []), ("FreqWarm r0=0.2", [*fw, 0.2]), ("FreqWarm r0=auto", [*fw, "auto"])]
     extra_arms = [("linear schedule", [*fw, 0.2, "--freqwarm-schedule", "linear"]),
@@ -409,16 +421,16 @@ def part_e(run, s, out, heldout):
                 d = os.path.join(out, f"site-c{c}-" + name.replace(" ", "").replace("=", "") + f"-s{seed}")
                 err = run("train_diffusion.py", *s["e_sit"], *flags, "--vae", "diffusers:" + folder, "--image-size",
                           s["e_size"], "--steps", steps, "--keep-every", keep, "--seed", seed, "--out", d,
-                          output=os.path.join(d, "last.pt"), tolerate="--r0 auto:")
+                          output=os.path.join(d, "last.pt"), inputs=[folder], tolerate=R0_AUTO_REFUSED)
                 if err:
                     refused.setdefault((c, name), []).append(f"seed {seed}: {err}")
                 else:
                     trained.append((name, d))
         return trained
 
-    def score(c, trained):
-        """evaluate.py curve over these runs (sample sets kept in the curve's folder: a second call reuses them)."""
-        cdir = os.path.join(out, f"partE-curve-c{c}")
+    def score(c, trained, tag=""):
+        """evaluate.py curve over these runs into its own folder (OUT/partE-curve-cC[-TAG])."""
+        cdir = os.path.join(out, f"partE-curve-c{c}{tag}")
         run("evaluate.py", "curve", *[d for _, d in trained], "--num-samples", s["e_samples"], "--batch", 100,
             "--sample-steps", s["sample_steps"], "--cfg-scale", 2.0, "--spectrum-samples", s["e_spectrum"], *dl,
             "--out", cdir, output=os.path.join(cdir, "curve.json"),
@@ -445,15 +457,14 @@ def part_e(run, s, out, heldout):
     helps = {c: g for c, g in gains.items() if g and g[0] < 0 and -g[0] > g[1]}       # lower fd_dl, beyond spread
     best = min(helps, key=lambda c: helps[c][0]) if helps else max(s["e_dims"])
     trained = [(n, r["dir"]) for n in ("baseline", "FreqWarm r0=0.2") for r in runs(best, n)]
-    score(best, trained + train_arms(best, ae[best]["folder"], extra_arms))
+    score(best, trained + train_arms(best, ae[best]["folder"], extra_arms), "-schedules")
     res = {c: {name: runs(c, name) for name in res[c]} for c in res}
-    return report_e(s, out, mc, ae, res, refused, best, helps, warm, steps, keep)
+    return report_e(s, out, mc, ae, res, refused, best, helps, warm, steps)
 
 
-def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps, keep):
+def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps):
     """Part E's tables and figures (results.json keeps every number)."""
-    kept = list(range(keep, steps + 1, keep))
-    iw = kept.index(warm) if warm in kept else None
+    iw = list(s["e_kept"]).index(warm)
     text = (f"Sample metric check (`evaluate.py metric-check`, {mc['n']} held-out images per subset, {mc['subsets']} "
             f"subsets): fd_dl of undamaged images {mc['mean_std']['undamaged'][0]:.3f} ± "
             f"{mc['mean_std']['undamaged'][1]:.3f}; " + "; ".join(
@@ -475,8 +486,7 @@ def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps, keep):
         for name in [n for n in res[c] if n != "baseline"]:
             r0 = ", ".join(sorted({f"{r['r0']:g}" for r in res[c][name]}))
             rows.append([c, name, r0,
-                         *(fmt_pair(paired(base, res[c][name], k, iw)) if iw is not None else "-"
-                           for k in ("fd_dl", "latent_hf_log_ratio")),
+                         *(fmt_pair(paired(base, res[c][name], k, iw)) for k in ("fd_dl", "latent_hf_log_ratio")),
                          *(fmt_pair(paired(base, res[c][name], k)) for k in ("fd_dl", "latent_hf_log_ratio",
                                                                              "val_loss"))])
     text += "\n\n" + table(
@@ -486,6 +496,16 @@ def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps, keep):
              f"{s['e_seeds']} seeds; fd_dl lower is better; latent_hf_log_ratio 0 = the real latents' high "
              "frequencies, < 0 = missing. Paper (FreqWarm, DC-AE f32, gFID baseline -> FreqWarm): "
              + ", ".join(f"c{c} {b} -> {f}" for c, b, f in PAPER_CHANNELS) + ".")
+    rows = []
+    for c in res:
+        for name, runs in res[c].items():
+            late = [{k: r["points"][-1][k] - r["points"][-2][k] for k in ("val_loss", "fd_dl")
+                     if k in r["points"][-1] and k in r["points"][-2]} for r in runs]
+            rows.append([c, name, *(spread([x[k] for x in late if k in x]) if any(k in x for x in late) else "-"
+                                    for k in ("val_loss", "fd_dl"))])
+    text += ("\n\nDo the curves flatten? Change over the last kept interval, "
+             f"{s['e_kept'][-2]} -> {steps}, mean ± std over seeds:\n\n"
+             + table(["c", "SiT run", "Δ val loss", "Δ fd_dl"], rows))
     text += (f"\n\nSchedules and the soft cut ran at c = {best} "
              + ("(where FreqWarm r0 = 0.2 lowered fd_dl the most beyond its spread)." if best in helps else
                 "(FreqWarm r0 = 0.2 lowered fd_dl beyond its spread at no c: the largest c)."))
@@ -516,18 +536,19 @@ def plot_e(res, best, iw, gain_path, spectra_path):
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.grid(alpha=0.3)
     save_png(fig, gain_path)
-    which = ([iw] if iw is not None else []) + [-1]
+    which = [iw, -1]
     fig, axes = plt.subplots(1, len(which), figsize=(4.2 * len(which), 3.2), dpi=110, squeeze=False)
     for ax, i in zip(axes[0], which):
-        real = None
+        reals, radii = [], None
         for name, style in (("baseline", "-"), ("FreqWarm r0=0.2", "--")):
             spec = [r["points"][i]["spectrum"] for r in res[best].get(name, []) if "spectrum" in r["points"][i]]
             if spec:
-                real = spec[0]
-                ax.semilogy(real["radii"], np.mean([p["power_gen"] for p in spec], 0), style, marker="o", ms=2.5,
-                            label=f"{name}, generated")
-        if real:
-            ax.semilogy(real["radii"], real["power_real"], ":", color="k", label="real latents")
+                reals += [p["power_real"] for p in spec]                     # each seed's own held-out latents
+                radii = spec[0]["radii"]
+                ax.semilogy(radii, np.mean([p["power_gen"] for p in spec], 0), style, marker="o", ms=2.5,
+                            label=f"{name}, generated (mean over seeds)")
+        if reals:
+            ax.semilogy(radii, np.mean(reals, 0), ":", color="k", label="real latents (mean over runs)")
         step = res[best]["baseline"][0]["points"][i]["step"] if res[best].get("baseline") else "?"
         ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power per bin", title=f"c = {best}, step {step}")
         ax.legend(fontsize=7), ax.grid(alpha=0.3)
@@ -632,7 +653,7 @@ def main(argv=None):
         clearest = results["B_conv"]["clearest"]
         if clearest is None:
             sections.append(f"## D. FreqWarm where F3 peaks ({a.setting})\n\nNot run: no conv autoencoder of part B "
-                            f"shows an interior F3 peak at this setting.")
+                            f"shows an interior F3 peak above its spread at this setting.")
         else:
             results["D"], text = part_d(run, s, out, clearest)
             sections.append(f"## D. FreqWarm where F3 peaks ({a.setting}, seeds {list(range(s['d_seeds']))})\n\n{text}")

@@ -189,9 +189,12 @@ NEEDS = {
 def get_args(argv=None):
     args = parse_training_args(parser(), PRESETS, argv, NEEDS)
     if args.r0 != "auto":
-        fft_ops.check_r0(args.r0)               # checked even without --freqwarm: a given value must be valid
+        fft_ops.check_r0(args.r0)
     check_range(args, "r0_auto_images", F3_SUBSETS)
     check_range(args, "freqwarm_stages", 1)
+    if args.freqwarm_schedule != "step" and args.r0 != "auto" and args.r0 >= fft_ops.MAX_RADIUS:
+        raise UserError(f"--freqwarm-schedule {args.freqwarm_schedule} widens the band from --r0 toward the corner "
+                        f"{fft_ops.MAX_RADIUS:.4f}; --r0 {args.r0} is already there")
     check_range(args, "warmup_steps", 0, optional=True)
     check_range(args, "warmup_frac", 0.0, 1.0)
     check_range(args, "class_dropout", 0.0, 1.0)
@@ -320,6 +323,9 @@ def train(args, run):
     warmup_steps = ck["freqwarm"]["warmup_steps"] if ck else (     # the stored switch wins on resume
         args.warmup_steps if args.warmup_steps is not None else round(args.warmup_frac * args.steps))
     freqwarm_end = warmup_steps if args.freqwarm else 0     # FreqWarm: steps [0, freqwarm_end) see lowpass(x, r0)
+    if 0 < freqwarm_end < len(stage_radii(args)):
+        raise UserError(f"a warm-up of {freqwarm_end} steps cannot hold --freqwarm-stages {args.freqwarm_stages} "
+                        f"stages: use fewer stages or a longer --warmup-steps / --warmup-frac")
     record = dict(ae=ae, stats=stats, warmup_steps=warmup_steps, r0_auto=r0_auto)   # checkpoints store these
     log0(f"latent statistics: {stats['source']}", d)
     describe(args, ae, student, freqwarm_end, r0_auto, run, isinstance(opt, ZeroRedundancyOptimizer))
@@ -344,7 +350,7 @@ def train(args, run):
         radius = freqwarm_radius(step, freqwarm_end, args)  # FreqWarm: low-passed latents until the switch
         before = freqwarm_radius(step - 1, freqwarm_end, args) if args.freqwarm and step > 0 else radius
         if radius != before:                                # the switch (and, scheduled, each wider stage)
-            log0(f"FreqWarm: step {step}: " + (f"switching from low-passed (r0={before:.4g}) to full-frequency latents"
+            log0(f"FreqWarm: step {step}: " + (f"switching from low-passed (r={before:.4g}) to full-frequency latents"
                                                if radius is None else f"widening the low-pass to r={radius:.4g}"), d)
         totals = {}
         for j in range(run.accum):                          # micro-batches of this rank's share of the batch
@@ -434,6 +440,11 @@ def check_resume(ck, path, args, ae, d):
     if stored_ae and stored_ae != ae.content_hash:
         raise UserError(f"{path} was trained on the latents of another autoencoder (content {stored_ae}), "
                         f"not {args.vae} ({ae.content_hash}): it may not change on resume")
+    fw = ck["freqwarm"]
+    if args.freqwarm and "schedule" not in fw and (args.freqwarm_schedule != "step" or fw.get("kind") == "gaussian"):
+        raise UserError(f"{path} predates --freqwarm-schedule and the Gaussian cut's gain of 1/2 at r0: it trained "
+                        f"with the step schedule" + (" and the Gaussian of standard deviation r0" if fw.get("kind") ==
+                                                     "gaussian" else "") + ", which may not change on resume")
     if args.r0 == "auto":
         if ck["freqwarm"].get("auto") is None:
             raise UserError(f"{path} was trained with --r0 {ck['config']['r0']}, not chosen by --r0 auto: "
@@ -546,8 +557,8 @@ def auto_r0(ae, dataset, stats, args, d, batch=64):
     subsets = [idx[k::F3_SUBSETS] for k in range(F3_SUBSETS)]                       # disjoint, interleaved
     curves = [f3_curve(ae, image_batches(dataset, sub[d.rank::d.world_size], batch, args.workers), normalize, d.device)
               for sub in subsets]                                                   # (K, len(R0_SWEEP))
-    energy = [sum(len(s) * c[i] for s, c in zip(subsets, curves)) / len(idx) for i in range(len(R0_SWEEP))]
     test = f3_peak_test(R0_SWEEP, curves)
+    energy = test["mean"]                                                           # over the subsets
     what = (f"F3 curve of {ae.name} (latent HF energy at radius > 0.25 vs r0, {len(idx)} random training images): "
             f"{describe_f3(R0_SWEEP, test)}")
     if test["peak"] is None:
@@ -579,8 +590,9 @@ def cache_key(ae, dataset, args, radius):
     went through (kind, the radius applied, clamp; radius None: full frequency). The radius is what a FreqWarm
     schedule changes, so a stage of a schedule and a step run at that radius share their content."""
     parts = [ae.content_hash, fingerprint(dataset), args.image_size, args.hflip]
-    if radius is not None:
-        parts += [args.lowpass_kind, radius, args.lowpass_clamp]
+    if radius is not None:                          # the Gaussian as defined now: gain 1/2 at the radius
+        parts += [args.lowpass_kind + ("@half-gain" if args.lowpass_kind == "gaussian" else ""), radius,
+                  args.lowpass_clamp]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,7 @@ import torch
 import evaluate as ev
 import fft_ops
 import train_diffusion as td
-from common import load_checkpoint
+from common import load_checkpoint, save_checkpoint
 from data import DeadLeaves, train_val_split
 from helpers import Stage2Latents, assert_one_line_error, read_metrics, run
 from test_dcae import R0_AUTO, CurveAE
@@ -103,6 +103,34 @@ def test_a_scheduled_run_resumes_exactly_and_keeps_its_schedule(vae_ckpt, tmp_pa
         again[again.index(flag) + 1] = value
         p = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "b", *again)])
         assert_one_line_error(p, f"was trained with {flag} ", "it may not change on resume")
+
+
+def test_schedules_that_cannot_be_run_and_checkpoints_that_predate_them_are_refused(vae_ckpt, tmp_path):
+    for extra, needle in ((["--freqwarm-schedule", "linear", "--warmup-steps", "2"], "cannot hold --freqwarm-stages 4"),
+                          (["--freqwarm-schedule", "cosine", "--r0", "0.71"], "is already there")):
+        p = run(["train_diffusion.py", *smoke(vae_ckpt, tmp_path / "x", "--freqwarm", *extra)])
+        assert_one_line_error(p, needle)
+        assert not (tmp_path / "x" / "last.pt").exists()
+    # a checkpoint written before the schedule existed trained with the step schedule (and the Gaussian of std r0)
+    for kind, extra in (("ideal", ["--freqwarm-schedule", "linear"]), ("gaussian", [])):
+        out = tmp_path / kind
+        flags = ["--freqwarm", "--warmup-steps", "4", "--lowpass-kind", kind, "--steps", "1"]
+        td.main(smoke(vae_ckpt, out, *flags))
+        ck = load_checkpoint(str(out / "last.pt"), "sit")
+        del ck["freqwarm"]["schedule"], ck["freqwarm"]["stage_radii"]
+        del ck["config"]["freqwarm_schedule"], ck["config"]["freqwarm_stages"]
+        save_checkpoint(str(out / "last.pt"), ck)
+        p = run(["train_diffusion.py", *smoke(vae_ckpt, out, *flags[:-2], "--steps", "2", *extra)])
+        assert_one_line_error(p, "predates --freqwarm-schedule", "may not change on resume")
+    td.main(smoke(vae_ckpt, tmp_path / "ideal", "--freqwarm", "--warmup-steps", "4", "--steps", "2"))  # step: resumes
+
+
+def test_the_gaussian_cut_of_gain_one_half_has_a_cache_key_of_its_own(vae_ckpt, tmp_path):
+    args = td.get_args(smoke(vae_ckpt, tmp_path, "--freqwarm", "--lowpass-kind", "gaussian"))
+    ae, ds, _, _, _ = td.build(args, CPU)
+    old = hashlib.sha256(repr([ae.content_hash, td.fingerprint(ds), args.image_size, args.hflip, "gaussian", 0.2,
+                               False]).encode()).hexdigest()[:16]              # the Gaussian of std r0 cached this key
+    assert td.cache_key(ae, ds, args, 0.2) != old
 
 
 # ----------------------------------------------------------------------------- --r0 auto: the peak against its spread
@@ -198,6 +226,15 @@ def test_spectrum_comparison_on_cases_with_known_answers():
                                                         abs=1e-5)
     with pytest.raises(Exception, match="differ in shape"):
         ev.spectrum_comparison(a, a[:, :2])
+
+
+def test_spectrum_checks_its_sampler_flags_as_sample_does(tmp_path):
+    base = ["spectrum", "--ckpt", "x.pt", "--out", str(tmp_path / "o")]
+    for extra, needle in ((["--cfg-scale", "2", "--cfg-interval", "0.8", "0.2"], "--cfg-interval must be"),
+                          (["--sampler", "sde", "--sample-steps", "1"], "--sampler sde needs --sample-steps >= 2"),
+                          (["--num-samples", "0"], "--num-samples")):
+        with pytest.raises(ev.UserError, match=needle):
+            ev.validate(ev.get_args(base + extra))
 
 
 def test_spectrum_and_curve_report_the_mechanism_beside_the_validation_loss(vae_ckpt, tmp_path, monkeypatch):
