@@ -4,7 +4,7 @@
     python study.py --setting cpu    --out runs/study          # CPU, about an hour on 2 cores
     python study.py --setting gpu    --out runs/study-gpu      # one GPU: 64 px, f8, larger models and VAEs
     python study.py --setting cpu --parts D --out runs/study   # the conv autoencoders of B, then D only
-    python study.py --setting cpu --parts E --out runs/study-e # FreqWarm vs latent channels: ~3 h alone on 2 cores
+    python study.py --setting cpu --parts E --out runs/study-e # FreqWarm vs latent channels: 3-4 h alone (estimate)
     python study.py --setting smoke --parts E --out runs/study-e-smoke   # the same chain in minutes (CI runs it)
     (single process on purpose: each command below is a plain `python SCRIPT.py ...`; for torchrun, run them
      by hand from the printed command lines)
@@ -61,9 +61,9 @@ SETTINGS = {
                   dl=["--dl-train-images", "200", "--dl-steps", "30"],
                   dcae=["--preset", "dcae-smoke"], dcae_size=16, dcae_dims=(4,), dcae_seeds=1,
                   d_sit=["--preset", "smoke", "--val-every", "2"], d_kept=(2, 4), d_seeds=1, d_r0s=("auto",),
-                  e_dcae=["--preset", "dcae-smoke", "--val-every", "2"], e_size=16, e_dims=(4, 8), e_ae_round=2,
+                  e_dcae=["--preset", "dcae-smoke", "--val-every", "2"], e_size=16, e_dims=(4,), e_ae_round=2,
                   e_ae_max=4, e_sit=["--preset", "smoke", "--val-every", "2"], e_kept=(2, 4), e_seeds=1,
-                  e_samples=20, e_spectrum=16, e_check=["--n", 10, "--subsets", 2]),
+                  e_samples=20, e_spectrum=16, e_check=["--n", 10, "--subsets", 2], e_stages=2),
     "cpu": dict(vae=["--preset", "cpu-demo", "--steps", "300", "--stats-images", "1000", "--val-every", "100"],
                 image_size=32,
                 sit=["--preset", "cpu-demo", "--steps", "300", "--val-every", "100", "--sample-every", "100000"],
@@ -77,7 +77,7 @@ SETTINGS = {
                         "--val-every", "200"], e_size=32, e_dims=(4, 16, 64, 256), e_ae_round=400, e_ae_max=2400,
                 e_sit=["--preset", "cpu-demo", "--val-every", "400", "--sample-every", "100000"],
                 e_kept=(400, 800, 1200, 1600), e_seeds=3, e_samples=1000, e_spectrum=256,
-                e_check=["--n", 1000, "--subsets", 3]),
+                e_check=["--n", 1000, "--subsets", 3], e_stages=4),
     "gpu": dict(vae=["--size", "tiny", "--image-size", "64", "--n-images", "20000", "--steps", "20000",
                      "--global-batch", "128", "--lr", "5e-4", "--perceptual-weight", "0", "--gan-weight", "0",
                      "--val-every", "2000", "--workers", "8"], image_size=64,
@@ -102,7 +102,7 @@ SETTINGS = {
                        "--cache-latents", "--val-every", "2500", "--ckpt-every", "5000", "--sample-every", "100000",
                        "--workers", "8"],
                 e_kept=(5000, 10000, 15000, 20000), e_seeds=3, e_samples=5000, e_spectrum=1000,
-                e_check=["--n", 5000, "--subsets", 3]),
+                e_check=["--n", 5000, "--subsets", 3], e_stages=4),
 }
 R0_AUTO_REFUSED = "error: --r0 auto:"      # train_diffusion.py's refusal of a curve without a peak above its spread
 HELDOUT_SEED = 1000         # dead-leaves seed of the evaluation images: no run trains on it (runs: seeds 0 ..)
@@ -409,8 +409,9 @@ def part_e(run, s, out, heldout):
     assert list(s["e_kept"]) == list(range(keep, steps + 1, keep)) and warm in s["e_kept"], s["e_kept"]
     fw = ["--freqwarm", "--warmup-steps", warm, "--r0"]
     arms = [("baseline", []), ("FreqWarm r0=0.2", [*fw, 0.2]), ("FreqWarm r0=auto", [*fw, "auto"])]
-    extra_arms = [("linear schedule", [*fw, 0.2, "--freqwarm-schedule", "linear"]),
-                  ("cosine schedule", [*fw, 0.2, "--freqwarm-schedule", "cosine"]),
+    stages = ["--freqwarm-stages", s["e_stages"]]
+    extra_arms = [("linear schedule", [*fw, 0.2, "--freqwarm-schedule", "linear", *stages]),
+                  ("cosine schedule", [*fw, 0.2, "--freqwarm-schedule", "cosine", *stages]),
                   ("gaussian cut", [*fw, 0.2, "--lowpass-kind", "gaussian"])]
     ae, res, refused = {}, {}, {}
 
@@ -613,7 +614,7 @@ def main(argv=None):
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     p.add_argument("--out", default="runs/study", help="the study's folder (one setting per folder)")
     p.add_argument("--parts", default="ABCD", help="which parts to run, e.g. AC; E (FreqWarm vs latent channels) "
-                                                   "runs only when named: about 3 hours alone on 2 CPU cores")
+                                                   "runs only when named: 3-4 hours alone on 2 CPU cores (estimated)")
     a = p.parse_args(argv)
     unknown = sorted(set(a.parts) - set("ABCDE"))
     if unknown or not a.parts:

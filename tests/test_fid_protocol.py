@@ -4,6 +4,7 @@ No Inception or VGG weights offline: a stand-in TorchScript with the interface o
 inception-2015-12-05.pt (resize inside its forward, `layers` with a `mixed_6.conv` block, an `output` class
 layer) is built here; its numbers are never called FID. VGG16 gets random weights for LPIPS.
 """
+import functools
 from collections import OrderedDict
 
 import numpy as np
@@ -452,15 +453,20 @@ def test_recon_scores_the_inception_score_in_adms_5000_image_splits():
         assert abs(is_per_split(p, n)[0] - ref[0]) > 1e-3 * ref[0] and ref[1] > 1e-3
 
 
-def test_precision_recall_balls_streamed_in_query_batches_equal_brute_force():
-    """k-NN radii and ball coverage are computed in query batches (1024 rows): batches of 7 over 60 and 50
-    points (boundaries inside both sets) give the brute-force radii and coverage of all points at once."""
+def test_precision_recall_balls_streamed_in_query_batches_equal_brute_force(monkeypatch):
+    """k-NN radii and ball coverage are computed in query batches (1024 rows; ADM: 10 000 x 10 000 blocks):
+    batches of 7 over 60 and 50 points (boundaries inside both sets) give the brute-force radii and coverage of
+    all points at once, and ADM's float16 radii the same as in one block."""
     rng = np.random.default_rng(2)
     real, fake = rng.standard_normal((60, 4)), rng.standard_normal((50, 4)) * 1.5 + 0.7
+    adm_whole = ev.knn_radii(real, 3, adm=True)
+    monkeypatch.setattr(ev, "distance_blocks", functools.partial(ev.distance_blocks, batch=7))
+    monkeypatch.setattr(ev, "ADM_PR_BLOCK", 7)
+    torch.testing.assert_close(ev.knn_radii(real, 3, adm=True), adm_whole)
     d = np.linalg.norm(real[:, None] - real[None], axis=2)                       # (60, 60), 0 on the diagonal
     radii = np.sort(d, axis=1)[:, 3]                                             # k = 3 (index 0: the point)
-    np.testing.assert_allclose(ev.knn_radii(real, 3, batch=7).numpy(), radii, rtol=1e-12)
+    np.testing.assert_allclose(ev.knn_radii(real, 3).numpy(), radii, rtol=1e-12)
     inside = (np.linalg.norm(fake[:, None] - real[None], axis=2) <= radii[None]).any(1)
-    cov = ev.coverage_fraction(fake, real, torch.from_numpy(radii), batch=7)
+    cov = ev.coverage_fraction(fake, real, torch.from_numpy(radii))
     assert cov == pytest.approx(inside.mean(), abs=1e-12) and 0 < cov < 1
     assert ev.precision_recall(real, fake, 3)[0] == pytest.approx(inside.mean(), abs=1e-12)

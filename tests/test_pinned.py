@@ -111,9 +111,9 @@ def spy_optimizers(monkeypatch, module):
     (raw) and those the optimizer steps with; the real adamw builds the optimizer."""
     records = []
 
-    def adamw(params, device, **kw):
+    def adamw(params, device, *args, **kw):
         params = list(params)
-        opt = common.adamw(params, device, **kw)
+        opt = common.adamw(params, device, *args, **kw)
         raw, rec = {}, {"params": params, "steps": []}
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: raw.__setitem__(p, p.grad.detach().clone()))

@@ -84,7 +84,7 @@ CACHE_FLAGS = {"r0", "lowpass_kind", "lowpass_clamp", "freqwarm_schedule", "freq
 
 def cache_args(env, out, flags):
     base = ["--preset", "smoke", "--vae", f"diffusers:{env / 'ae'}", "--out", str(out), "--freqwarm",
-            "--image-size", "16", "--n-images", "6"]
+            "--image-size", "16"] + ([] if "IMGS" in flags else ["--n-images", "6"])   # a folder has its own size
     return td.get_args(base + [str(env / "imgs") if f == "IMGS" else f for f in flags])
 
 
@@ -253,10 +253,11 @@ def test_a_freqwarm_filter_change_on_resume_is_refused_end_to_end(smoke_models, 
 
 # `evaluate.py sample` flags that change the pictures (each must be refused in a folder drawn otherwise) and
 # those that do not (a rerun with them only adds what is missing). Every flag of `sample` is in one list.
-CHANGES_PICTURES = {"--cfg-scale": ["2.0"], "--cfg-interval": ["0.2", "0.9"], "--sampler": ["euler"],
+CHANGES_PICTURES = {"--cfg-scale": ["2.0"], "--cfg-interval": ["0.2", "0.9", "--cfg-scale", "2.0"],
+                    "--sampler": ["euler"],
                     "--sample-steps": ["3"], "--seed": ["1"], "--labels": ["random"], "--no-bf16": [],
                     "--ckpt": None}                                     # last: replaced in place
-KEEPS_PICTURES = {"--num-samples", "--batch", "--out", "--vae", "--dist-timeout", "--workers", "-h",
+KEEPS_PICTURES = {"--num-samples", "--batch", "--out", "--vae", "--dist-timeout", "-h",
                   "--device"}                           # the precision it gives is in the manifest
 
 
