@@ -290,6 +290,23 @@ def test_spectrum_and_curve_report_the_mechanism_beside_the_validation_loss(vae_
     assert "latent_hf_log_ratio" in table and f"{last['latent_hf_log_ratio']:.4f}" in table
 
 
+def test_the_real_latents_are_at_the_runs_level(vae_ckpt, tmp_path):
+    """A denoised run's generated latents are S_l(z_n): its real latents for the spectrum are S_l of the normalised
+    latents of its held-out images (fft_ops.attenuate with the autoencoder's p_l), not the level-0 ones."""
+    td.main(smoke(vae_ckpt, tmp_path / "sit", "--denoise-level", "2", "--steps", "1"))
+    ema, ae, space, ck = ev.load_sit(str(tmp_path / "sit" / "last.pt"), torch.device("cpu"))
+    _, val_idx = train_val_split(64, 8, 0)
+    ds = DeadLeaves(n=64, resolution=16)
+    stats = ck["latent_stats"]
+    with torch.no_grad():
+        z = (ae.encode(torch.stack([ds[i][0] for i in val_idx])) - stats["mean"].view(1, -1, 1, 1)) \
+            / stats["std"].view(1, -1, 1, 1)
+    want = fft_ops.attenuate(z, 2, ae.mlsr_fractions)
+    got = ev.real_latents(ck, ae, space, 8, torch.device("cpu"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, z, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- the sample metric's own check
 
 def test_metric_check_scores_known_damage_on_disjoint_subsets(tmp_path, monkeypatch):
