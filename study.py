@@ -443,8 +443,8 @@ def part_e(run, s, out, heldout):
             runs[d] = {"seed": points[d]["seed"], "points": points[d]["points"], "dir": d,
                        "r0": ck["freqwarm"]["r0"] if ck["freqwarm"]["enabled"] else None}
 
-    for c in s["e_dims"]:
-        d = os.path.join(out, f"dcae-e-c{c}")
+    for c in s["e_dims"][:1] + s["e_dims"][:0:-1]:      # smallest c, then from the largest down: a stopped
+        d = os.path.join(out, f"dcae-e-c{c}")              # study resumes, and has the widest contrast first
         ae_steps, psnr, rise, flat = train_until_flat(run, s, d, ["--latent-dim", c, "--seed", 0])
         diag = os.path.join(d, "diagnosis", "diagnosis.json")
         run("evaluate.py", "diagnose", "--vae", "diffusers:" + os.path.join(d, "diffusers"), "--image-size",
@@ -473,7 +473,7 @@ def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps):
                 f"{'above' if v['steps_above_spread'] else 'NOT above'} the spread" for f, v in mc["verdict"].items())
             + f". Samples per point below: {s['e_samples']}.\n\n")
     rows = []
-    for c, a in ae.items():
+    for c, a in sorted(ae.items()):
         f3 = a["diagnosis"].get("f3_subsets", {})
         peak = ("none" if f3.get("peak") is None else f"{f3['peak']:g}: {f3['height']:.3g} ± {f3['height_std']:.2g} "
                 f"({'stands' if f3['stands'] else 'within spread'})")
@@ -482,7 +482,7 @@ def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps):
     text += table(["latent channels c", "held-out PSNR (EMA, level 0)", "F3 interior peak r0: height above the "
                    "higher end, mean ± std over 4 image subsets"], rows)
     rows = []
-    for c in res:
+    for c in sorted(res):
         base = res[c].get("baseline", [])
         for name in [n for n in res[c] if n != "baseline"]:
             r0 = ", ".join(sorted({f"{r['r0']:g}" for r in res[c][name]}))
@@ -498,7 +498,7 @@ def report_e(s, out, mc, ae, res, refused, best, helps, warm, steps):
              "frequencies, < 0 = missing. Paper (FreqWarm, DC-AE f32, gFID baseline -> FreqWarm): "
              + ", ".join(f"c{c} {b} -> {f}" for c, b, f in PAPER_CHANNELS) + ".")
     rows = []
-    for c in res:
+    for c in sorted(res):
         for name, runs in res[c].items():
             late = [{k: r["points"][-1][k] - r["points"][-2][k] for k in ("val_loss", "fd_dl")
                      if k in r["points"][-1] and k in r["points"][-2]} for r in runs]
