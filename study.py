@@ -457,8 +457,7 @@ def part_e(run, s, out, heldout):
     gains = {c: paired(runs(c, "baseline"), runs(c, "FreqWarm r0=0.2"), "fd_dl") for c in res}
     helps = {c: g for c, g in gains.items() if g and g[0] < 0 and -g[0] > g[1]}       # lower fd_dl, beyond spread
     best = min(helps, key=lambda c: helps[c][0]) if helps else max(s["e_dims"])
-    trained = [(n, r["dir"]) for n in ("baseline", "FreqWarm r0=0.2") for r in runs(best, n)]
-    score(best, trained + train_arms(best, ae[best]["folder"], extra_arms), "-schedules")
+    score(best, train_arms(best, ae[best]["folder"], extra_arms), "-schedules")    # compared with c's baseline
     res = {c: {name: runs(c, name) for name in res[c]} for c in res}
     return report_e(s, out, mc, ae, res, refused, best, helps, warm, steps)
 

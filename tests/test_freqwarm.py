@@ -4,6 +4,7 @@ metric's own check (evaluate.py metric-check); and study.py part E at the smoke 
 import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -349,6 +350,9 @@ def test_study_part_e_runs_at_the_smoke_setting(tmp_path):
     for name, runs in res["runs"][str(res["best_c"])].items():
         pts = runs[0]["points"]
         assert [q["step"] for q in pts] == [2, 4] and all("latent_hf_log_ratio" in q and "val_loss" in q for q in pts)
+    scored = json.loads((out / f"partE-curve-c{res['best_c']}-schedules" / "curve.json").read_text())["runs"]
+    assert sorted(os.path.basename(r["dir"]) for r in scored) == [      # the new arms only, not the baseline again
+        f"site-c{res['best_c']}-{n}-s0" for n in ("cosineschedule", "gaussiancut", "linearschedule")]
     ck = load_checkpoint(str(out / f"site-c{res['best_c']}-cosineschedule-s0" / "last.pt"), "sit")
     assert ck["freqwarm"]["schedule"] == "cosine"
     report = (out / "study.md").read_text()
