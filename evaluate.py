@@ -1375,10 +1375,19 @@ def cmd_diagnose(a, d):
          f"  F1 PSNR at r=0.25: D(z_low) {res['f1_psnr_low'][4]:.2f} dB, D(z_high) {res['f1_psnr_high'][4]:.2f} dB\n"
          f"  F2 RGB energy within r=0.2: {res['f2_cumulative_energy'][20]:.3f}\n"
          f"  F3 latent HF energy: r0=0.2 {res['f3_latent_hf_energy'][i02]:.4f} vs full {res['f3_latent_hf_energy'][-1]:.4f}; "
-         + (f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak")
-         + (f" ({res['f3_subsets']['height']:.3g} ± {res['f3_subsets']['height_std']:.2g} above the higher end over "
-            f"{F3_SUBSETS} image subsets: {'stands above' if res['f3_subsets']['stands'] else 'within'} its spread)"
-            if res.get("f3_subsets", {}).get("height") is not None else ""))
+         + describe_peak(res))
+
+
+def describe_peak(res):
+    """diagnose's F3 peak in words: with image subsets, their mean curve's peak and its height (the numbers
+    --r0 auto judges); else the peak of the curve over all images."""
+    sub = res.get("f3_subsets")
+    if sub is None:
+        return f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak"
+    if sub["peak"] is None:
+        return f"no interior peak (mean over {sub['n_subsets']} image subsets)"
+    return (f"peak at r0={sub['peak']:g}, {sub['height']:.3g} ± {sub['height_std']:.2g} above the higher end over "
+            f"{sub['n_subsets']} image subsets: {'stands above' if sub['stands'] else 'within'} its spread")
 
 
 # ----------------------------------------------------------------------------- the mechanism: latent spectra

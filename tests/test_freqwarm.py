@@ -159,6 +159,18 @@ def test_f3_peak_test_against_numpy():
         f3_peak_test(R0_SWEEP, [base])                                     # one subset has no spread
 
 
+def test_diagnose_names_the_peak_whose_height_it_gives():
+    """With an image count not divisible by the subsets, the curve over all images can peak elsewhere than the
+    subsets' mean curve; diagnose's line gives the subsets' peak with the height --r0 auto judges."""
+    c = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 4.0, 3.0, 2.0, 1.0]] * 4) + 0.01 * np.arange(4)[:, None]
+    t = f3_peak_test(R0_SWEEP, c)
+    sub = {k: t[k] for k in ("n_subsets", "std", "peak", "height", "height_std", "stands")}
+    line = ev.describe_peak({"f3_peak_r0": 0.4, "f3_subsets": sub})
+    assert t["peak"] == 0.25 and "r0=0.25," in line and "0.4" not in line and f"{t['height']:.3g} ±" in line
+    assert ev.describe_peak({"f3_peak_r0": 0.4}) == "peak at r0=0.4"                 # no subsets: all images
+    assert ev.describe_peak({"f3_peak_r0": 0.4, "f3_subsets": {**sub, "peak": None}}).startswith("no interior peak")
+
+
 class NoisyCurveAE(CurveAE):
     """CurveAE whose curve carries per-image noise: image i's energy at r0_k is curve[k] (1 + noise u(i, k)), u in
     [-1, 1) fixed by the image's mean (which low-passing keeps) and k, so disjoint image subsets disagree."""
