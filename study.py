@@ -536,22 +536,29 @@ def plot_e(res, best, iw, gain_path, spectra_path):
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.grid(alpha=0.3)
     save_png(fig, gain_path)
-    which = [iw, -1]
-    fig, axes = plt.subplots(1, len(which), figsize=(4.2 * len(which), 3.2), dpi=110, squeeze=False)
-    for ax, i in zip(axes[0], which):
+    which = [iw, -1]                 # top: power per band (the DC bin, ~0 once each channel's mean is removed, left
+    fig, axes = plt.subplots(2, len(which), figsize=(4.2 * len(which), 5.6), dpi=110, squeeze=False)   # out);
+    for j, i in enumerate(which):                                       # bottom: ln(P_gen / P_real) per band
         reals, radii = [], None
         for name, style in (("baseline", "-"), ("FreqWarm r0=0.2", "--")):
             spec = [r["points"][i]["spectrum"] for r in res[best].get(name, []) if "spectrum" in r["points"][i]]
             if spec:
                 reals += [p["power_real"] for p in spec]                     # each seed's own held-out latents
-                radii = spec[0]["radii"]
-                ax.semilogy(radii, np.mean([p["power_gen"] for p in spec], 0), style, marker="o", ms=2.5,
-                            label=f"{name}, generated (mean over seeds)")
+                radii = np.asarray(spec[0]["radii"])
+                gen = np.mean([p["power_gen"] for p in spec], 0)
+                ratio = np.log(np.asarray([p["power_gen"] for p in spec])[:, 1:]
+                               / np.asarray([p["power_real"] for p in spec])[:, 1:])        # (seeds, bands)
+                axes[0, j].semilogy(radii[1:], gen[1:], style, marker="o", ms=2.5, label=f"{name}, generated")
+                axes[1, j].errorbar(radii[1:], ratio.mean(0), yerr=ratio.std(0, ddof=1) if len(ratio) > 1 else None,
+                                    ls=style, marker="o", ms=2.5, capsize=2, label=name)
         if reals:
-            ax.semilogy(radii, np.mean(reals, 0), ":", color="k", label="real latents (mean over runs)")
+            axes[0, j].semilogy(radii[1:], np.mean(reals, 0)[1:], ":", color="k", label="real latents")
         step = res[best]["baseline"][0]["points"][i]["step"] if res[best].get("baseline") else "?"
-        ax.set(xlabel="radius (cycles/latent pixel)", ylabel="power per bin", title=f"c = {best}, step {step}")
-        ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        axes[0, j].set(ylabel="power per band", title=f"c = {best}, step {step} (mean over seeds)")
+        axes[1, j].axhline(0, color="gray", lw=0.8)
+        axes[1, j].set(xlabel="radius (cycles/latent pixel)", ylabel="ln(P_gen / P_real) ± std over seeds")
+        for ax in axes[:, j]:
+            ax.legend(fontsize=7), ax.grid(alpha=0.3)
     save_png(fig, spectra_path)
 
 
