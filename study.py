@@ -531,8 +531,8 @@ def plot_e(res, best, iw, gain_path, spectra_path):
         g = [paired(res[c]["baseline"], res[c]["FreqWarm r0=0.2"], key) or (np.nan, 0, 0) for c in cs]
         ax.errorbar(cs, [x[0] for x in g], yerr=[x[1] for x in g], marker="o", capsize=3, color="k")
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="latent channels c", ylabel=f"Δ {key} (FreqWarm − baseline)",
-               title=f"FreqWarm r0 = 0.2: Δ {key}")
+        ax.set(xscale="log", xlabel="latent channels c", ylabel=f"Δ {key}, mean ± std over seeds",
+               title="FreqWarm r0 = 0.2 − baseline")
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.grid(alpha=0.3)
     save_png(fig, gain_path)
@@ -620,7 +620,7 @@ def main(argv=None):
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     p.add_argument("--out", default="runs/study", help="the study's folder (one setting per folder)")
     p.add_argument("--parts", default="ABCD", help="which parts to run, e.g. AC; E (FreqWarm vs latent channels) "
-                                                   "runs only when named: 3-4 hours alone on 2 CPU cores (estimated)")
+                                                   "runs only when named: about 5 hours alone on 2 CPU cores (docs/results.md)")
     a = p.parse_args(argv)
     unknown = sorted(set(a.parts) - set("ABCDE"))
     if unknown or not a.parts:
