@@ -54,9 +54,9 @@ from common import (UserError, atomic_write, autocast, barrier, check_finite, ch
 from data import (DeadLeaves, ImageFiles, build_dataset, image_batches, load_rgb, random_subset, to_uint8,
                   train_val_split)
 from dit import SAMPLERS, denoiser_from_config, guided_velocity, sample_ode, sample_sde
-from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, VGG16_FILE, LatentSpace, checkpoint_identity, f3_peak,
-                 f3_peak_test, f3_scores, find_vgg_weights, latent_stats, level_scores, load_autoencoder,
-                 locate_autoencoder, psnr, resolve_image_size)
+from vae import (DEFAULT_IMAGE_SIZE, F3_SUBSETS, R0_SWEEP, VGG16_FILE, LatentSpace, checkpoint_identity,
+                 describe_peak_height, f3_peak, f3_peak_test, f3_scores, find_vgg_weights, latent_stats, level_scores,
+                 load_autoencoder, locate_autoencoder, psnr, resolve_image_size)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -1386,8 +1386,8 @@ def describe_peak(res):
         return f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak"
     if sub["peak"] is None:
         return f"no interior peak (mean over {sub['n_subsets']} image subsets)"
-    return (f"peak at r0={sub['peak']:g}, {sub['height']:.3g} ± {sub['height_std']:.2g} above the higher end over "
-            f"{sub['n_subsets']} image subsets: {'stands above' if sub['stands'] else 'within'} its spread")
+    return (f"{describe_peak_height(sub)} over {sub['n_subsets']} image subsets: "
+            f"{'stands above' if sub['stands'] else 'within'} its spread")
 
 
 # ----------------------------------------------------------------------------- the mechanism: latent spectra

@@ -545,10 +545,9 @@ def plot_e(res, best, iw, gain_path, spectra_path):
             if spec:
                 reals += [p["power_real"] for p in spec]                     # each seed's own held-out latents
                 radii = np.asarray(spec[0]["radii"])
-                gen = np.mean([p["power_gen"] for p in spec], 0)
-                ratio = np.log(np.asarray([p["power_gen"] for p in spec])[:, 1:]
-                               / np.asarray([p["power_real"] for p in spec])[:, 1:])        # (seeds, bands)
-                axes[0, j].semilogy(radii[1:], gen[1:], style, marker="o", ms=2.5, label=f"{name}, generated")
+                gen = np.asarray([p["power_gen"] for p in spec])                 # (seeds, bands)
+                ratio = np.log(gen[:, 1:] / np.asarray([p["power_real"] for p in spec])[:, 1:])
+                axes[0, j].semilogy(radii[1:], gen.mean(0)[1:], style, marker="o", ms=2.5, label=f"{name}, generated")
                 axes[1, j].errorbar(radii[1:], ratio.mean(0), yerr=ratio.std(0, ddof=1) if len(ratio) > 1 else None,
                                     ls=style, marker="o", ms=2.5, capsize=2, label=name)
         if reals:

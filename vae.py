@@ -865,12 +865,17 @@ def f3_peak_test(r0_sweep, subset_curves):
     return out
 
 
+def describe_peak_height(test):
+    """The F3 test's peak in words: 'peak at r0=R, H ± S above the higher end' (or that there is none)."""
+    if test["peak"] is None:
+        return "no interior peak"
+    return f"peak at r0={test['peak']:g}, {test['height']:.3g} ± {test['height_std']:.2g} above the higher end"
+
+
 def describe_f3(r0_sweep, test):
     """One line: the F3 curve as mean ± std over its image subsets, and the peak with its height."""
     curve = ", ".join(f"{r:g}: {m:.4g} ± {s:.2g}" for r, m, s in zip(r0_sweep, test["mean"], test["std"]))
-    peak = ("no interior maximum" if test["peak"] is None else
-            f"maximum at r0 = {test['peak']:g}, {test['height']:.3g} ± {test['height_std']:.2g} above the higher end")
-    return f"{curve} (mean ± std over {test['n_subsets']} disjoint image subsets; {peak})"
+    return f"{curve} (mean ± std over {test['n_subsets']} disjoint image subsets; {describe_peak_height(test)})"
 
 
 # ----------------------------------------------------------------------------- latent statistics
