@@ -1383,7 +1383,7 @@ def describe_peak(res):
     --r0 auto judges); else the peak of the curve over all images."""
     sub = res.get("f3_subsets")
     if sub is None:
-        return f"peak at r0={res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak"
+        return f"peak at r0 = {res['f3_peak_r0']:g}" if res["f3_peak_r0"] is not None else "no interior peak"
     if sub["peak"] is None:
         return f"no interior peak (mean over {sub['n_subsets']} image subsets)"
     return (f"{describe_peak_height(sub)} over {sub['n_subsets']} image subsets: "

@@ -563,7 +563,7 @@ def auto_r0(ae, dataset, stats, args, d, batch=64):
             f"{describe_f3(R0_SWEEP, test)}")
     if test["peak"] is None:
         end = "rises to the largest" if energy[-1] >= max(energy) else "falls from the smallest"
-        raise UserError(f"--r0 auto: the {what}: it has no interior peak, it {end} r0; pass --r0 R")
+        raise UserError(f"--r0 auto: the {what}: it {end} r0; pass --r0 R")
     if not test["stands"]:
         raise UserError(f"--r0 auto: the {what}: the peak does not stand above its spread over the image subsets "
                         f"(height <= its std), so the autoencoder has no measurable F3 peak here; pass --r0 R")

@@ -866,10 +866,10 @@ def f3_peak_test(r0_sweep, subset_curves):
 
 
 def describe_peak_height(test):
-    """The F3 test's peak in words: 'peak at r0=R, H ± S above the higher end' (or that there is none)."""
+    """The F3 test's peak in words: 'peak at r0 = R, H ± S above the higher end' (or that there is none)."""
     if test["peak"] is None:
         return "no interior peak"
-    return f"peak at r0={test['peak']:g}, {test['height']:.3g} ± {test['height_std']:.2g} above the higher end"
+    return f"peak at r0 = {test['peak']:g}, {test['height']:.3g} ± {test['height_std']:.2g} above the higher end"
 
 
 def describe_f3(r0_sweep, test):

@@ -59,6 +59,7 @@ def assert_one_line_error(proc, *needles):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
+    return lines[-1]
 
 
 def sigterm_after_first_log(args, metrics_path, timeout=120, sig=signal.SIGTERM):

@@ -166,8 +166,8 @@ def test_diagnose_names_the_peak_whose_height_it_gives():
     t = f3_peak_test(R0_SWEEP, c)
     sub = {k: t[k] for k in ("n_subsets", "std", "peak", "height", "height_std", "stands")}
     line = ev.describe_peak({"f3_peak_r0": 0.4, "f3_subsets": sub})
-    assert t["peak"] == 0.25 and "r0=0.25," in line and "0.4" not in line and f"{t['height']:.3g} ±" in line
-    assert ev.describe_peak({"f3_peak_r0": 0.4}) == "peak at r0=0.4"                 # no subsets: all images
+    assert t["peak"] == 0.25 and "r0 = 0.25," in line and "0.4" not in line and f"{t['height']:.3g} ±" in line
+    assert ev.describe_peak({"f3_peak_r0": 0.4}) == "peak at r0 = 0.4"                 # no subsets: all images
     assert ev.describe_peak({"f3_peak_r0": 0.4, "f3_subsets": {**sub, "peak": None}}).startswith("no interior peak")
 
 
