@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import errno
 import fcntl
+import gc
 import io
 import json
 import math
@@ -74,6 +75,7 @@ def run_main(main):
     2: bad input or a stopped run (UserError, data errors); 128 + N: stopped by signal N after saving
     (143 for SIGTERM, 130 for SIGINT); 130 also for Ctrl-C outside the training loop.
     """
+    status = 0
     try:
         main()
     except (UserError, DataError, ValueError) as e:
@@ -81,15 +83,21 @@ def run_main(main):
         # every rank: rank 0 prints it (once); later errors may be one rank's own, so each rank prints its own
         if dist.is_initialized() or int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed()
-        sys.exit(2)
+        status = 2
     except SignalStop as e:
         print(str(e), file=sys.stderr, flush=True)
-        cleanup_distributed()
-        sys.exit(128 + e.signum)
+        status = 128 + e.signum
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT)", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
+    # The DDP model (its reducer holds the process group) must be gone before the group is torn down, or it is
+    # freed during interpreter exit, where gloo can abort the rank (SIGABRT). Past the except blocks the
+    # exception's traceback no longer holds main()'s frames; gc.collect() frees them where a reference cycle
+    # still does (torch imports modules lazily when the first optimizer is built; those frames keep the trainer's).
+    gc.collect()
+    if status:
+        cleanup_distributed()
+        sys.exit(status)
     cleanup_distributed(together=True)
 
 
