@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole FreqLDM pipeline on the built-in dead-leaves set, on CPU.
 #
-#   bash demo.sh [OUT]            # cpu-demo presets: about 8 minutes on 2 idle CPU cores
+#   bash demo.sh [OUT]            # cpu-demo presets: 8 to 12 minutes on 2 idle CPU cores
 #   bash demo.sh --smoke [OUT]    # smoke presets: about a minute (what CI runs)
 #
 # Stage 1 trains the ViT VAE with MLSR; Stage 2 trains SiT three times on its latents: baseline,
