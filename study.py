@@ -619,7 +619,8 @@ def main(argv=None):
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     p.add_argument("--out", default="runs/study", help="the study's folder (one setting per folder)")
     p.add_argument("--parts", default="ABCD", help="which parts to run, e.g. AC; E (FreqWarm vs latent channels) "
-                                                   "runs only when named: about 5 hours alone on 2 CPU cores (docs/results.md)")
+                                                   "runs only when named: about 5 hours alone on 2 CPU cores "
+                                                   "(docs/results.md)")
     a = p.parse_args(argv)
     unknown = sorted(set(a.parts) - set("ABCDE"))
     if unknown or not a.parts:

@@ -342,6 +342,7 @@ def test_ranks_release_their_ddp_model_before_teardown(vae_ckpt, tmp_path, modul
     assert p.returncode == 0, ranks_report(p)
     assert (stop and "stopped by the probe" in p.stderr) or (not stop and "stopped" not in p.stderr), p.stderr[-2000:]
 
+
 def kept_steps(out):
     return sorted(int(f.name[4:-3]) for f in (out / "keep").iterdir() if f.name.startswith("ema_"))
 
